@@ -1,0 +1,147 @@
+"""Text-to-image: text encoder -> sampler over the UNet with classifier-free guidance -> VAE decoder."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from ldm.modeling import atomic_path
+from ldm.samplers import SAMPLERS, sample
+from ldm.schedule import NoiseSchedule
+from ldm.text_encoder import TextEmbedding, TextEncoder
+from ldm.unet import UNet
+from ldm.vae import VAE
+
+PIPELINE_CONFIG_NAME = "pipeline.json"
+
+
+class Text2Image:
+    """Generate images from prompts.
+
+    Same weights, sampler, steps and seed give the same image as the equivalent diffusers loop: the initial
+    latents are `torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed))` and the same
+    generator then feeds the sampler's noise, in diffusers' order.
+    """
+
+    def __init__(
+        self,
+        vae: VAE,
+        unet: UNet,
+        text_encoder: TextEncoder,
+        schedule: NoiseSchedule | None = None,
+        sampler: str = "dpmpp_2m",
+        spacing: str = "leading",
+        karras: bool = False,
+    ):
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; choose one of {list(SAMPLERS)}")
+        if unet.config.cross_attention_dim != text_encoder.hidden_size:
+            raise ValueError(
+                f"the UNet cross-attends to {unet.config.cross_attention_dim}-wide text tokens but the text encoder "
+                f"{text_encoder.name!r} gives {text_encoder.hidden_size}; use the encoder the UNet was trained with"
+            )
+        self.vae, self.unet, self.text_encoder = vae, unet, text_encoder
+        self.schedule = schedule or NoiseSchedule()
+        self.sampler, self.spacing, self.karras = sampler, spacing, karras
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    def encode_prompts(
+        self, prompts: list[str], negative_prompt: str | list[str] | None, guided: bool
+    ) -> TextEmbedding:
+        """The UNet's context: the prompts, preceded by the negative prompts when guidance is on. (2B or B, S, D)"""
+        cond = self.text_encoder.encode(prompts)
+        if not guided:
+            return cond
+        if negative_prompt is None:
+            uncond = TextEmbedding.cat([self.text_encoder.empty_embedding] * len(prompts))
+        else:
+            negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+            if len(negatives) != len(prompts):
+                raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts; give one, or one per prompt")
+            uncond = self.text_encoder.encode(negatives)
+        return TextEmbedding.cat([uncond, cond])
+
+    @torch.inference_mode()
+    def __call__(
+        self,
+        prompts: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        steps: int = 20,
+        guidance_scale: float = 5.0,
+        seed: int = 0,
+        height: int | None = None,
+        width: int | None = None,
+        eta: float = 0.0,
+        callback: Callable[[int, int], None] | None = None,
+    ) -> torch.Tensor:
+        """Returns images (B, 3, H, W) in [-1, 1]."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        f = self.vae.downsampling_factor * self.unet.downsampling_factor
+        height = height or self.unet.config.sample_size * self.vae.downsampling_factor
+        width = width or height
+        if height % f or width % f:
+            raise ValueError(f"image size {height}x{width} is not a multiple of {f} (VAE factor x UNet factor)")
+        guided = guidance_scale > 1.0
+        context = self.encode_prompts(prompts, negative_prompt, guided).to(self.device)
+
+        def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            if not guided:
+                return self.unet(x, t, context.hidden_states, context.attention_mask)
+            out = self.unet(torch.cat([x, x]), torch.cat([t, t]), context.hidden_states, context.attention_mask)
+            uncond, cond = out.chunk(2)
+            return uncond + guidance_scale * (cond - uncond)
+
+        shape = (len(prompts), self.unet.config.in_channels, height // self.vae.downsampling_factor,
+                 width // self.vae.downsampling_factor)
+        generator = torch.Generator("cpu").manual_seed(seed)
+        noise = torch.randn(shape, generator=generator).to(self.device, self.dtype)
+        latents = sample(
+            model, noise, self.schedule, sampler=self.sampler, steps=steps, spacing=self.spacing, karras=self.karras,
+            eta=eta, generator=generator, callback=callback,
+        )
+        return self.vae.decode(self.vae.unscale_latents(latents))
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """A folder with `vae/`, `unet/` and `pipeline.json` (schedule, sampler defaults, text encoder name)."""
+        directory = Path(directory)
+        self.vae.save_pretrained(directory / "vae")
+        self.unet.save_pretrained(directory / "unet")
+        config = {
+            "text_encoder": self.text_encoder.name,
+            "schedule": self.schedule.to_dict(),
+            "sampler": self.sampler,
+            "spacing": self.spacing,
+            "karras": self.karras,
+        }
+        with atomic_path(directory / PIPELINE_CONFIG_NAME) as tmp:
+            tmp.write_text(json.dumps(config, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | os.PathLike, text_encoder: TextEncoder | None = None, device: str | torch.device | None = None
+    ) -> Text2Image:
+        directory = Path(directory)
+        path = directory / PIPELINE_CONFIG_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: {directory} is not a folder written by Text2Image.save_pretrained")
+        config = json.loads(path.read_text())
+        return cls(
+            vae=VAE.from_pretrained(directory / "vae", device=device),
+            unet=UNet.from_pretrained(directory / "unet", device=device),
+            text_encoder=text_encoder or TextEncoder.from_pretrained(config["text_encoder"], device=device),
+            schedule=NoiseSchedule.from_dict(config["schedule"]),
+            sampler=config["sampler"],
+            spacing=config["spacing"],
+            karras=config["karras"],
+        )
