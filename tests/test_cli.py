@@ -2,6 +2,8 @@
 
 import json
 import subprocess
+import sys
+from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -9,8 +11,12 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from ldm import VAE, UNet
 
 
+# The console script pip installed beside this interpreter, so the test needs no activated venv.
+LDM = Path(sys.executable).parent / "ldm"
+
+
 def _ldm(*args):
-    return subprocess.run(["ldm", *map(str, args)], capture_output=True, text=True, timeout=120)
+    return subprocess.run([str(LDM), *map(str, args)], capture_output=True, text=True, timeout=120)
 
 
 def test_convert_unet_and_vae_both_ways(tmp_path):

@@ -1,0 +1,146 @@
+"""The forward (noising) process of a DDPM: betas, cumulative alphas, and the conversions between what a
+network predicts and the clean sample / noise it implies.
+
+Timesteps `t` index the training schedule (0 .. num_train_timesteps - 1) and are either a Python int or an
+integer tensor of shape (B,); per-timestep coefficients broadcast over the trailing dims of the samples.
+Betas and cumulative alphas are computed along diffusers' float32 path, so a model trained here runs under
+a diffusers scheduler with the same config and the other way round.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+
+import torch
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def _cosine_betas(num_train_timesteps: int, max_beta: float = 0.999) -> torch.Tensor:
+    """Betas whose cumulative product follows Nichol & Dhariwal's squared cosine (in float64 Python math, as
+    diffusers does, so the float32 result is identical); capped so the last steps do not destroy all signal
+    in one go."""
+
+    def alpha_bar(s: float) -> float:
+        return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    betas = [
+        min(1 - alpha_bar((i + 1) / num_train_timesteps) / alpha_bar(i / num_train_timesteps), max_beta)
+        for i in range(num_train_timesteps)
+    ]
+    return torch.tensor(betas, dtype=torch.float32)
+
+
+@dataclass
+class NoiseSchedule:
+    """x_t = sqrt(abar_t) * x0 + sqrt(1 - abar_t) * eps, with abar_t = prod_{s <= t} (1 - beta_s).
+
+    The defaults are Stable Diffusion's. `prediction_type` is what the network outputs: the noise `epsilon`,
+    the velocity `v_prediction` (v = sqrt(abar) * eps - sqrt(1 - abar) * x0) or the clean `sample`.
+    """
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"
+    prediction_type: str = "epsilon"
+    betas: torch.Tensor = field(init=False, repr=False, compare=False)  # (T,) float32
+    alphas_cumprod: torch.Tensor = field(init=False, repr=False, compare=False)  # (T,) float32
+    sigmas: torch.Tensor = field(init=False, repr=False, compare=False)  # (T,) float32
+
+    def __post_init__(self) -> None:
+        if self.beta_schedule not in BETA_SCHEDULES:
+            raise ValueError(f"beta_schedule={self.beta_schedule!r} is not supported; use one of {BETA_SCHEDULES}")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(
+                f"prediction_type={self.prediction_type!r} is not supported; use one of {PREDICTION_TYPES}"
+            )
+        if self.num_train_timesteps < 1:
+            raise ValueError(f"num_train_timesteps={self.num_train_timesteps} must be at least 1")
+        T = self.num_train_timesteps
+        if self.beta_schedule == "linear":
+            self.betas = torch.linspace(self.beta_start, self.beta_end, T, dtype=torch.float32)
+        elif self.beta_schedule == "scaled_linear":
+            # Linear in sqrt(beta): Stable Diffusion's schedule, gentler than linear at the start.
+            self.betas = torch.linspace(self.beta_start**0.5, self.beta_end**0.5, T, dtype=torch.float32) ** 2
+        else:
+            self.betas = _cosine_betas(T)
+        self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
+        # The same noise levels seen as x0 + sigma * eps (x_t / sqrt(abar)): what k-diffusion samplers step over.
+        self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
+
+    def to_dict(self) -> dict:
+        """The config fields only (JSON-ready); the tensors are recomputed from them."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+
+    @classmethod
+    def from_dict(cls, config: dict) -> NoiseSchedule:
+        known = {f.name for f in fields(cls) if f.init}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise ValueError(f"unknown NoiseSchedule keys {unknown}; the known ones are {sorted(known)}")
+        return cls(**config)
+
+    def _coefficients(self, t: int | torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sqrt(abar_t), sqrt(1 - abar_t)), shaped to broadcast against `like` (B, ...) and in its dtype."""
+        abar = self.alphas_cumprod.to(like.device)[t]
+        if abar.dim() == 1:
+            abar = abar.view(-1, *([1] * (like.dim() - 1)))
+        return (abar**0.5).to(like.dtype), ((1 - abar) ** 0.5).to(like.dtype)
+
+    def snr(self, t: int | torch.Tensor) -> torch.Tensor:
+        """Signal-to-noise ratio abar / (1 - abar); decreases with t. Same shape as t."""
+        t = torch.as_tensor(t)
+        abar = self.alphas_cumprod.to(t.device)[t]
+        return abar / (1 - abar)
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
+        """Sample q(x_t | x0) given the noise. x0, noise: (B, ...); t: (B,) -> x_t (B, ...)."""
+        alpha, sigma = self._coefficients(t, x0)
+        return alpha * x0 + sigma * noise
+
+    def velocity(self, x0: torch.Tensor, noise: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
+        """v = sqrt(abar) * eps - sqrt(1 - abar) * x0 (Salimans & Ho). (B, ...) -> (B, ...)"""
+        alpha, sigma = self._coefficients(t, x0)
+        return alpha * noise - sigma * x0
+
+    def training_target(self, x0: torch.Tensor, noise: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
+        """What the network should output for x_t = add_noise(x0, noise, t) under this prediction type."""
+        if self.prediction_type == "epsilon":
+            return noise
+        if self.prediction_type == "v_prediction":
+            return self.velocity(x0, noise, t)
+        return x0
+
+    def predict_x0(self, model_output: torch.Tensor, x_t: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
+        """The clean sample implied by a network output at (x_t, t). (B, ...) -> (B, ...)"""
+        return x0_from_output(self.prediction_type, model_output, x_t, *self._coefficients(t, x_t))
+
+    def predict_eps(self, model_output: torch.Tensor, x_t: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
+        """The noise implied by a network output at (x_t, t). (B, ...) -> (B, ...)"""
+        return eps_from_output(self.prediction_type, model_output, x_t, *self._coefficients(t, x_t))
+
+
+def x0_from_output(
+    prediction_type: str, model_output: torch.Tensor, x_t: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor
+) -> torch.Tensor:
+    """The clean sample implied by a network output at x_t = alpha * x0 + sigma * eps (alpha^2 + sigma^2 = 1).
+    Tensors (B, ...); alpha, sigma broadcast against them."""
+    if prediction_type == "epsilon":
+        return (x_t - sigma * model_output) / alpha
+    if prediction_type == "v_prediction":
+        return alpha * x_t - sigma * model_output
+    return model_output
+
+
+def eps_from_output(
+    prediction_type: str, model_output: torch.Tensor, x_t: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor
+) -> torch.Tensor:
+    """The noise implied by a network output at x_t = alpha * x0 + sigma * eps. Shapes as x0_from_output."""
+    if prediction_type == "epsilon":
+        return model_output
+    if prediction_type == "v_prediction":
+        return alpha * model_output + sigma * x_t
+    return (x_t - alpha * model_output) / sigma
