@@ -5,8 +5,10 @@
 
 For each preset: the UNet forward alone, and (cpu) a 25-step DPM-Solver++ text-to-latent loop with
 classifier-free guidance (ours: `ldm.samplers.sample`; theirs: `UNet2DConditionModel` +
-`DPMSolverMultistepScheduler`). Timings are medians of interleaved repeats; the ratio is diffusers / ours
-(above 1 means we are faster). The outputs are compared too, so a speed-up can't come from doing less.
+`DPMSolverMultistepScheduler`). Ours runs eager and, at the cpu preset, also compiled the way
+`Text2Image(compile=True)` compiles it (its one-off compile time is printed). Timings are medians of
+interleaved repeats; a ratio is diffusers / ours (above 1 means we are faster). Outputs are compared too
+(max difference relative to the largest value), so a speed-up can't come from doing less.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 from diffusers import DPMSolverMultistepScheduler, UNet2DConditionModel
@@ -27,7 +30,7 @@ TEXT_TOKENS = 10  # a shapes caption under the MiniLM tokenizer
 SD_TEXT_TOKENS = 77  # CLIP's padded context in Stable Diffusion
 
 
-def interleaved_medians(fns: dict[str, callable], repeats: int) -> dict[str, float]:
+def interleaved_medians(fns: dict[str, Callable], repeats: int) -> dict[str, float]:
     times = {name: [] for name in fns}
     for name, fn in fns.items():  # warm-up: allocator, thread pool, first-call dispatch
         fn()
@@ -46,29 +49,50 @@ def build_pair(preset_name: str) -> tuple[torch.nn.Module, UNet2DConditionModel]
     return ours, theirs
 
 
-def report(title: str, medians: dict[str, float], max_diff: float) -> None:
-    ratio = medians["diffusers"] / medians["ldm"]
-    print(f"{title:58s} ldm {medians['ldm'] * 1e3:9.1f} ms  diffusers {medians['diffusers'] * 1e3:9.1f} ms  "
-          f"ratio {ratio:5.2f}x  max|diff| {max_diff:.1e}")
+def compiled(unet: torch.nn.Module, warm_up: Callable) -> torch.nn.Module:
+    """The UNet as Text2Image(compile=True) runs it; prints the compile time of the first call."""
+    fast = torch.compile(unet, options={"freezing": True})
+    start = time.perf_counter()
+    warm_up(fast)
+    print(f"    (torch.compile of the UNet for this shape: {time.perf_counter() - start:.1f} s)")
+    return fast
+
+
+def relative_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def report(medians: dict[str, float], diffs: dict[str, float]) -> None:
+    for name, median in medians.items():
+        if name == "diffusers":
+            print(f"    {name:16s} {median * 1e3:9.1f} ms")
+        else:
+            ratio = medians["diffusers"] / median
+            print(f"    {name:16s} {median * 1e3:9.1f} ms   ratio {ratio:5.2f}x   rel. diff {diffs[name]:.1e}")
 
 
 @torch.inference_mode()
-def bench_forward(preset_name: str, batch: int, tokens: int, repeats: int) -> None:
+def bench_forward(preset_name: str, batch: int, tokens: int, repeats: int, compile: bool) -> None:
+    print(f"{preset_name}: UNet forward, batch {batch}, {tokens} tokens")
     ours, theirs = build_pair(preset_name)
     c = preset(preset_name).unet
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, c.in_channels, c.sample_size, c.sample_size, generator=gen)
     t = torch.full((batch,), 500.0)
     context = torch.randn(batch, tokens, c.cross_attention_dim, generator=gen)
-    diff = (ours(x, t, context) - theirs(x, t, context).sample).abs().max().item()
-    medians = interleaved_medians(
-        {"ldm": lambda: ours(x, t, context), "diffusers": lambda: theirs(x, t, context).sample}, repeats
-    )
-    report(f"{preset_name}: UNet forward, batch {batch}, {tokens} tokens", medians, diff)
+    expected = theirs(x, t, context).sample
+    fns = {"ldm eager": lambda: ours(x, t, context)}
+    if compile:
+        fast = compiled(ours, lambda unet: unet(x, t, context))
+        fns["ldm compiled"] = lambda: fast(x, t, context)
+    diffs = {name: relative_diff(fn(), expected) for name, fn in fns.items()}
+    fns["diffusers"] = lambda: theirs(x, t, context).sample
+    report(interleaved_medians(fns, repeats), diffs)
 
 
 @torch.inference_mode()
 def bench_sampling_loop(preset_name: str, prompts: int, steps: int, repeats: int, guidance: float = 5.0) -> None:
+    print(f"{preset_name}: {steps}-step DPM-Solver++ text-to-latent loop, guidance {guidance}, {prompts} prompts")
     ours, theirs = build_pair(preset_name)
     c = preset(preset_name).unet
     gen = torch.Generator().manual_seed(0)
@@ -78,18 +102,21 @@ def bench_sampling_loop(preset_name: str, prompts: int, steps: int, repeats: int
 
     def guided(unet_call):
         def model(x, t):
-            uncond, cond = unet_call(torch.cat([x, x]), t.reshape(-1).expand(2 * len(x)), context).chunk(2)
+            # ours passes (B,) timesteps, diffusers' scheduler a scalar
+            t = t.reshape(-1).expand(len(x)).repeat(2)
+            uncond, cond = unet_call(torch.cat([x, x]), t, context).chunk(2)
             return uncond + guidance * (cond - uncond)
         return model
 
-    ours_model = guided(lambda x, t, ctx: ours(x, t, ctx))
     theirs_model = guided(lambda x, t, ctx: theirs(x, t, ctx).sample)
 
-    def run_ours():
-        return sample(ours_model, noise, schedule, sampler="dpmpp_2m", steps=steps, spacing="leading")
+    def run_ours(unet):
+        return sample(guided(unet), noise, schedule, sampler="dpmpp_2m", steps=steps, spacing="leading")
 
     def run_theirs():
-        scheduler = DPMSolverMultistepScheduler(timestep_spacing="leading")
+        scheduler = DPMSolverMultistepScheduler(
+            beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, timestep_spacing="leading"
+        )
         scheduler.set_timesteps(steps)
         latents = noise * scheduler.init_noise_sigma
         for t in scheduler.timesteps:
@@ -97,9 +124,12 @@ def bench_sampling_loop(preset_name: str, prompts: int, steps: int, repeats: int
             latents = scheduler.step(out, t, latents).prev_sample
         return latents
 
-    diff = (run_ours() - run_theirs()).abs().max().item()
-    medians = interleaved_medians({"ldm": run_ours, "diffusers": run_theirs}, repeats)
-    report(f"{preset_name}: {steps}-step DPM-Solver++ loop, guidance, {prompts} prompts", medians, diff)
+    fast = compiled(ours, run_ours)
+    fns = {"ldm eager": lambda: run_ours(ours), "ldm compiled": lambda: run_ours(fast)}
+    expected = run_theirs()
+    diffs = {name: relative_diff(fn(), expected) for name, fn in fns.items()}
+    fns["diffusers"] = run_theirs
+    report(interleaved_medians(fns, repeats), diffs)
 
 
 def main() -> None:
@@ -109,12 +139,12 @@ def main() -> None:
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     if args.only in (None, "cpu"):
-        bench_forward("cpu", batch=2, tokens=TEXT_TOKENS, repeats=args.repeats * 5)
-        bench_forward("cpu", batch=128, tokens=TEXT_TOKENS, repeats=args.repeats)
+        bench_forward("cpu", batch=2, tokens=TEXT_TOKENS, repeats=args.repeats * 5, compile=False)
+        bench_forward("cpu", batch=128, tokens=TEXT_TOKENS, repeats=args.repeats, compile=False)
         bench_sampling_loop("cpu", prompts=1, steps=25, repeats=args.repeats)
         bench_sampling_loop("cpu", prompts=16, steps=25, repeats=args.repeats)
     if args.only in (None, "sd15"):
-        bench_forward("sd15", batch=1, tokens=SD_TEXT_TOKENS, repeats=max(3, args.repeats // 2))
+        bench_forward("sd15", batch=1, tokens=SD_TEXT_TOKENS, repeats=max(3, args.repeats // 2), compile=False)
 
 
 if __name__ == "__main__":

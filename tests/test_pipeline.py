@@ -97,3 +97,10 @@ def test_pipeline_folder_round_trip(models, tmp_path):
     loaded = Text2Image.from_pretrained(tmp_path / "pipe", text_encoder=encoder)
     assert (loaded.sampler, loaded.spacing, loaded.schedule.prediction_type) == ("euler_ancestral", "trailing", "v_prediction")
     assert torch.equal(loaded(PROMPTS[:1], steps=5, seed=3), pipe(PROMPTS[:1], steps=5, seed=3))
+
+
+def test_compiled_pipeline_gives_the_eager_images(models):
+    ours_unet, ours_vae, _, _, encoder = models
+    eager = Text2Image(vae=ours_vae, unet=ours_unet, text_encoder=encoder)
+    fast = Text2Image(vae=ours_vae, unet=ours_unet, text_encoder=encoder, compile=True)
+    torch.testing.assert_close(fast(PROMPTS, steps=4, seed=5), eager(PROMPTS, steps=4, seed=5), rtol=0, atol=1e-5)
