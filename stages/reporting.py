@@ -1,0 +1,73 @@
+"""How a stage reports what it is doing, without knowing who listens.
+
+Stages and `ldm` training loops call a `Reporter`; run alone they get `ConsoleReporter` (a progress bar
+on a terminal, log lines otherwise); run by a Prefect flow they get one that also writes to the flow's
+log and to the MLflow run.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from tqdm import tqdm
+
+log = logging.getLogger("ldm")
+
+
+class Reporter(Protocol):
+    def info(self, message: str) -> None: ...
+
+    def progress(self, task: str, done: int, total: int) -> None:
+        """`done` of `total` units of `task` are finished (called often; implementations throttle)."""
+
+    def metrics(self, values: dict[str, float], step: int | None = None) -> None:
+        """Numbers to record: per-step training metrics (with `step`) or final ones (without)."""
+
+
+class ConsoleReporter:
+    """tqdm bars on a terminal; on a pipe or in a log, a line every 10% instead of a redrawn bar."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
+        self._bars: dict[str, tqdm] = {}
+        self._last_decile: dict[str, int] = {}
+
+    def info(self, message: str) -> None:
+        log.info(message)
+
+    def progress(self, task: str, done: int, total: int) -> None:
+        if self.stream.isatty():
+            bar = self._bars.get(task)
+            if bar is None:
+                bar = self._bars[task] = tqdm(total=total, desc=task, file=self.stream, dynamic_ncols=True)
+            bar.update(done - bar.n)
+            if done >= total:
+                bar.close()
+                del self._bars[task]
+            return
+        decile = 10 * done // max(total, 1)
+        if decile != self._last_decile.get(task):
+            self._last_decile[task] = decile
+            log.info("%s: %d/%d (%d%%)", task, done, total, 100 * done // max(total, 1))
+
+    def metrics(self, values: dict[str, float], step: int | None = None) -> None:
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+        log.info("%s%s", f"step {step}: " if step is not None else "", shown)
+
+
+@dataclass
+class StageResult:
+    """What a stage hands back to whoever runs it (a flow logs all of it to MLflow).
+
+    metrics: final numbers (also written to the stage's DVC metrics file);
+    artifacts: files or folders worth keeping with the run (grids, reports, plots);
+    model_dir: a saved ldm model folder to register in the model registry, if the stage trained one.
+    """
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    artifacts: list[Path] = field(default_factory=list)
+    model_dir: Path | None = None
