@@ -1,0 +1,77 @@
+"""Real Prefect and MLflow servers on 127.0.0.1 for end-to-end tests, started and stopped by the test."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(url: str, process: subprocess.Popen, log: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode} before {url} answered:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+
+
+@contextmanager
+def _server(cmd: list[str], health_url: str, env: dict, log: Path, timeout: float) -> Iterator[None]:
+    with open(log, "wb") as out:
+        process = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    try:
+        _wait_healthy(health_url, process, log, timeout)
+        yield
+    finally:
+        # The whole process group: both servers start workers of their own.
+        os.killpg(process.pid, 15)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, 9)
+            process.wait()
+
+
+@contextmanager
+def prefect_server(home: Path) -> Iterator[dict[str, str]]:
+    """Yields the environment that points a process at the server."""
+    port = free_port()
+    env = {"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
+    cmd = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    home.mkdir(parents=True, exist_ok=True)
+    with _server(cmd, f"http://127.0.0.1:{port}/api/health", env, home / "server.log", timeout=90):
+        yield {**env, "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
+
+
+@contextmanager
+def mlflow_server(root: Path) -> Iterator[dict[str, str]]:
+    port = free_port()
+    root.mkdir(parents=True, exist_ok=True)
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    cmd = [
+        str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
+    ]
+    with _server(cmd, f"http://127.0.0.1:{port}/health", env, root / "server.log", timeout=120):
+        yield {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}", "MLFLOW_DISABLE_TELEMETRY": "true"}
