@@ -1,0 +1,116 @@
+"""Stage `cache_latents`: encode every ingested image with the trained VAE and every distinct caption with the
+text encoder, once, into the Parquet latent cache that UNet training streams (ldm.latent_cache).
+
+Reads `paths.ingested` and `paths.vae`; params `device`, `text_encoder`, `cache_latents`; writes
+`paths.latents/` (shards, text_embeddings.parquet, manifest.json) and `paths.metrics/cache_latents.json`.
+
+    python -m stages.cache_latents [--params params.yaml]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ldm.ingested import shard_paths
+from ldm.latent_cache import MANIFEST_NAME, vae_hash, write_latent_cache
+from ldm.modeling import CONFIG_NAME, WEIGHTS_NAME, atomic_path
+from ldm.text_encoder import TextEncoder
+from ldm.vae import VAE
+from stages.params import DEFAULT_PARAMS_FILE, Params, load_params
+from stages.reporting import ConsoleReporter, Reporter, StageResult
+
+STAGE = "cache_latents"
+METRICS_NAME = "cache_latents.json"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device: {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {name!r} asks for CUDA but none is available here; use auto or cpu")
+    return device
+
+
+def run(params: Params, reporter: Reporter) -> StageResult:
+    started = time.perf_counter()
+    paths, knobs = params.paths, params.cache_latents
+    vae_dir = Path(paths.vae)
+    missing = [name for name in (CONFIG_NAME, WEIGHTS_NAME) if not (vae_dir / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"no trained VAE in {vae_dir} ({', '.join(missing)} missing); run `dvc repro train_vae` first"
+        )
+    shard_paths(paths.ingested)  # fails with what to run before the models take seconds to load
+    device = resolve_device(params.device)
+    vae = VAE.from_pretrained(vae_dir, device=device)
+    text_encoder = TextEncoder.from_pretrained(params.text_encoder.name, params.text_encoder.max_length, device=device)
+    reporter.info(f"{STAGE}: encoding {paths.ingested} with the VAE in {vae_dir} and {text_encoder.name!r} on {device}")
+
+    encoding = time.perf_counter()
+    summary = write_latent_cache(
+        paths.ingested,
+        paths.latents,
+        vae,
+        vae_hash(vae_dir),
+        text_encoder,
+        batch_size=knobs.batch_size,
+        flip=knobs.flip,
+        rows_per_shard=knobs.rows_per_shard,
+        rows_per_group=knobs.rows_per_group,
+        progress=lambda done, total: reporter.progress(STAGE, done, total),
+    )
+    finished = time.perf_counter()
+    rows = sum(summary.rows.values())
+    metrics = {
+        "rows": rows,
+        **{f"rows_{split}": n for split, n in sorted(summary.rows.items())},
+        "images": summary.images,
+        "encoded_images": summary.encoded_images,
+        "captions": summary.captions,
+        "seconds": round(finished - started, 3),
+        # Of the encoding and writing alone, without loading the models.
+        "rows_per_second": round(rows / (finished - encoding), 1),
+        # Of the scaled posterior means: near 0 and 1 when the VAE's scaling and shift factors fit its latents.
+        "latent_mean": summary.latent_mean,
+        "latent_std": summary.latent_std,
+    }
+    metrics_path = Path(paths.metrics) / METRICS_NAME
+    metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(metrics_path) as tmp:
+        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    reporter.metrics(metrics)
+    return StageResult(metrics=metrics, artifacts=[metrics_path, Path(paths.latents) / MANIFEST_NAME])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog=f"python -m stages.{STAGE}",
+        description="Encode the ingested images (trained VAE) and captions (text encoder) into the latent cache.",
+    )
+    parser.add_argument("--params", default=DEFAULT_PARAMS_FILE, help="the params file (default: %(default)s)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        result = run(load_params(args.params), ConsoleReporter())
+    except (FileNotFoundError, ValueError) as e:
+        # A user mistake (a stage not run yet, a bad param, a stale input): say what and how, no traceback.
+        print(f"{STAGE}: error: {e}", file=sys.stderr)
+        return 2
+    m = result.metrics
+    print(f"{STAGE}: cached {m['rows']} rows ({m['images']} images, {m['captions']} captions) in {m['seconds']:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
