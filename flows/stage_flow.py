@@ -81,8 +81,9 @@ def record_results(tracked: StageRun, result: StageResult, registered_model: str
 def run_stage(stage: str, stage_fn: StageFn, params_path: str, registered_model: str | None = None) -> StageResult:
     """The body of every stage flow."""
     params = validate_params(params_path)
-    keys = stage_definition(REPO, stage).get("params", [])
-    with stage_run(REPO, stage, stage_params(params, keys), params.profile) as tracked:
+    definition = stage_definition(REPO, stage, params.model_dump(mode="json"))
+    logged = stage_params(params, definition.get("params", []))
+    with stage_run(REPO, stage, definition, logged, params.profile) as tracked:
         result = task(name=stage, cache_policy=NO_CACHE)(stage_fn)(params, FlowReporter(tracked))
         record_results(tracked, result, registered_model)
     return result

@@ -8,6 +8,7 @@ artifacts in `mlartifacts/` (both ignored by git).
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ from mlflow.exceptions import MlflowException
 
 EXPERIMENT = "ldm-pipeline"
 DVC_FILE = "dvc.yaml"
+TEMPLATE = re.compile(r"\$\{\s*([\w.]+)\s*\}")
 
 
 def tracking_uri(repo: Path) -> str:
@@ -43,11 +45,29 @@ def git_commit(repo: Path) -> str:
     return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
-def stage_definition(repo: Path, stage: str) -> dict:
+def stage_definition(repo: Path, stage: str, variables: dict) -> dict:
+    """The stage's entry in dvc.yaml, with `${a.b}` templates filled from `variables` (the params) the way
+    DVC fills them from params.yaml."""
     stages = yaml.safe_load((repo / DVC_FILE).read_text())["stages"]
     if stage not in stages:
         raise KeyError(f"{DVC_FILE} has no stage {stage!r}; stages: {sorted(stages)}")
-    return stages[stage]
+
+    def lookup(match: re.Match) -> str:
+        value = variables
+        for part in match.group(1).split("."):
+            value = value[part]
+        return str(value)
+
+    def fill(node):
+        if isinstance(node, str):
+            return TEMPLATE.sub(lookup, node)
+        if isinstance(node, list):
+            return [fill(item) for item in node]
+        if isinstance(node, dict):
+            return {fill(k): fill(v) for k, v in node.items()}
+        return node
+
+    return fill(stages[stage])
 
 
 def dependency_hashes(repo: Path, deps: list[str]) -> dict[str, str]:
@@ -110,7 +130,7 @@ class StageRun:
 
 
 @contextmanager
-def stage_run(repo: Path, stage: str, params: dict, profile: str) -> Iterator[StageRun]:
+def stage_run(repo: Path, stage: str, definition: dict, params: dict, profile: str) -> Iterator[StageRun]:
     """Open the stage's MLflow run with its tags and params; close it FINISHED or FAILED."""
     uri = tracking_uri(repo)
     mlflow.set_tracking_uri(uri)
@@ -122,7 +142,6 @@ def stage_run(repo: Path, stage: str, params: dict, profile: str) -> Iterator[St
         experiment_id = client.create_experiment(EXPERIMENT, artifact_location=location)
     else:
         experiment_id = experiment.experiment_id
-    definition = stage_definition(repo, stage)
     commit = git_commit(repo)
     tags = {
         "mlflow.runName": stage,
