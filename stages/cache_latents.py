@@ -16,30 +16,17 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 from ldm.ingested import shard_paths
 from ldm.latent_cache import MANIFEST_NAME, vae_hash, write_latent_cache
 from ldm.modeling import CONFIG_NAME, WEIGHTS_NAME, atomic_path
 from ldm.text_encoder import TextEncoder
 from ldm.vae import VAE
-from stages.params import DEFAULT_PARAMS_FILE, Params, load_params
+from stages.params import DEFAULT_PARAMS_FILE, Params, load_params, resolve_device
 from stages.reporting import ConsoleReporter, Reporter, StageResult
 
 STAGE = "cache_latents"
 METRICS_NAME = "cache_latents.json"
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"device: {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device: {name!r} asks for CUDA but none is available here; use auto or cpu")
-    return device
 
 
 def run(params: Params, reporter: Reporter) -> StageResult:

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
+import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -79,7 +80,7 @@ class VAEModelParams(Section):
 class TrainVAEParams(Section):
     model: VAEModelParams = VAEModelParams()
     batch_size: int = Field(16, ge=1)
-    max_steps: int = Field(1200, ge=1)
+    max_steps: int = Field(2400, ge=1)  # 1200 measured 31.7 dB val PSNR (small diamonds turned round), 2400: 36.3 dB
     lr: float = Field(2e-3, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
     warmup_steps: int = Field(50, ge=0)
@@ -91,12 +92,18 @@ class TrainVAEParams(Section):
     keep_checkpoints: int = Field(2, ge=1)
     log_every: int = Field(10, ge=1)
     scaling_batches: int = Field(20, ge=1)  # train batches used to measure the latent std
+    grid_images: int = Field(8, ge=1)  # val images shown over their reconstructions in reconstructions.png
 
 
 class CacheLatentsParams(Section):
     batch_size: int = Field(256, ge=1)
-    flip: bool = False  # also cache horizontally flipped latents
+    # Also cache each image's horizontal mirror, under the same caption: only for captions that stay
+    # true mirrored (the built-in shapes' "top left" would then label a shape at the top right).
+    flip: bool = False
     rows_per_shard: int = Field(8192, ge=1)
+    # The unit a reader streams and splits between ranks: it holds one group in memory, and world_size
+    # ranks need at least world_size groups per split to all get rows.
+    rows_per_group: int = Field(1024, ge=1)
 
 
 class Params(Section):
@@ -158,3 +165,16 @@ def load_params(path: str | os.PathLike = DEFAULT_PARAMS_FILE) -> Params:
     except ValidationError as e:
         lines = "\n".join(f"  - {_describe(err)}" for err in e.errors())
         raise ParamsError(f"{path} is invalid:\n{lines}") from None
+
+
+def resolve_device(name: str) -> torch.device:
+    """The `device` param as a torch device: "auto" is CUDA when this machine has one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ParamsError(f"device: {name!r} is not a torch device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ParamsError(f"device: {name!r} but this machine has no usable CUDA GPU; use auto or cpu")
+    return device

@@ -1,0 +1,314 @@
+"""Resumable training checkpoints: one folder per step, one safetensors file and one JSON file, no pickle.
+
+    step-000200/
+      tensors.safetensors   every tensor: module weights (model, EMA), optimizer state, RNG states (uint8)
+      state.json            everything else (step, optimizer hyperparameters, LR-schedule state, the caller's
+                            `extra`, e.g. the data position), with each tensor's place marked by its name in
+                            the tensors file, and the sha256 of that file
+
+A checkpoint is written into a hidden temporary folder, state.json last, then renamed into place, so a
+`step-*` folder is complete the moment it exists. `latest_checkpoint` still verifies the checksum: a disk
+or a copy can lose bytes that a rename promised.
+
+Loading restores the objects in place (module weights, optimizer and LR-schedule state, generator states,
+and the global torch / CUDA / Python / NumPy RNGs), so a loop continued from a checkpoint takes the same
+steps as one that was never stopped (same machine, same process layout).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+TENSORS_NAME = "tensors.safetensors"
+STATE_NAME = "state.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+# Markers for what JSON cannot hold directly; no torch state dict uses these as keys.
+_TENSOR, _TUPLE, _PAIRS = "__tensor__", "__tuple__", "__pairs__"
+
+
+@dataclass
+class TrainingState:
+    """The live objects a checkpoint holds, by name: saving reads them, loading writes into them.
+
+    The names are the checkpoint's keys, so a loop must use the same names when it saves and loads.
+    """
+
+    modules: Mapping[str, nn.Module]
+    optimizers: Mapping[str, Optimizer] = field(default_factory=dict)
+    schedulers: Mapping[str, LRScheduler] = field(default_factory=dict)
+    generators: Mapping[str, torch.Generator] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    step: int
+    extra: dict[str, Any]  # what the caller passed to save_checkpoint, as JSON gave it back
+
+
+def run_fingerprint(**parts: Any) -> str:
+    """A hash of everything that decides a run's trajectory (JSON-able parts), to tell its checkpoints apart."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _encode(value: Any, name: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """A state dict -> JSON, moving each tensor into `tensors` under its path (`name`/key/...)."""
+    if isinstance(value, torch.Tensor):
+        tensors[name] = value.detach().cpu().contiguous()
+        return {_TENSOR: name}
+    if isinstance(value, tuple):
+        return {_TUPLE: [_encode(v, f"{name}/{i}", tensors) for i, v in enumerate(value)]}
+    if isinstance(value, list):
+        return [_encode(v, f"{name}/{i}", tensors) for i, v in enumerate(value)]
+    if isinstance(value, Mapping):
+        if all(isinstance(k, str) for k in value):
+            return {k: _encode(v, f"{name}/{k}", tensors) for k, v in value.items()}
+        # Optimizer state is keyed by parameter index; JSON would turn those ints into strings.
+        return {_PAIRS: [[k, _encode(v, f"{name}/{k}", tensors)] for k, v in value.items()]}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"{name} holds a {type(value).__name__}, which a checkpoint cannot store without pickle")
+
+
+def _decode(value: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    if isinstance(value, list):
+        return [_decode(v, tensors) for v in value]
+    if isinstance(value, dict):
+        if _TENSOR in value:
+            return tensors[value[_TENSOR]]
+        if _TUPLE in value:
+            return tuple(_decode(v, tensors) for v in value[_TUPLE])
+        if _PAIRS in value:
+            return {k: _decode(v, tensors) for k, v in value[_PAIRS]}
+        return {k: _decode(v, tensors) for k, v in value.items()}
+    return value
+
+
+def _global_rng_state() -> dict[str, Any]:
+    kind, keys, position, has_gauss, cached_gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.view(np.uint8).copy()), position, has_gauss, cached_gauss],
+    }
+
+
+def _set_global_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    # On a machine with another GPU count the saved CUDA states do not fit: training continues, not bit for bit.
+    if torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(state["python"])
+    kind, keys, position, has_gauss, cached_gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().view(np.uint32), position, has_gauss, cached_gauss))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary folder to fill; on success it replaces `path` whole, on failure it is removed.
+
+    Readers see the old folder or the complete new one. (Between the two renames that swap an existing
+    folder out, `path` is briefly absent; it never holds a mix.)
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        for child in tmp.iterdir():
+            _fsync(child)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        _fsync(path.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _step_dirs(directory: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every `step-*` folder, newest first; hidden temporary folders are not listed."""
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+    return sorted(found, reverse=True)
+
+
+def save_checkpoint(
+    directory: str | os.PathLike,
+    step: int,
+    state: TrainingState,
+    extra: Mapping[str, Any] | None = None,
+    keep: int | None = None,
+) -> Path:
+    """Write `directory/step-{step:06d}/` atomically; then keep only the newest `keep` (None: all) up to `step`.
+
+    `extra` is JSON-able run state the objects do not hold (data position, run fingerprint, logged history).
+    Folders of later steps than `step` are removed once this one is complete: the run went back past them
+    (they were unusable, or another run's), and left there they would outrank this one. So are temporary
+    folders that a killed save left behind.
+    """
+    directory = Path(directory)
+    tensors: dict[str, torch.Tensor] = {}
+    objects = {
+        "modules": {n: _encode(m.state_dict(), f"modules/{n}", tensors) for n, m in state.modules.items()},
+        "optimizers": {n: _encode(o.state_dict(), f"optimizers/{n}", tensors) for n, o in state.optimizers.items()},
+        "schedulers": {n: _encode(s.state_dict(), f"schedulers/{n}", tensors) for n, s in state.schedulers.items()},
+        "generators": {n: _encode(g.get_state(), f"generators/{n}", tensors) for n, g in state.generators.items()},
+        "rng": _encode(_global_rng_state(), "rng", tensors),
+    }
+    final = directory / f"step-{step:06d}"
+    with atomic_directory(final) as tmp:
+        save_file(tensors, str(tmp / TENSORS_NAME), metadata={"format": str(FORMAT_VERSION)})
+        record = {
+            "format": FORMAT_VERSION,
+            "step": step,
+            "sha256": _sha256(tmp / TENSORS_NAME),
+            "extra": dict(extra or {}),
+            **objects,
+        }
+        (tmp / STATE_NAME).write_text(json.dumps(record, indent=1) + "\n")
+    found = _step_dirs(directory)
+    earlier = [path for s, path in found if s <= step]
+    for path in [path for s, path in found if s > step] + (earlier[keep:] if keep is not None else []):
+        shutil.rmtree(path)
+    _remove_leftovers(directory)
+    return final
+
+
+def _read_verified(path: Path) -> dict[str, Any]:
+    """state.json of a checkpoint folder, after checking its tensors file against the recorded sha256."""
+    state_file, tensors_file = path / STATE_NAME, path / TENSORS_NAME
+    if not state_file.is_file():
+        raise ValueError(f"{path} has no {STATE_NAME}: it was not written completely")
+    try:
+        record = json.loads(state_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{state_file} is not valid JSON ({e})") from None
+    if record.get("format") != FORMAT_VERSION:
+        raise ValueError(f"{state_file} has format {record.get('format')!r}; this code reads format {FORMAT_VERSION}")
+    if not tensors_file.is_file():
+        raise ValueError(f"{path} has no {TENSORS_NAME}")
+    actual = _sha256(tensors_file)
+    recorded = str(record.get("sha256"))
+    if actual != recorded:
+        raise ValueError(
+            f"{tensors_file} is damaged: its sha256 is {actual[:12]}..., state.json recorded {recorded[:12]}..."
+        )
+    return record
+
+
+def latest_checkpoint(directory: str | os.PathLike, log: Callable[[str], None] = logger.warning) -> Checkpoint | None:
+    """The newest complete, undamaged checkpoint in `directory`, or None; each one passed over is logged with why."""
+    for step, path in _step_dirs(Path(directory)):
+        try:
+            record = _read_verified(path)
+        except ValueError as e:
+            log(f"skipping checkpoint {path}: {e}")
+            continue
+        return Checkpoint(path=path, step=step, extra=record["extra"])
+    return None
+
+
+def _remove_leftovers(directory: Path) -> None:
+    for leftover in directory.glob(".step-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def remove_checkpoints(directory: str | os.PathLike) -> None:
+    """Delete every checkpoint folder (and leftover temporary folder) in `directory`."""
+    directory = Path(directory)
+    for _, path in _step_dirs(directory):
+        shutil.rmtree(path)
+    _remove_leftovers(directory)
+
+
+def resume_point(
+    directory: str | os.PathLike, fingerprint: str, log: Callable[[str], None] = logger.info
+) -> Checkpoint | None:
+    """The newest usable checkpoint of the run identified by `fingerprint` (see `run_fingerprint`), or None.
+
+    The fingerprint is read from `extra["fingerprint"]`. When the newest checkpoint belongs to a run with
+    other params or data, every checkpoint in `directory` is removed: the fresh run must not resume from
+    them, and its own checkpoints must not be pruned or outranked by theirs.
+    """
+    found = latest_checkpoint(directory, log)
+    if found is None:
+        return None
+    if found.extra.get("fingerprint") != fingerprint:
+        log(
+            f"checkpoints in {directory} were made with other training params or data "
+            f"(step {found.step}); removing them and training from scratch"
+        )
+        remove_checkpoints(directory)
+        return None
+    return found
+
+
+def load_checkpoint(path: str | os.PathLike, state: TrainingState) -> Checkpoint:
+    """Restore `state` (and the global RNGs) from a checkpoint folder in place; returns its step and extra."""
+    path = Path(path)
+    record = _read_verified(path)
+    tensors = load_file(str(path / TENSORS_NAME))
+
+    def restore(kind: str, targets: Mapping[str, Any]) -> dict[str, Any]:
+        saved = record[kind]
+        if set(saved) != set(targets):
+            raise ValueError(
+                f"{path} holds {kind} {sorted(saved)} but the training loop passed {sorted(targets)}; "
+                f"load it with the same names it was saved with"
+            )
+        return {name: _decode(saved[name], tensors) for name in targets}
+
+    for name, value in restore("modules", state.modules).items():
+        state.modules[name].load_state_dict(value)
+    for name, value in restore("optimizers", state.optimizers).items():
+        state.optimizers[name].load_state_dict(value)
+    for name, value in restore("schedulers", state.schedulers).items():
+        state.schedulers[name].load_state_dict(value)
+    for name, value in restore("generators", state.generators).items():
+        state.generators[name].set_state(value)
+    _set_global_rng_state(_decode(record["rng"], tensors))
+    return Checkpoint(path=path, step=record["step"], extra=record["extra"])

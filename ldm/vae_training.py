@@ -1,0 +1,295 @@
+"""Training the KL-VAE: a plain loop, resumable bit for bit from its checkpoints.
+
+    loss = reconstruction(x_hat, x) + kl_weight * KL(q(z|x) || N(0, I))
+
+The reconstruction term is a mean over pixels and batch (l1, mse, or their sum), so its size does not
+depend on the image size. The KL term is summed over each sample's latent elements and averaged over the
+batch, as Stable Diffusion and diffusers do; against a per-pixel reconstruction term a given `kl_weight`
+therefore weighs the KL 3*H*W times more than Stable Diffusion's (which sums the reconstruction over pixels).
+With the small weights used (1e-5) the posterior stays nearly deterministic and the latents keep the scale
+the encoder chooses, which is measured after training and stored as the config's shift and scaling factors.
+
+AdamW, a linear warmup then cosine decay to zero, gradient-norm clipping, and an optional EMA of the weights
+(`torch.optim.swa_utils.AveragedModel`); with an EMA, the EMA weights are the trained model. Data order is a
+fresh seeded permutation each epoch (the last incomplete batch of an epoch is dropped, so every batch has
+the same size); no flips, since left and right are part of what captions say.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.optim.lr_scheduler import LambdaLR
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+from torchvision.utils import make_grid
+
+from ldm.checkpoint import TrainingState, load_checkpoint, resume_point, run_fingerprint, save_checkpoint
+from ldm.ingested import IngestedImages, tensor_to_pil
+from ldm.vae import VAE, VAEConfig
+
+logger = logging.getLogger(__name__)
+
+RECONSTRUCTION_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "l1": F.l1_loss,
+    "mse": F.mse_loss,
+    "l1+mse": lambda x_hat, x: F.l1_loss(x_hat, x) + F.mse_loss(x_hat, x),
+}
+
+# Fields that change neither the weights reached at a step nor the data seen: a run may resume across them.
+_BOOKKEEPING = ("checkpoint_every", "keep_checkpoints", "log_every", "scaling_batches")
+
+StepCallback = Callable[[int, int, dict[str, float]], None]
+
+
+@dataclass(frozen=True, kw_only=True)
+class VAETrainingConfig:
+    """The training hyperparameters (the params schema's `train_vae` section holds their defaults)."""
+
+    batch_size: int
+    max_steps: int
+    lr: float
+    weight_decay: float
+    warmup_steps: int
+    recon_loss: str  # a key of RECONSTRUCTION_LOSSES
+    kl_weight: float
+    grad_clip: float  # max global gradient norm
+    ema_decay: float | None  # None: no EMA, the trained weights are the model
+    checkpoint_every: int
+    keep_checkpoints: int
+    log_every: int
+    scaling_batches: int  # train batches whose latents set the shift and scaling factors
+
+    def __post_init__(self) -> None:
+        if self.recon_loss not in RECONSTRUCTION_LOSSES:
+            raise ValueError(f"recon_loss={self.recon_loss!r} is unknown; use one of {sorted(RECONSTRUCTION_LOSSES)}")
+
+
+class VAETrainingResult(NamedTuple):
+    vae: VAE  # in eval mode, on the training device, with the measured shift and scaling factors
+    metrics: dict[str, float]
+    history: list[dict[str, float]]  # one row per logged step: step, loss, recon, kl, lr (kept across resumes)
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> LambdaLR:
+    """Linear warmup to the optimizer's lr over `warmup_steps`, then cosine decay towards zero at `total_steps`."""
+
+    def factor(done: int) -> float:  # done: optimizer steps taken before this one
+        if done < warmup_steps:
+            return (done + 1) / warmup_steps
+        progress = (done - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return LambdaLR(optimizer, factor)
+
+
+class EpochOrder:
+    """Batches of dataset indices from a new permutation each epoch; its position is three JSON numbers.
+
+    Each epoch's permutation comes from an order seed drawn from `generator`, so restoring the generator
+    state and (epoch, position, order_seed) rebuilds the exact remaining order.
+    """
+
+    def __init__(self, size: int, batch_size: int, generator: torch.Generator):
+        if batch_size > size:
+            raise ValueError(f"the dataset has {size} images, fewer than one batch of {batch_size}; lower batch_size")
+        self.size, self.batch_size, self.generator = size, batch_size, generator
+        # Positioned at the end of an empty epoch -1, so the first batch starts epoch 0.
+        self.epoch, self.position, self.order_seed = -1, size, 0
+        self.order = torch.empty(0, dtype=torch.long)
+
+    def _permutation(self) -> torch.Tensor:
+        return torch.randperm(self.size, generator=torch.Generator().manual_seed(self.order_seed))
+
+    def next_batch(self) -> list[int]:
+        if self.position + self.batch_size > self.size:
+            self.epoch, self.position = self.epoch + 1, 0
+            self.order_seed = int(torch.randint(2**62, (1,), generator=self.generator))
+            self.order = self._permutation()
+        batch = self.order[self.position : self.position + self.batch_size]
+        self.position += self.batch_size
+        return batch.tolist()
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position, "order_seed": self.order_seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position, self.order_seed = state["epoch"], state["position"], state["order_seed"]
+        if self.epoch >= 0:
+            self.order = self._permutation()
+
+
+def _batch(data: IngestedImages, indices: list[int], device: torch.device) -> torch.Tensor:  # (B, 3, H, W)
+    return torch.stack([data[i] for i in indices]).to(device)
+
+
+@torch.no_grad()
+def latent_statistics(
+    vae: VAE, data: IngestedImages, batch_size: int, num_batches: int, generator: torch.Generator
+) -> tuple[float, float]:
+    """Mean and std over every element of posterior *samples* of `num_batches` random batches of `data`.
+
+    Samples, not means: the diffusion model is trained on samples (as in Stable Diffusion), so those are
+    what must come out centred with unit variance; with a small KL weight the two barely differ.
+    """
+    device = next(vae.parameters()).device
+    chosen = torch.randperm(len(data), generator=generator)[: batch_size * num_batches]
+    samples = [
+        vae.encode(_batch(data, indices.tolist(), device)).sample(generator).double().cpu()
+        for indices in chosen.split(batch_size)
+    ]
+    std, mean = torch.std_mean(torch.cat(samples))
+    return mean.item(), std.item()
+
+
+@torch.no_grad()
+def reconstruction_metrics(vae: VAE, data: IngestedImages, batch_size: int) -> dict[str, float]:
+    """PSNR (mean of per-image values, dB) and SSIM of `decode(posterior mode)`, clamped, over all of `data`.
+
+    Both on images mapped to [0, 1] with data_range 1: SSIM's stabilising constants assume non-negative
+    intensities, so on [-1, 1] it would not be the standard SSIM (PSNR is the same either way).
+    """
+    device = next(vae.parameters()).device
+    psnr = PeakSignalNoiseRatio(data_range=1.0, reduction="elementwise_mean", dim=(1, 2, 3)).to(device)
+    ssim = StructuralSimilarityIndexMeasure(data_range=1.0).to(device)
+    for _, images in data.iter_batches(batch_size):
+        images = images.to(device)
+        reconstructions = vae.decode(vae.encode(images).mode())
+        psnr.update((reconstructions + 1) / 2, (images + 1) / 2)
+        ssim.update((reconstructions + 1) / 2, (images + 1) / 2)
+    return {"val_psnr": psnr.compute().item(), "val_ssim": ssim.compute().item()}
+
+
+@torch.no_grad()
+def reconstruction_grid(vae: VAE, images: torch.Tensor) -> Image.Image:
+    """Originals (top row) over their reconstructions from the posterior mode (bottom row).
+
+    images: (N, 3, H, W) in [-1, 1].
+    """
+    device = next(vae.parameters()).device
+    reconstructions = vae.decode(vae.encode(images.to(device)).mode()).cpu()
+    # Mid-grey borders (0 in [-1, 1]) keep the cells apart on white and on black backgrounds alike.
+    grid = make_grid(torch.cat([images.cpu(), reconstructions]), nrow=len(images), pad_value=0.0)
+    return tensor_to_pil(grid)
+
+
+def train_vae(
+    config: VAEConfig,
+    train_data: IngestedImages,
+    val_data: IngestedImages,
+    hp: VAETrainingConfig,
+    checkpoint_dir: str | Path,
+    seed: int,
+    device: str | torch.device,
+    on_step: StepCallback | None = None,
+    log: Callable[[str], None] = logger.info,
+) -> VAETrainingResult:
+    """Train a VAE from `config`, resuming from the newest checkpoint of the same run in `checkpoint_dir`.
+
+    `on_step(step, max_steps, {"loss", "recon", "kl", "lr"})` is called every `log_every` steps (and at the
+    last) with the means since the previous call, after any checkpoint of that step is written.
+    Metrics: val_psnr, val_ssim, train_loss_final (the last logged loss), latent_mean, latent_std (raw
+    latents, before shift and scale), steps, train_seconds (the loop alone, summed over resumed sessions).
+    """
+    device = torch.device(device)
+    fingerprint = run_fingerprint(
+        vae=config.model_dump(mode="json"),
+        training={k: v for k, v in asdict(hp).items() if k not in _BOOKKEEPING},
+        seed=seed,
+        train_images=hashlib.sha256("\n".join(train_data.ids).encode()).hexdigest(),
+    )
+    # Weights are drawn on the CPU from the seed alone, so a seed gives the same start on any device.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vae = VAE(config)
+    vae.to(device).train()
+    ema = None
+    if hp.ema_decay is not None:
+        ema = AveragedModel(vae, multi_avg_fn=get_ema_multi_avg_fn(hp.ema_decay), use_buffers=True)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+    schedule = warmup_cosine(optimizer, hp.warmup_steps, hp.max_steps)
+    # CPU generators: their states are portable, and the same seed picks the same data and noise anywhere.
+    data_seed, noise_seed = torch.randint(2**62, (2,), generator=torch.Generator().manual_seed(seed)).tolist()
+    data_generator = torch.Generator().manual_seed(data_seed)
+    noise_generator = torch.Generator().manual_seed(noise_seed)
+    order = EpochOrder(len(train_data), hp.batch_size, data_generator)
+    state = TrainingState(
+        modules={"model": vae} | ({"ema": ema} if ema is not None else {}),
+        optimizers={"optimizer": optimizer},
+        schedulers={"lr": schedule},
+        generators={"data": data_generator, "noise": noise_generator},
+    )
+    reconstruction_loss = RECONSTRUCTION_LOSSES[hp.recon_loss]
+
+    start, history, seconds_before = 0, [], 0.0
+    found = resume_point(checkpoint_dir, fingerprint, log)
+    if found is not None:
+        start = load_checkpoint(found.path, state).step
+        order.load_state_dict(found.extra["data"])
+        history, seconds_before = found.extra["history"], found.extra["train_seconds"]
+        log(f"resuming VAE training from {found.path} (step {start} of {hp.max_steps})")
+
+    began = time.perf_counter()
+    window, window_steps = torch.zeros(3, device=device), 0  # sums of loss, recon, kl since the last log
+    for step in range(start + 1, hp.max_steps + 1):
+        images = _batch(train_data, order.next_batch(), device)  # (B, 3, H, W)
+        reconstructions, posterior = vae(images, noise_generator)
+        recon = reconstruction_loss(reconstructions, images)
+        kl = posterior.kl().mean()
+        loss = recon + hp.kl_weight * kl
+
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), hp.grad_clip)
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        schedule.step()
+        if ema is not None:
+            ema.update_parameters(vae)
+
+        window += torch.stack([loss, recon, kl]).detach()
+        window_steps += 1
+        last = step == hp.max_steps
+        logged = step % hp.log_every == 0 or last
+        if logged:
+            mean_loss, mean_recon, mean_kl = (window / window_steps).tolist()
+            history.append({"step": step, "loss": mean_loss, "recon": mean_recon, "kl": mean_kl, "lr": lr})
+            window.zero_()
+            window_steps = 0
+        if step % hp.checkpoint_every == 0 or last:
+            extra = {
+                "fingerprint": fingerprint,
+                "data": order.state_dict(),
+                "history": history,
+                "train_seconds": seconds_before + time.perf_counter() - began,
+            }
+            save_checkpoint(checkpoint_dir, step, state, extra, keep=hp.keep_checkpoints)
+        if logged and on_step is not None:
+            on_step(step, hp.max_steps, {k: v for k, v in history[-1].items() if k != "step"})
+    train_seconds = seconds_before + time.perf_counter() - began
+
+    trained = (ema.module if ema is not None else vae).eval()
+    mean, std = latent_statistics(
+        trained, train_data, hp.batch_size, hp.scaling_batches, torch.Generator().manual_seed(seed)
+    )
+    # Scaled latents (z - shift) * scale then have mean 0 and std 1 over the measured batches.
+    trained.config = config.model_copy(update={"shift_factor": mean, "scaling_factor": 1.0 / std})
+    metrics = {
+        **reconstruction_metrics(trained, val_data, hp.batch_size),
+        "train_loss_final": history[-1]["loss"],
+        "latent_mean": mean,
+        "latent_std": std,
+        "steps": float(hp.max_steps),
+        "train_seconds": train_seconds,
+    }
+    return VAETrainingResult(trained, metrics, history)

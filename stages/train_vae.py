@@ -1,0 +1,119 @@
+"""DVC stage `train_vae`: train the KL-VAE on the ingested images; save it with its latent shift and scale.
+
+reads:  paths.ingested (train and val splits); params seed, image_size, device, train_vae
+writes: paths.vae/                          config.json + model.safetensors (with shift_factor, scaling_factor)
+        paths.metrics/train_vae.json        val_psnr, val_ssim, train_loss_final, latent_mean, latent_std, ...
+        paths.plots/train_vae/loss.csv      step, loss, recon, kl, lr (a DVC plot)
+        paths.plots/train_vae/reconstructions.png   val originals over their reconstructions
+        paths.vae_checkpoints/              resumable checkpoints: an interrupted run continues from the
+                                            newest one; checkpoints of other params or data are discarded
+
+    python -m stages.train_vae [--params params.yaml]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from ldm.checkpoint import atomic_directory
+from ldm.ingested import IngestedImages
+from ldm.modeling import atomic_path
+from ldm.vae_training import VAETrainingConfig, reconstruction_grid, train_vae
+from stages.params import DEFAULT_PARAMS_FILE, Params, ParamsError, load_params, resolve_device
+from stages.reporting import ConsoleReporter, Reporter, StageResult
+
+STAGE = "train_vae"
+LOSS_COLUMNS = ("step", "loss", "recon", "kl", "lr")
+
+
+class InputError(RuntimeError):
+    """A declared input of the stage is missing or unusable; the message says which and what to do."""
+
+
+def load_splits(params: Params) -> tuple[IngestedImages, IngestedImages]:
+    try:
+        train, val = IngestedImages(params.paths.ingested, "train"), IngestedImages(params.paths.ingested, "val")
+    except (FileNotFoundError, ValueError) as e:
+        raise InputError(f"paths.ingested: {e}") from None
+    size = tuple(train[0].shape[-2:])
+    if size != (params.image_size, params.image_size):
+        raise InputError(
+            f"{params.paths.ingested} holds {size[0]}x{size[1]} images but image_size is {params.image_size}; "
+            f"re-run the ingest stage (`dvc repro ingest`)"
+        )
+    return train, val
+
+
+def write_loss_csv(path: Path, history: list[dict[str, float]]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=LOSS_COLUMNS)
+        writer.writeheader()
+        writer.writerows(history)
+
+
+def run(params: Params, reporter: Reporter) -> StageResult:
+    paths, section = params.paths, params.train_vae
+    device = resolve_device(params.device)
+    train, val = load_splits(params)
+    hp = VAETrainingConfig(**section.model_dump(exclude={"model", "grid_images"}))
+    reporter.info(f"{STAGE}: {len(train)} train and {len(val)} val images, {hp.max_steps} steps on {device}")
+
+    def on_step(step: int, total: int, values: dict[str, float]) -> None:
+        reporter.metrics(values, step)
+        reporter.progress(STAGE, step, total)
+
+    vae, metrics, history = train_vae(
+        params.vae_config(), train, val, hp, paths.vae_checkpoints, params.seed, device, on_step, reporter.info
+    )
+
+    model_dir = Path(paths.vae)
+    with atomic_directory(model_dir) as tmp:
+        vae.save_pretrained(tmp)
+    metrics_path = Path(paths.metrics) / f"{STAGE}.json"
+    metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(metrics_path) as tmp:
+        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    plots = Path(paths.plots) / STAGE
+    plots.mkdir(parents=True, exist_ok=True)
+    loss_csv, grid_png = plots / "loss.csv", plots / "reconstructions.png"
+    write_loss_csv(loss_csv, history)
+    originals = torch.stack([val[i] for i in range(min(section.grid_images, len(val)))])
+    with atomic_path(grid_png) as tmp:
+        reconstruction_grid(vae, originals).save(tmp, format="PNG")
+
+    reporter.info(
+        f"{STAGE}: val PSNR {metrics['val_psnr']:.2f} dB, SSIM {metrics['val_ssim']:.4f}, "
+        f"latents mean {metrics['latent_mean']:.3f} std {metrics['latent_std']:.3f}, "
+        f"{metrics['train_seconds']:.0f} s of training; saved to {model_dir}"
+    )
+    return StageResult(metrics=metrics, artifacts=[grid_png, loss_csv], model_dir=model_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog=f"python -m stages.{STAGE}",
+        description="Train the KL-VAE on the ingested images and save it with its latent shift and scale.",
+    )
+    parser.add_argument("--params", default=DEFAULT_PARAMS_FILE, help="the params file (default: %(default)s)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        result = run(load_params(args.params), ConsoleReporter())
+    except (ParamsError, InputError) as e:
+        # A user mistake (a bad param, no or stale ingested data): say what and how, no traceback.
+        print(f"{STAGE}: error: {e}", file=sys.stderr)
+        return 2
+    m = result.metrics
+    print(f"{STAGE}: val PSNR {m['val_psnr']:.2f} dB, SSIM {m['val_ssim']:.4f}; saved to {result.model_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
