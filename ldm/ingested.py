@@ -100,3 +100,44 @@ class IngestedImages(torch.utils.data.Dataset):
         """(start index, (B, 3, H, W)) over the split in order."""
         for start in range(0, len(self), batch_size):
             yield start, torch.stack([self[i] for i in range(start, min(start + batch_size, len(self)))])
+
+
+ROWS_PER_SHARD = 4096
+
+
+class ShardWriter:
+    """Writes rows (dicts keyed by SCHEMA's names) into `directory` as part-00000.parquet, part-00001.parquet, ...
+
+    `rows_per_shard` rows each. As a context manager it writes the last, partial shard on a clean exit.
+    """
+
+    def __init__(self, directory: str | os.PathLike, rows_per_shard: int = ROWS_PER_SHARD):
+        self.directory = Path(directory)
+        self.rows_per_shard = rows_per_shard
+        self.paths: list[Path] = []
+        self._rows: list[dict] = []
+
+    def write(self, row: dict) -> None:
+        self._rows.append(row)
+        if len(self._rows) >= self.rows_per_shard:
+            self._flush()
+
+    def close(self) -> list[Path]:
+        """Write what is buffered; the shard files written, in order."""
+        self._flush()
+        return self.paths
+
+    def _flush(self) -> None:
+        if not self._rows:
+            return
+        path = self.directory / f"part-{len(self.paths):05d}.parquet"
+        pq.write_table(pa.Table.from_pylist(self._rows, schema=SCHEMA), path)
+        self.paths.append(path)
+        self._rows = []
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
