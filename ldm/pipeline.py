@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch._inductor.config
 
 from ldm.modeling import atomic_path
 from ldm.samplers import SAMPLERS, sample
@@ -17,6 +18,18 @@ from ldm.unet import UNet
 from ldm.vae import VAE
 
 PIPELINE_CONFIG_NAME = "pipeline.json"
+
+
+def compile_for_sampling(unet: UNet) -> Callable:
+    """The UNet through `torch.compile` with frozen weights, for sampling (gradients off).
+
+    Freezing folds the weights into the compiled graph as constants, prepacked for the CPU's conv and
+    matmul kernels: 1.7x the eager forward at the cpu preset, where `torch.compile` without it gains
+    about 1.2x. It is an inductor-wide setting, but inductor applies it only to graphs compiled with
+    gradients disabled, so training graphs are unaffected.
+    """
+    torch._inductor.config.freezing = True
+    return torch.compile(unet)
 
 
 class Text2Image:
@@ -38,9 +51,9 @@ class Text2Image:
         karras: bool = False,
         compile: bool = False,
     ):
-        """`compile=True` runs the UNet through `torch.compile` with frozen weights: about 35 s of compiling
-        on first use (and on a new batch shape), then sampling 1.4-1.6x faster on a CPU. The weights are
-        baked in, so build a new pipeline after changing them."""
+        """`compile=True` runs the UNet through `compile_for_sampling`: 10-30 s of compiling on first use
+        (and on a new batch shape), then sampling at the cpu preset 1.3-1.5x faster than eager (bench/).
+        The weights are baked in, so build a new pipeline after changing them."""
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {list(SAMPLERS)}")
         if unet.config.cross_attention_dim != text_encoder.hidden_size:
@@ -51,7 +64,7 @@ class Text2Image:
         self.vae, self.unet, self.text_encoder = vae, unet, text_encoder
         self.schedule = schedule or NoiseSchedule()
         self.sampler, self.spacing, self.karras = sampler, spacing, karras
-        self.denoise = torch.compile(unet, options={"freezing": True}) if compile else unet
+        self.denoise = compile_for_sampling(unet) if compile else unet
 
     @property
     def device(self) -> torch.device:
