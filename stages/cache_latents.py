@@ -9,9 +9,7 @@ Reads `paths.ingested` and `paths.vae`; params `device`, `text_encoder`, `cache_
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 import sys
 import time
 from pathlib import Path
@@ -22,8 +20,8 @@ from ldm.latent_cache import MANIFEST_NAME, vae_hash, write_latent_cache
 from ldm.modeling import CONFIG_NAME, WEIGHTS_NAME, atomic_path
 from ldm.text_encoder import TextEncoder
 from ldm.vae import VAE
-from stages.params import DEFAULT_PARAMS_FILE, Params, load_params, resolve_device
-from stages.reporting import ConsoleReporter, Reporter, StageResult
+from stages.params import Params, resolve_device
+from stages.reporting import Reporter, StageResult, stage_main
 
 STAGE = "cache_latents"
 METRICS_NAME = "cache_latents.json"
@@ -81,22 +79,13 @@ def run(params: Params, reporter: Reporter) -> StageResult:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog=f"python -m stages.{STAGE}",
-        description="Encode the ingested images (trained VAE) and captions (text encoder) into the latent cache.",
+    return stage_main(
+        STAGE, "Encode the ingested images (trained VAE) and captions (text encoder) into the latent cache.", run,
+        (FileNotFoundError, ValueError),
+        lambda r: f"cached {r.metrics['rows']} rows ({r.metrics['images']} images, {r.metrics['captions']} captions) "
+        f"in {r.metrics['seconds']:.1f} s",
+        argv,
     )
-    parser.add_argument("--params", default=DEFAULT_PARAMS_FILE, help="the params file (default: %(default)s)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        result = run(load_params(args.params), ConsoleReporter())
-    except (FileNotFoundError, ValueError) as e:
-        # A user mistake (a stage not run yet, a bad param, a stale input): say what and how, no traceback.
-        print(f"{STAGE}: error: {e}", file=sys.stderr)
-        return 2
-    m = result.metrics
-    print(f"{STAGE}: cached {m['rows']} rows ({m['images']} images, {m['captions']} captions) in {m['seconds']:.1f} s")
-    return 0
 
 
 if __name__ == "__main__":

@@ -14,11 +14,9 @@ missing columns) stops the stage with a SourceError instead.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
-import logging
 import os
 import shutil
 import sys
@@ -39,8 +37,8 @@ from ldm.ingested import REJECTS_NAME, ShardWriter, content_id, split_of
 from ldm.modeling import atomic_path
 from ldm.shapes import ShapesConfig, caption, generate
 from ldm.text_encoder import TextEncoderNotFoundError, resolve_folder
-from stages.params import DEFAULT_PARAMS_FILE, IngestParams, Params, ParamsError, load_params
-from stages.reporting import ConsoleReporter, Reporter, StageResult
+from stages.params import IngestParams, Params, ParamsError
+from stages.reporting import Reporter, StageResult, stage_main
 
 STAGE = "ingest"
 METRICS_NAME = "ingest.json"
@@ -558,22 +556,13 @@ def _image(root: Path, item: _Input, knobs: IngestParams, image_size: int) -> tu
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog=f"python -m stages.{STAGE}",
-        description="Turn raw images and captions, or the built-in shapes data, into the ingested Parquet dataset.",
+    return stage_main(
+        STAGE, "Turn raw images and captions, or the built-in shapes data, into the ingested Parquet dataset.", run,
+        (ParamsError, SourceError, TextEncoderNotFoundError),
+        lambda r: f"{r.metrics['accepted']} of {r.metrics['inputs']} inputs accepted ({r.metrics['rejected']} rejected), "
+        f"{r.metrics['images']} images",
+        argv,
     )
-    parser.add_argument("--params", default=DEFAULT_PARAMS_FILE, help="the params file (default: %(default)s)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        result = run(load_params(args.params), ConsoleReporter())
-    except (ParamsError, SourceError, TextEncoderNotFoundError) as e:
-        # A user mistake (a bad param, a source that is not a dataset): say what and how, no traceback.
-        print(f"{STAGE}: error: {e}", file=sys.stderr)
-        return 2
-    m = result.metrics
-    print(f"{STAGE}: {m['accepted']} of {m['inputs']} inputs accepted ({m['rejected']} rejected), {m['images']} images")
-    return 0
 
 
 if __name__ == "__main__":

@@ -7,8 +7,10 @@ log and to the MLflow run.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -71,3 +73,31 @@ class StageResult:
     metrics: dict[str, float] = field(default_factory=dict)
     artifacts: list[Path] = field(default_factory=list)
     model_dir: Path | None = None
+
+
+def stage_main(
+    stage: str,
+    description: str,
+    run: Callable[..., StageResult],
+    user_errors: tuple[type[Exception], ...],
+    summary: Callable[[StageResult], str],
+    argv: list[str] | None = None,
+) -> int:
+    """`python -m stages.<stage> [--params PATH]`: run a stage without Prefect or MLflow.
+
+    A user mistake (`user_errors`: a bad param, a missing input, a stage not run yet) prints one line
+    saying what and how to fix it and exits 2, without a traceback.
+    """
+    from stages.params import DEFAULT_PARAMS_FILE, load_params
+
+    parser = argparse.ArgumentParser(prog=f"python -m stages.{stage}", description=description)
+    parser.add_argument("--params", default=DEFAULT_PARAMS_FILE, help="the params file (default: %(default)s)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        result = run(load_params(args.params), ConsoleReporter())
+    except user_errors as e:
+        print(f"{stage}: error: {e}", file=sys.stderr)
+        return 2
+    print(f"{stage}: {summary(result)}")
+    return 0

@@ -13,10 +13,8 @@ writes: paths.vae/                          config.json + model.safetensors (wit
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
-import logging
 import sys
 from pathlib import Path
 
@@ -26,8 +24,8 @@ from ldm.checkpoint import atomic_directory
 from ldm.ingested import IngestedImages
 from ldm.modeling import atomic_path
 from ldm.vae_training import VAETrainingConfig, reconstruction_grid, train_vae
-from stages.params import DEFAULT_PARAMS_FILE, Params, ParamsError, load_params, resolve_device
-from stages.reporting import ConsoleReporter, Reporter, StageResult
+from stages.params import Params, ParamsError, resolve_device
+from stages.reporting import Reporter, StageResult, stage_main
 
 STAGE = "train_vae"
 LOSS_COLUMNS = ("step", "loss", "recon", "kl", "lr")
@@ -97,22 +95,12 @@ def run(params: Params, reporter: Reporter) -> StageResult:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog=f"python -m stages.{STAGE}",
-        description="Train the KL-VAE on the ingested images and save it with its latent shift and scale.",
+    return stage_main(
+        STAGE, "Train the KL-VAE on the ingested images and save it with its latent shift and scale.", run,
+        (ParamsError, InputError),
+        lambda r: f"val PSNR {r.metrics['val_psnr']:.2f} dB, SSIM {r.metrics['val_ssim']:.4f}; saved to {r.model_dir}",
+        argv,
     )
-    parser.add_argument("--params", default=DEFAULT_PARAMS_FILE, help="the params file (default: %(default)s)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        result = run(load_params(args.params), ConsoleReporter())
-    except (ParamsError, InputError) as e:
-        # A user mistake (a bad param, no or stale ingested data): say what and how, no traceback.
-        print(f"{STAGE}: error: {e}", file=sys.stderr)
-        return 2
-    m = result.metrics
-    print(f"{STAGE}: val PSNR {m['val_psnr']:.2f} dB, SSIM {m['val_ssim']:.4f}; saved to {result.model_dir}")
-    return 0
 
 
 if __name__ == "__main__":
