@@ -14,7 +14,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.tracking import StageRun, stage_definition, stage_run
+from flows.tracking import StageRun, pipeline_stages, stage_run
 from stages.params import DEFAULT_PARAMS_FILE, Params, ParamsError, load_params
 from stages.reporting import ConsoleReporter, Reporter, StageResult
 
@@ -81,9 +81,9 @@ def record_results(tracked: StageRun, result: StageResult, registered_model: str
 def run_stage(stage: str, stage_fn: StageFn, params_path: str, registered_model: str | None = None) -> StageResult:
     """The body of every stage flow."""
     params = validate_params(params_path)
-    definition = stage_definition(REPO, stage, params.model_dump(mode="json"))
-    logged = stage_params(params, definition.get("params", []))
-    with stage_run(REPO, stage, definition, logged, params.profile) as tracked:
+    stages = pipeline_stages(REPO, params.model_dump(mode="json"))
+    logged = stage_params(params, stages.get(stage, {}).get("params", []))
+    with stage_run(REPO, stage, stages, logged, params.profile) as tracked:
         result = task(name=stage, cache_policy=NO_CACHE)(stage_fn)(params, FlowReporter(tracked))
         record_results(tracked, result, registered_model)
     return result

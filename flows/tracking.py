@@ -34,23 +34,27 @@ def tracking_uri(repo: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(repo / 'mlflow.db').resolve()}"
 
 
-def git_commit(repo: Path) -> str:
-    """HEAD's hash, with "-dirty" when tracked files differ from it (the run is then not reproducible
-    from the commit alone, and the tag says so)."""
+def git_commit(repo: Path, generated: set[str]) -> str:
+    """HEAD's hash, with "-dirty" when tracked files other than the pipeline's own products (`generated`:
+    dvc.lock, committed metrics and plots, which `dvc repro` rewrites as it goes) differ from it: the run
+    is then not reproducible from the commit alone, and the tag says so."""
     def git(*args: str) -> str:
         done = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True)
-        return done.stdout.strip() if done.returncode == 0 else ""
+        return done.stdout.rstrip() if done.returncode == 0 else ""
+
+    def is_generated(path: str) -> bool:
+        return any(path == g or path.startswith(g.rstrip("/") + "/") for g in generated)
 
     commit = git("rev-parse", "HEAD") or "unknown"
-    return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    # Porcelain lines are "XY path" (or "XY old -> new" for a rename).
+    changed = [line[3:].split(" -> ")[-1] for line in git("status", "--porcelain", "--untracked-files=no").splitlines()]
+    return commit + ("-dirty" if any(not is_generated(path) for path in changed) else "")
 
 
-def stage_definition(repo: Path, stage: str, variables: dict) -> dict:
-    """The stage's entry in dvc.yaml, with `${a.b}` templates filled from `variables` (the params) the way
-    DVC fills them from params.yaml."""
+def pipeline_stages(repo: Path, variables: dict) -> dict[str, dict]:
+    """dvc.yaml's stages, with `${a.b}` templates filled from `variables` (the params) the way DVC fills
+    them from params.yaml."""
     stages = yaml.safe_load((repo / DVC_FILE).read_text())["stages"]
-    if stage not in stages:
-        raise KeyError(f"{DVC_FILE} has no stage {stage!r}; stages: {sorted(stages)}")
 
     def lookup(match: re.Match) -> str:
         value = variables
@@ -67,7 +71,17 @@ def stage_definition(repo: Path, stage: str, variables: dict) -> dict:
             return {fill(k): fill(v) for k, v in node.items()}
         return node
 
-    return fill(stages[stage])
+    return fill(stages)
+
+
+def generated_paths(stages: dict[str, dict]) -> set[str]:
+    """Every file or folder `dvc repro` writes: dvc.lock and each stage's outs, metrics and plots."""
+    paths = {"dvc.lock"}
+    for definition in stages.values():
+        for kind in ("outs", "metrics", "plots"):
+            for entry in definition.get(kind, []):
+                paths.update(entry if isinstance(entry, dict) else [entry])
+    return paths
 
 
 def dependency_hashes(repo: Path, deps: list[str]) -> dict[str, str]:
@@ -130,7 +144,7 @@ class StageRun:
 
 
 @contextmanager
-def stage_run(repo: Path, stage: str, definition: dict, params: dict, profile: str) -> Iterator[StageRun]:
+def stage_run(repo: Path, stage: str, stages: dict[str, dict], params: dict, profile: str) -> Iterator[StageRun]:
     """Open the stage's MLflow run with its tags and params; close it FINISHED or FAILED."""
     uri = tracking_uri(repo)
     mlflow.set_tracking_uri(uri)
@@ -142,7 +156,10 @@ def stage_run(repo: Path, stage: str, definition: dict, params: dict, profile: s
         experiment_id = client.create_experiment(EXPERIMENT, artifact_location=location)
     else:
         experiment_id = experiment.experiment_id
-    commit = git_commit(repo)
+    if stage not in stages:
+        raise KeyError(f"{DVC_FILE} has no stage {stage!r}; stages: {sorted(stages)}")
+    definition = stages[stage]
+    commit = git_commit(repo, generated_paths(stages))
     tags = {
         "mlflow.runName": stage,
         "mlflow.source.git.commit": commit,
