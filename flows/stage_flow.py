@@ -29,19 +29,13 @@ class FlowReporter:
     def __init__(self, tracked: StageRun):
         self.tracked = tracked
         self.logger = get_run_logger()
-        self.console = ConsoleReporter()
-        self._last_decile: dict[str, int] = {}
+        self.console = ConsoleReporter(logger=self.logger, lines_on_terminal=True)
 
     def info(self, message: str) -> None:
         self.logger.info(message)
 
     def progress(self, task: str, done: int, total: int) -> None:
-        if self.console.stream.isatty():
-            self.console.progress(task, done, total)
-        decile = 10 * done // max(total, 1)
-        if decile != self._last_decile.get(task):
-            self._last_decile[task] = decile
-            self.logger.info("%s: %d/%d (%d%%)", task, done, total, 100 * done // max(total, 1))
+        self.console.progress(task, done, total)
 
     def metrics(self, values: dict[str, float], step: int | None = None) -> None:
         self.tracked.log_metrics(values, step)

@@ -31,18 +31,27 @@ class Reporter(Protocol):
 
 
 class ConsoleReporter:
-    """tqdm bars on a terminal; on a pipe or in a log, a line every 10% instead of a redrawn bar."""
+    """tqdm bars on a terminal; on a pipe or in a log, a line every 10% instead of a redrawn bar.
 
-    def __init__(self, stream=None):
+    `logger` receives the lines (a flow passes Prefect's run logger); `lines_on_terminal` writes them even
+    when a bar is drawn, so a run log shows progress whatever the terminal.
+    """
+
+    def __init__(
+        self, stream=None, logger: logging.Logger | logging.LoggerAdapter = log, lines_on_terminal: bool = False
+    ):
         self.stream = stream or sys.stderr
+        self.logger = logger
+        self.lines_on_terminal = lines_on_terminal
         self._bars: dict[str, tqdm] = {}
         self._last_decile: dict[str, int] = {}
 
     def info(self, message: str) -> None:
-        log.info(message)
+        self.logger.info(message)
 
     def progress(self, task: str, done: int, total: int) -> None:
-        if self.stream.isatty():
+        on_terminal = self.stream.isatty()
+        if on_terminal:
             bar = self._bars.get(task)
             if bar is None:
                 bar = self._bars[task] = tqdm(total=total, desc=task, file=self.stream, dynamic_ncols=True)
@@ -50,15 +59,16 @@ class ConsoleReporter:
             if done >= total:
                 bar.close()
                 del self._bars[task]
+        if on_terminal and not self.lines_on_terminal:
             return
         decile = 10 * done // max(total, 1)
         if decile != self._last_decile.get(task):
             self._last_decile[task] = decile
-            log.info("%s: %d/%d (%d%%)", task, done, total, 100 * done // max(total, 1))
+            self.logger.info("%s: %d/%d (%d%%)", task, done, total, 100 * done // max(total, 1))
 
     def metrics(self, values: dict[str, float], step: int | None = None) -> None:
         shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
-        log.info("%s%s", f"step {step}: " if step is not None else "", shown)
+        self.logger.info("%s%s", f"step {step}: " if step is not None else "", shown)
 
 
 @dataclass
