@@ -14,7 +14,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.tracking import StageRun, pipeline_stages, stage_run
+from flows.tracking import StageRun, dotted_get, pipeline_stages, stage_run
 from stages.params import DEFAULT_PARAMS_FILE, Params, ParamsError, load_params
 from stages.reporting import ConsoleReporter, Reporter, StageResult
 
@@ -52,13 +52,8 @@ def validate_params(path: str) -> Params:
 
 def stage_params(params: Params, keys: list[str]) -> dict:
     """The values of the params keys dvc.yaml lists for a stage (dotted keys allowed)."""
-    dumped, selected = params.model_dump(mode="json"), {}
-    for key in keys:
-        value = dumped
-        for part in key.split("."):
-            value = value[part]
-        selected[key] = value
-    return selected
+    dumped = params.model_dump(mode="json")
+    return {key: dotted_get(dumped, key) for key in keys}
 
 
 @task(name="record results", cache_policy=NO_CACHE)

@@ -51,16 +51,20 @@ def git_commit(repo: Path, generated: set[str]) -> str:
     return commit + ("-dirty" if any(not is_generated(path) for path in changed) else "")
 
 
+def dotted_get(mapping: dict, key: str):
+    """`mapping["a"]["b"]` for the key "a.b", as DVC names params."""
+    for part in key.split("."):
+        mapping = mapping[part]
+    return mapping
+
+
 def pipeline_stages(repo: Path, variables: dict) -> dict[str, dict]:
     """dvc.yaml's stages, with `${a.b}` templates filled from `variables` (the params) the way DVC fills
     them from params.yaml."""
     stages = yaml.safe_load((repo / DVC_FILE).read_text())["stages"]
 
     def lookup(match: re.Match) -> str:
-        value = variables
-        for part in match.group(1).split("."):
-            value = value[part]
-        return str(value)
+        return str(dotted_get(variables, match.group(1)))
 
     def fill(node):
         if isinstance(node, str):
