@@ -126,25 +126,32 @@ class StageRun:
         metrics = [Metric(k, float(v), timestamp, step or 0) for k, v in values.items()]
         self.client.log_batch(self.run_id, metrics=metrics)
 
+    def log_image(self, key: str, image, step: int) -> None:
+        """A PIL image at `step`; the MLflow UI shows a key's images with a step slider."""
+        self.client.log_image(self.run_id, image, key=key, step=step)
+
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         if path.is_dir():
             self.client.log_artifacts(self.run_id, str(path), artifact_path or path.name)
         else:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
-    def register_model(self, model_dir: Path, name: str) -> str:
-        """Log the model folder and add it to the registry as a new version of `name`, carrying the run's
-        lineage tags (git commit, stage, dependency hashes); returns the version."""
+    def register_model(self, model_dir: Path, name: str, artifact_path: str = "model") -> str:
+        """Log the model folder as the run's artifact `artifact_path` and add it to the registry as a new
+        version of `name`, carrying the run's lineage tags (git commit, stage, dependency hashes); returns
+        the version."""
         tags = {k: v for k, v in self.tags.items() if not k.startswith("mlflow.")}
-        self.log_artifact(model_dir, "model")
+        self.log_artifact(model_dir, artifact_path)
         try:
             self.client.create_registered_model(name)
         except MlflowException as e:
             if e.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
         artifact_uri = self.client.get_run(self.run_id).info.artifact_uri
-        version = self.client.create_model_version(name, f"{artifact_uri}/model", run_id=self.run_id, tags=tags)
-        return version.version
+        version = self.client.create_model_version(
+            name, f"{artifact_uri}/{artifact_path}", run_id=self.run_id, tags=tags
+        )
+        return str(version.version)  # the client gives an int; URIs and the REST API spell it as a string
 
 
 @contextmanager
@@ -172,6 +179,10 @@ def stage_run(repo: Path, stage: str, stages: dict[str, dict], params: dict, pro
         "profile": profile,
         **{f"dvc_dep.{dep}": md5 for dep, md5 in dependency_hashes(repo, definition.get("deps", [])).items()},
     }
+    # Set by flows/pipeline.py (`python -m flows.pipeline`, the Prefect deployment): its MLflow run "pipeline",
+    # which this stage's run then nests under.
+    if parent_run := os.environ.get("LDM_MLFLOW_PARENT_RUN_ID"):
+        tags["mlflow.parentRunId"] = parent_run
     run = client.create_run(experiment_id, tags=tags, run_name=stage)
     tracked = StageRun(client, run.info.run_id, tags)
     client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in flatten(params).items()])

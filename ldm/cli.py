@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import re
 import sys
+import tempfile
 from pathlib import Path
 
 from ldm.diffusers_interop import load_diffusers_folder, load_ldm_folder, save_diffusers_folder
+from ldm.pipeline import PIPELINE_CONFIG_NAME, Text2Image
+from ldm.samplers import SAMPLERS
+
+DEFAULT_SAMPLE_MODEL = "models/text2img"  # where the pipeline's train stage writes the trained pipeline
+URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")  # models:/..., runs:/..., s3://..., file:///...
 
 
 def _convert_from_diffusers(args: argparse.Namespace) -> str:
@@ -19,6 +28,169 @@ def _convert_to_diffusers(args: argparse.Namespace) -> str:
     model = load_ldm_folder(args.src)
     save_diffusers_folder(model, args.dst)
     return f"converted ldm {model.kind} {args.src} to a diffusers folder in {args.dst}"
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a torch device; use auto, cpu, cuda, cuda:1, mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this machine has no usable CUDA GPU; use --device cpu or auto")
+    return name
+
+
+def _pipeline_in(folder: Path, uri: str) -> Path:
+    """The pipeline folder inside a downloaded MLflow artifact: the folder itself, or the `pipeline`
+    artifact of an ldm-text2img pyfunc model."""
+    if (folder / PIPELINE_CONFIG_NAME).is_file():
+        return folder
+    if (folder / "MLmodel").is_file():
+        import yaml
+
+        flavor = yaml.safe_load((folder / "MLmodel").read_text()).get("flavors", {}).get("python_function", {})
+        artifact = flavor.get("artifacts", {}).get("pipeline")
+        if artifact and (folder / artifact["path"] / PIPELINE_CONFIG_NAME).is_file():
+            return folder / artifact["path"]
+    raise ValueError(
+        f"{uri} holds no text-to-image pipeline (neither {PIPELINE_CONFIG_NAME} nor a pyfunc artifact 'pipeline'); "
+        "point --model at an ldm-text2img model, e.g. models:/ldm-text2img/latest"
+    )
+
+
+def _download_pipeline(uri: str, destination: Path) -> Path:
+    """Download an MLflow model URI into `destination` and return the pipeline folder inside it. The store:
+    MLFLOW_TRACKING_URI, else the pipeline's default `mlflow.db` in the current directory."""
+    import mlflow  # only here: ldm itself never needs MLflow
+    from mlflow.exceptions import MlflowException
+
+    tracking = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(Path.cwd() / 'mlflow.db').resolve()}"
+    registry = os.environ.get("MLFLOW_REGISTRY_URI") or tracking
+    if tracking.startswith("sqlite:///") and not Path(tracking.removeprefix("sqlite:///")).is_file():
+        # Opening a missing SQLite store would create an empty one here.
+        raise FileNotFoundError(
+            f"no MLflow store at {tracking} to resolve {uri}: run `dvc repro` in the repository (it registers "
+            "ldm-text2img), run from that folder, or set MLFLOW_TRACKING_URI to the store that has the model"
+        )
+    try:
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=uri, dst_path=str(destination), tracking_uri=tracking, registry_uri=registry
+        )
+    except MlflowException as e:
+        raise ValueError(f"cannot load {uri} from the MLflow store {tracking}: {e.message}") from None
+    except OSError as e:
+        raise ValueError(f"cannot download {uri} from the MLflow store {tracking}: {e}") from None
+    return _pipeline_in(Path(local), uri)
+
+
+def _load_sample_pipeline(model: str, device: str) -> Text2Image:
+    if URI_SCHEME.match(model) and not Path(model).exists():
+        with tempfile.TemporaryDirectory() as tmp:
+            return Text2Image.from_pretrained(_download_pipeline(model, Path(tmp)), device=device)
+    folder = Path(model)
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"model folder {folder} does not exist: train the pipeline with `dvc repro` (it writes "
+            f"{DEFAULT_SAMPLE_MODEL}), or pass --model a pipeline folder or an MLflow model URI such as "
+            "models:/ldm-text2img/latest"
+        )
+    return Text2Image.from_pretrained(folder, device=device)
+
+
+def _sample(args: argparse.Namespace) -> str:
+    import torch
+    from torchvision.utils import make_grid
+
+    from ldm.ingested import tensor_to_pil
+
+    if args.steps < 1:
+        raise ValueError(f"--steps must be at least 1, got {args.steps}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if any(not prompt.strip() for prompt in args.prompts):
+        raise ValueError("a prompt is empty; give each prompt some text (use --negative-prompt for what to avoid)")
+    pipeline = _load_sample_pipeline(args.model, _device(args.device))
+    if args.sampler:
+        pipeline.sampler = args.sampler
+    prompts, size = args.prompts, args.batch_size
+    batches = [
+        pipeline(
+            prompts[start:start + size], negative_prompt=args.negative_prompt, steps=args.steps,
+            guidance_scale=args.guidance, seed=args.seed + start // size, height=args.height, width=args.width,
+        )
+        for start in range(0, len(prompts), size)
+    ]
+    images = torch.cat(batches)
+    output: Path = args.output
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if len(prompts) == 1:
+        paths = [output]
+    else:
+        paths = [output.with_name(f"{output.stem}-{i:03d}{output.suffix}") for i in range(len(prompts))]
+    image_format = None if output.suffix else "PNG"  # PIL picks the format from the suffix; none: PNG
+    for image, path in zip(images, paths):
+        tensor_to_pil(image).save(path, format=image_format)
+    if len(prompts) > 1:
+        grid = make_grid(images.float().cpu(), nrow=math.ceil(math.sqrt(len(prompts))), padding=2, pad_value=1.0)
+        paths.append(output.with_name(f"{output.stem}-grid{output.suffix}"))
+        tensor_to_pil(grid).save(paths[-1], format=image_format)
+    return "\n".join(str(path) for path in paths)
+
+
+def _add_sample_parser(commands) -> None:
+    sample = commands.add_parser(
+        "sample", help="generate images from text prompts with a trained pipeline",
+        description="Generate one image per prompt with a trained text-to-image pipeline. With one prompt the "
+        "image is written to --output; with several, OUTPUT's stem gets -000, -001, ... per prompt, plus a "
+        "-grid image of them all. Prints the paths written.",
+    )
+    sample.add_argument("prompts", nargs="+", metavar="PROMPT", help="text prompt(s); quote each one")
+    sample.add_argument(
+        "--model", default=DEFAULT_SAMPLE_MODEL,
+        help="a pipeline folder (vae/, unet/, pipeline.json, as `dvc repro` writes it) or an MLflow model URI "
+        "(models:/ldm-text2img/latest, models:/ldm-text2img@champion, runs:/RUN_ID/text2img), resolved in "
+        "the store MLFLOW_TRACKING_URI names, else sqlite:///mlflow.db in the current directory "
+        "(default: %(default)s)",
+    )
+    sample.add_argument("--steps", type=int, default=20, help="denoising steps, at least 1 (default: %(default)s)")
+    sample.add_argument(
+        "--sampler", choices=SAMPLERS, default=None, help="sampler; default: the one saved with the pipeline"
+    )
+    sample.add_argument(
+        "--guidance", type=float, default=5.0,
+        help="classifier-free guidance scale; 1 or less turns guidance off (default: %(default)s)",
+    )
+    sample.add_argument(
+        "--seed", type=int, default=0,
+        help="random seed: the same seed, prompts and options give the same images; batch k of prompts "
+        "uses SEED+k (default: %(default)s)",
+    )
+    sample.add_argument("--negative-prompt", default=None, help="what the images should not show (all prompts)")
+    sample.add_argument(
+        "--batch-size", type=int, default=8,
+        help="how many prompts are sampled together in one forward pass (default: %(default)s)",
+    )
+    sample.add_argument(
+        "--height", type=int, default=None,
+        help="image height in pixels, a multiple of the VAE x UNet downsampling factor; default: the training size",
+    )
+    sample.add_argument("--width", type=int, default=None, help="image width in pixels; default: the height")
+    sample.add_argument(
+        "--device", default="auto",
+        help="torch device: auto (cuda, else mps, else cpu), cpu, cuda, cuda:1, ... (default: %(default)s)",
+    )
+    sample.add_argument(
+        "-o", "--output", type=Path, default=Path("sample.png"),
+        help="the PNG to write (its folder is created); with several prompts, the stem of the numbered files "
+        "(default: %(default)s)",
+    )
+    sample.set_defaults(handler=_sample)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("src", type=Path, help=src_help)
         sub.add_argument("dst", type=Path, help=dst_help)
         sub.set_defaults(handler=handler)
+    _add_sample_parser(commands)
     return parser
 
 

