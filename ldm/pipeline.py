@@ -18,6 +18,8 @@ from ldm.unet import UNet
 from ldm.vae import VAE
 
 PIPELINE_CONFIG_NAME = "pipeline.json"
+# A trained model's folder keeps the raw UNet weights here, beside the EMA weights in `unet/` that sampling uses.
+RAW_UNET_FOLDER = "unet_raw"
 
 
 def compile_for_sampling(unet: UNet) -> Callable:
@@ -30,6 +32,58 @@ def compile_for_sampling(unet: UNet) -> Callable:
     """
     torch._inductor.config.freezing = True
     return torch.compile(unet)
+
+
+def denoise(
+    unet: Callable,
+    context: TextEmbedding,
+    guidance_scale: float,
+    shape: tuple[int, int, int, int],
+    schedule: NoiseSchedule,
+    sampler: str = "dpmpp_2m",
+    steps: int = 20,
+    spacing: str = "leading",
+    karras: bool = False,
+    eta: float = 0.0,
+    seed: int | list[int] = 0,
+    callback: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """Sample latents (B, C, h, w) in the diffusion model's space from the UNet's text context.
+
+    With guidance (guidance_scale > 1) `context` is (2B, S, D): the B unconditional (or negative) rows
+    first, then the B prompts; without, it is (B, S, D). The initial latents are drawn on the CPU from
+    `seed`, and the same generator then feeds the sampler's noise. With one seed per image, image i's
+    initial latents come from its own seed, so with a deterministic sampler (all but ddpm, euler_ancestral
+    and ddim with eta > 0) an image does not depend on the batch it is drawn in.
+    """
+    guided = guidance_scale > 1.0
+    if len(context) != (2 if guided else 1) * shape[0]:
+        raise ValueError(f"{len(context)} context rows for {shape[0]} images with guidance={guided}")
+    device, dtype = context.hidden_states.device, context.hidden_states.dtype
+    # Prompts of equal length need no mask, and attention without one takes a faster kernel.
+    mask = None if context.attention_mask.all() else context.attention_mask
+
+    def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if not guided:
+            return unet(x, t, context.hidden_states, mask)
+        out = unet(torch.cat([x, x]), torch.cat([t, t]), context.hidden_states, mask)
+        uncond, cond = out.chunk(2)
+        return uncond + guidance_scale * (cond - uncond)
+
+    if isinstance(seed, int):
+        generator = torch.Generator("cpu").manual_seed(seed)
+        noise = torch.randn(shape, generator=generator)
+    else:
+        if len(seed) != shape[0]:
+            raise ValueError(f"{len(seed)} seeds for {shape[0]} images; give one seed, or one per image")
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seed]
+        noise = torch.stack([torch.randn(shape[1:], generator=g) for g in generators])
+        generator = generators[0]
+    noise = noise.to(device, dtype)
+    return sample(
+        model, noise, schedule, sampler=sampler, steps=steps, spacing=spacing, karras=karras, eta=eta,
+        generator=generator, callback=callback,
+    )
 
 
 class Text2Image:
@@ -97,13 +151,13 @@ class Text2Image:
         negative_prompt: str | list[str] | None = None,
         steps: int = 20,
         guidance_scale: float = 5.0,
-        seed: int = 0,
+        seed: int | list[int] = 0,
         height: int | None = None,
         width: int | None = None,
         eta: float = 0.0,
         callback: Callable[[int, int], None] | None = None,
     ) -> torch.Tensor:
-        """Returns images (B, 3, H, W) in [-1, 1]."""
+        """Returns images (B, 3, H, W) in [-1, 1]. `seed`: one for the batch, or one per prompt (see `denoise`)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         f = self.vae.downsampling_factor * self.unet.downsampling_factor
         height = height or self.unet.config.sample_size * self.vae.downsampling_factor
@@ -112,23 +166,11 @@ class Text2Image:
             raise ValueError(f"image size {height}x{width} is not a multiple of {f} (VAE factor x UNet factor)")
         guided = guidance_scale > 1.0
         context = self.encode_prompts(prompts, negative_prompt, guided).to(self.device, self.dtype)
-        # Prompts of equal length need no mask, and attention without one takes a faster kernel.
-        mask = None if context.attention_mask.all() else context.attention_mask
-
-        def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            if not guided:
-                return self.denoise(x, t, context.hidden_states, mask)
-            out = self.denoise(torch.cat([x, x]), torch.cat([t, t]), context.hidden_states, mask)
-            uncond, cond = out.chunk(2)
-            return uncond + guidance_scale * (cond - uncond)
-
         shape = (len(prompts), self.unet.config.in_channels, height // self.vae.downsampling_factor,
                  width // self.vae.downsampling_factor)
-        generator = torch.Generator("cpu").manual_seed(seed)
-        noise = torch.randn(shape, generator=generator).to(self.device, self.dtype)
-        latents = sample(
-            model, noise, self.schedule, sampler=self.sampler, steps=steps, spacing=self.spacing, karras=self.karras,
-            eta=eta, generator=generator, callback=callback,
+        latents = denoise(
+            self.denoise, context, guidance_scale, shape, self.schedule, sampler=self.sampler, steps=steps,
+            spacing=self.spacing, karras=self.karras, eta=eta, seed=seed, callback=callback,
         )
         return self.vae.decode(self.vae.unscale_latents(latents))
 
@@ -149,16 +191,25 @@ class Text2Image:
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | os.PathLike, text_encoder: TextEncoder | None = None, device: str | torch.device | None = None
+        cls,
+        directory: str | os.PathLike,
+        text_encoder: TextEncoder | None = None,
+        device: str | torch.device | None = None,
+        raw_weights: bool = False,
     ) -> Text2Image:
+        """Load a folder written by `save_pretrained`; `raw_weights` takes the UNet from `unet_raw/` (the
+        training weights, when the folder keeps them) instead of `unet/` (their EMA)."""
         directory = Path(directory)
         path = directory / PIPELINE_CONFIG_NAME
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: {directory} is not a folder written by Text2Image.save_pretrained")
         config = json.loads(path.read_text())
+        unet_dir = directory / (RAW_UNET_FOLDER if raw_weights else "unet")
+        if raw_weights and not unet_dir.is_dir():
+            raise FileNotFoundError(f"{directory} keeps no raw UNet weights ({RAW_UNET_FOLDER}/); load its EMA weights")
         return cls(
             vae=VAE.from_pretrained(directory / "vae", device=device),
-            unet=UNet.from_pretrained(directory / "unet", device=device),
+            unet=UNet.from_pretrained(unet_dir, device=device),
             text_encoder=text_encoder or TextEncoder.from_pretrained(config["text_encoder"], device=device),
             schedule=NoiseSchedule.from_dict(config["schedule"]),
             sampler=config["sampler"],

@@ -1,0 +1,371 @@
+"""Training the text-conditioned UNet from the latent cache: neither the VAE nor the text encoder runs in the loop.
+
+Each step, for a batch of cached rows:
+
+    z0      = (mean + exp(logvar / 2) * e - shift) * scale     a fresh posterior sample, in diffusion space
+    t       ~ U{0, T-1};  noise ~ N(0, I) (+ noise_offset * N(0, I) per sample and channel)
+    z_t     = sqrt(abar_t) * z0 + sqrt(1 - abar_t) * noise
+    context = the caption's cached hidden states, or the empty prompt's with probability caption_dropout
+    loss    = mean over the batch of w(t) * mean((unet(z_t, t, context) - target)^2)
+
+The target is what the schedule's prediction type asks for (epsilon, v or the clean latents). w(t) is 1, or
+with min-SNR-gamma min(SNR, gamma) / SNR expressed for the prediction type (Hang et al. 2023). Caption dropout
+teaches the unconditional prediction that classifier-free guidance subtracts.
+
+AdamW with linear warmup and cosine decay, gradient-norm clipping, gradient accumulation (`batch_size` rows
+per micro-batch, `grad_accumulation` micro-batches per optimizer step), optional bf16 autocast, and an EMA of
+the weights that is the model sampling uses. Checkpoints hold everything a bit-for-bit resume needs: weights,
+EMA, optimizer, LR schedule, generator states and the data position (epoch and batches consumed in it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torchvision.utils import make_grid
+
+from ldm.checkpoint import TrainingState, load_checkpoint, resume_point, run_fingerprint, save_checkpoint
+from ldm.ingested import tensor_to_pil
+from ldm.latent_cache import TEXT_ROWS_PER_GROUP, LatentBatch, LatentCache
+from ldm.pipeline import denoise
+from ldm.schedule import NoiseSchedule
+from ldm.text_encoder import TextEmbedding
+from ldm.unet import UNet, UNetConfig
+from ldm.vae import VAE
+from ldm.vae_training import warmup_cosine
+
+logger = logging.getLogger(__name__)
+
+# Fields that change neither the weights reached at a step nor the data seen: a run may resume across them.
+_BOOKKEEPING = ("checkpoint_every", "keep_checkpoints", "log_every", "validate_every")
+
+StepCallback = Callable[[int, int, dict[str, float]], None]
+ValidationCallback = Callable[[int, Image.Image], None]
+
+
+@dataclass(frozen=True, kw_only=True)
+class UNetTrainingConfig:
+    """The training hyperparameters (the params schema's `train_unet` section holds their defaults)."""
+
+    batch_size: int  # rows per micro-batch
+    grad_accumulation: int  # micro-batches per optimizer step
+    max_steps: int  # optimizer steps
+    lr: float
+    weight_decay: float
+    warmup_steps: int
+    grad_clip: float  # max global gradient norm
+    ema_decay: float
+    caption_dropout: float  # probability of training a row on the empty prompt
+    min_snr_gamma: float | None  # None: unweighted MSE
+    noise_offset: float
+    bf16: bool  # autocast the forward pass to bfloat16
+    checkpoint_every: int
+    keep_checkpoints: int
+    log_every: int
+    validate_every: int  # steps between validation grids (and one at the end)
+
+
+class UNetTrainingResult(NamedTuple):
+    unet: UNet  # the raw trained weights, eval mode, on the training device
+    ema: UNet  # the EMA weights: the model to sample with
+    metrics: dict[str, float]
+    history: list[dict[str, float]]  # one row per logged step: step, loss, lr (kept across resumes)
+
+
+def loss_weights(schedule: NoiseSchedule, t: torch.Tensor, min_snr_gamma: float | None) -> torch.Tensor:
+    """Per-sample loss weights (B,): min(SNR, gamma) / SNR in x0-error units, converted to the prediction type.
+
+    The MSE of an epsilon prediction is SNR times the x0 error, of a v prediction (SNR + 1) times it, so the
+    same x0 weighting min(SNR, gamma) reads min(SNR, gamma) / SNR and min(SNR, gamma) / (SNR + 1) there.
+    """
+    if min_snr_gamma is None:
+        return torch.ones(t.shape, dtype=torch.float32)
+    snr = schedule.snr(t).float()
+    clipped = snr.clamp(max=min_snr_gamma)
+    if schedule.prediction_type == "epsilon":
+        return clipped / snr
+    if schedule.prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped
+
+
+class CacheOrder:
+    """Batches of the cache's train split, a fresh shuffle per epoch; its position is two JSON numbers.
+
+    Epoch e reads the cache with seed (data_seed + e), so (epoch, batches taken) rebuilds the exact stream.
+    """
+
+    def __init__(self, cache: LatentCache, batch_size: int, data_seed: int):
+        rows = cache.num_rows("train")
+        if rows < batch_size:
+            raise ValueError(f"the cache holds {rows} train rows, fewer than one batch of {batch_size}; lower batch_size")
+        self.cache, self.batch_size, self.data_seed = cache, batch_size, data_seed
+        self.epoch, self.taken = 0, 0
+        self._batches: Iterator[LatentBatch] | None = None
+
+    def _open(self) -> Iterator[LatentBatch]:
+        return self.cache.iter_batches("train", self.batch_size, seed=self.data_seed + self.epoch, drop_last=True)
+
+    def next_batch(self) -> LatentBatch:
+        if self._batches is None:
+            self._batches = self._open()
+            for _ in range(self.taken):
+                next(self._batches)
+        batch = next(self._batches, None)
+        if batch is None:
+            self.epoch, self.taken = self.epoch + 1, 0
+            self._batches = self._open()
+            batch = next(self._batches)
+        self.taken += 1
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "taken": self.taken}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.taken, self._batches = state["epoch"], state["taken"], None
+
+
+def validation_prompts(cache: LatentCache, count: int) -> list[tuple[str, int]]:
+    """The first `count` distinct captions of the cache's val split (train when it has none), with their text rows."""
+    split = "val" if "val" in cache.splits else "train"
+    chosen: dict[str, int] = {}
+    for batch in cache.iter_batches(split, 256):
+        for caption, index in zip(batch.caption, batch.text_index.tolist()):
+            chosen.setdefault(caption, index)
+            if len(chosen) == count:
+                return list(chosen.items())
+    return list(chosen.items())
+
+
+@torch.no_grad()
+def validation_grid(
+    unet: UNet,
+    vae: VAE,
+    schedule: NoiseSchedule,
+    cond: TextEmbedding,
+    uncond: TextEmbedding,
+    seeds: list[int],
+    guidance_scale: float,
+    steps: int,
+    sampler: str,
+    spacing: str,
+) -> Image.Image:
+    """One row per seed, one column per prompt (`cond`, B rows), from the same seeds at every call."""
+    device = next(unet.parameters()).device
+    context = TextEmbedding.cat([uncond.repeat_interleave(len(cond)) if len(uncond) == 1 else uncond, cond])
+    context = context.to(device)
+    rows = []
+    for seed in seeds:
+        shape = (len(cond), unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+        latents = denoise(
+            unet, context, guidance_scale, shape, schedule, sampler=sampler, steps=steps, spacing=spacing, seed=seed
+        )
+        rows.append(vae.decode(vae.unscale_latents(latents)).cpu())
+    return tensor_to_pil(make_grid(torch.cat(rows), nrow=len(cond), pad_value=0.0))
+
+
+@dataclass(frozen=True)
+class Validation:
+    """What the periodic validation grid shows and how it is sampled."""
+
+    vae: VAE
+    prompts: int = 8
+    seeds: tuple[int, ...] = (0, 1)
+    guidance_scale: float = 4.0
+    steps: int = 20
+    sampler: str = "dpmpp_2m"
+    spacing: str = "trailing"
+
+
+def train_unet(
+    config: UNetConfig,
+    cache: LatentCache,
+    schedule: NoiseSchedule,
+    hp: UNetTrainingConfig,
+    checkpoint_dir,
+    seed: int,
+    device: str | torch.device,
+    validation: Validation | None = None,
+    on_step: StepCallback | None = None,
+    on_validation: ValidationCallback | None = None,
+    log: Callable[[str], None] = logger.info,
+) -> UNetTrainingResult:
+    """Train a UNet from `config` on `cache`'s train split, resuming from the newest checkpoint of the same run.
+
+    `on_step(step, max_steps, {"loss", "lr"})` is called every `log_every` steps (and at the last) with the
+    means since the previous call, after any checkpoint of that step is written; `on_validation(step, grid)`
+    every `validate_every` steps and at the last, with the EMA model's grid. Metrics: train_loss_final,
+    val_loss (EMA model, fixed timesteps and noise over the val split), steps, samples_per_second,
+    train_seconds (the loop alone, summed over resumed sessions).
+    """
+    device = torch.device(device)
+    if config.cross_attention_dim != cache.manifest.text_encoder.hidden_size:
+        raise ValueError(
+            f"the UNet cross-attends to {config.cross_attention_dim}-wide tokens but the cache's text encoder "
+            f"{cache.manifest.text_encoder.name!r} gives {cache.manifest.text_encoder.hidden_size}; set "
+            f"cross_attention_dim to {cache.manifest.text_encoder.hidden_size}"
+        )
+    latent_shape = tuple(cache.latent_shape)
+    if (config.in_channels, config.sample_size, config.sample_size) != latent_shape:
+        raise ValueError(
+            f"the cache holds {latent_shape} latents but the UNet takes ({config.in_channels}, {config.sample_size}, "
+            f"{config.sample_size}); match in_channels and sample_size to the cache"
+        )
+    fingerprint = run_fingerprint(
+        unet=config.model_dump(mode="json"),
+        schedule=schedule.to_dict(),
+        training={k: v for k, v in asdict(hp).items() if k not in _BOOKKEEPING},
+        seed=seed,
+        cache=hashlib.sha256("".join(s.sha256 for s in cache.manifest.shards).encode()).hexdigest(),
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet(config)
+    unet.to(device).train()
+    ema = AveragedModel(unet, multi_avg_fn=get_ema_multi_avg_fn(hp.ema_decay), use_buffers=True)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+    lr_schedule = warmup_cosine(optimizer, hp.warmup_steps, hp.max_steps)
+    data_seed, noise_seed = torch.randint(2**62, (2,), generator=torch.Generator().manual_seed(seed)).tolist()
+    noise_generator = torch.Generator().manual_seed(noise_seed)
+    order = CacheOrder(cache, hp.batch_size, data_seed)
+    state = TrainingState(
+        modules={"model": unet, "ema": ema},
+        optimizers={"optimizer": optimizer},
+        schedulers={"lr": lr_schedule},
+        generators={"noise": noise_generator},
+    )
+    # Keep every caption's hidden states decoded: batches draw captions from all over the table.
+    text = LatentCache(cache.directory, text_cache_groups=math.ceil(len(cache.text) / TEXT_ROWS_PER_GROUP)).text
+
+    start, history, seconds_before = 0, [], 0.0
+    found = resume_point(checkpoint_dir, fingerprint, log)
+    if found is not None:
+        start = load_checkpoint(found.path, state).step
+        order.load_state_dict(found.extra["data"])
+        history, seconds_before = found.extra["history"], found.extra["train_seconds"]
+        log(f"resuming UNet training from {found.path} (step {start} of {hp.max_steps})")
+
+    grid_inputs = None
+    if validation is not None:
+        prompts = validation_prompts(cache, validation.prompts)
+        grid_inputs = (text.lookup([i for _, i in prompts]), text.lookup([text.empty_index]))
+
+    def micro_batch_loss() -> torch.Tensor:
+        batch = order.next_batch()
+        latents = cache.sample(batch.mean, batch.logvar, noise_generator)  # (B, C, h, w)
+        b = len(batch)
+        dropped = torch.rand(b, generator=noise_generator) < hp.caption_dropout
+        context = text.lookup(torch.where(dropped, text.empty_index, batch.text_index))
+        t = torch.randint(schedule.num_train_timesteps, (b,), generator=noise_generator)
+        noise = torch.randn(latents.shape, generator=noise_generator)
+        if hp.noise_offset:
+            noise = noise + hp.noise_offset * torch.randn(b, latents.shape[1], 1, 1, generator=noise_generator)
+        noisy = schedule.add_noise(latents, noise, t)
+        target = schedule.training_target(latents, noise, t)
+        weights = loss_weights(schedule, t, hp.min_snr_gamma)
+        noisy, target, weights, t = noisy.to(device), target.to(device), weights.to(device), t.to(device)
+        context = context.to(device)
+        mask = None if context.attention_mask.all() else context.attention_mask
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=hp.bf16):
+            prediction = unet(noisy, t, context.hidden_states, mask)
+        per_sample = F.mse_loss(prediction.float(), target, reduction="none").mean(dim=(1, 2, 3))
+        return (weights * per_sample).mean()
+
+    def emit_validation(step: int) -> None:
+        if validation is None or on_validation is None:
+            return
+        cond, uncond = grid_inputs
+        model = ema.module.eval()
+        grid = validation_grid(
+            model, validation.vae, schedule, cond, uncond, list(validation.seeds), validation.guidance_scale,
+            validation.steps, validation.sampler, validation.spacing,
+        )
+        model.train()
+        on_validation(step, grid)
+
+    began = time.perf_counter()
+    window, window_steps = torch.zeros((), device=device), 0
+    for step in range(start + 1, hp.max_steps + 1):
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=device)
+        for _ in range(hp.grad_accumulation):
+            loss = micro_batch_loss() / hp.grad_accumulation
+            loss.backward()
+            loss_sum += loss.detach()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), hp.grad_clip)
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        lr_schedule.step()
+        ema.update_parameters(unet)
+
+        window += loss_sum
+        window_steps += 1
+        last = step == hp.max_steps
+        logged = step % hp.log_every == 0 or last
+        if logged:
+            history.append({"step": step, "loss": (window / window_steps).item(), "lr": lr})
+            window.zero_()
+            window_steps = 0
+        if step % hp.checkpoint_every == 0 or last:
+            extra = {
+                "fingerprint": fingerprint,
+                "data": order.state_dict(),
+                "history": history,
+                "train_seconds": seconds_before + time.perf_counter() - began,
+            }
+            save_checkpoint(checkpoint_dir, step, state, extra, keep=hp.keep_checkpoints)
+        if logged and on_step is not None:
+            on_step(step, hp.max_steps, {k: v for k, v in history[-1].items() if k != "step"})
+        if step % hp.validate_every == 0 and not last:
+            emit_validation(step)
+    train_seconds = seconds_before + time.perf_counter() - began
+    emit_validation(hp.max_steps)
+
+    trained, averaged = unet.eval(), ema.module.eval()
+    metrics = {
+        "train_loss_final": history[-1]["loss"] if history else float("nan"),
+        "val_loss": validation_loss(averaged, cache, text, schedule, hp.batch_size, seed),
+        "steps": float(hp.max_steps),
+        "samples_per_second": (hp.max_steps - start) * hp.batch_size * hp.grad_accumulation
+        / max(train_seconds - seconds_before, 1e-9),
+        "train_seconds": train_seconds,
+    }
+    return UNetTrainingResult(trained, averaged, metrics, history)
+
+
+@torch.no_grad()
+def validation_loss(
+    unet: UNet, cache: LatentCache, text, schedule: NoiseSchedule, batch_size: int, seed: int
+) -> float:
+    """Unweighted MSE to the training target over the val split, with noise and timesteps fixed by `seed`.
+
+    Every row is scored at the same stratified timesteps, so two runs' values compare. NaN without a val split.
+    """
+    if "val" not in cache.splits:
+        return float("nan")
+    device = next(unet.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    total, count = 0.0, 0
+    for batch in cache.iter_batches("val", batch_size):
+        latents = cache.scale_latents(batch.mean)  # the posterior mean: no sampling noise in the score
+        b = len(batch)
+        t = (torch.arange(b) * schedule.num_train_timesteps // b + count) % schedule.num_train_timesteps
+        noise = torch.randn(latents.shape, generator=generator)
+        context = text.lookup(batch.text_index).to(device)
+        mask = None if context.attention_mask.all() else context.attention_mask
+        prediction = unet(schedule.add_noise(latents, noise, t).to(device), t.to(device), context.hidden_states, mask)
+        target = schedule.training_target(latents, noise, t).to(device)
+        total += F.mse_loss(prediction.float(), target, reduction="sum").item() / target[0].numel()
+        count += b
+    return total / count
