@@ -14,7 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-
 from ldm.ingested import shard_paths
 from ldm.latent_cache import MANIFEST_NAME, vae_hash, write_latent_cache
 from ldm.modeling import CONFIG_NAME, WEIGHTS_NAME, atomic_path

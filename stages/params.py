@@ -29,6 +29,10 @@ class Paths(Section):
     vae: str = "models/vae"
     vae_checkpoints: str = "checkpoints/vae"
     latents: str = "data/latents"
+    text2img: str = "models/text2img"
+    unet_checkpoints: str = "checkpoints/unet"
+    eval: str = "eval"
+    samples: str = "samples"
     metrics: str = "metrics"
     plots: str = "plots"
 
@@ -106,6 +110,114 @@ class CacheLatentsParams(Section):
     rows_per_group: int = Field(1024, ge=1)
 
 
+class UNetModelParams(Section):
+    """The UNet's shape; its input channels, latent size and text width come from the latent cache."""
+
+    block_out_channels: list[int] = [32, 64]
+    layers_per_block: int = Field(1, ge=1)
+    attention_levels: list[bool] = [True, True]
+    num_heads: int = Field(4, ge=1)
+    transformer_layers_per_block: int = Field(1, ge=1)
+    norm_num_groups: int = Field(8, ge=1)
+
+    @model_validator(mode="after")
+    def _one_flag_per_level(self) -> UNetModelParams:
+        if len(self.attention_levels) != len(self.block_out_channels):
+            raise ValueError(
+                f"attention_levels has {len(self.attention_levels)} entries for {len(self.block_out_channels)} "
+                "levels (block_out_channels); give one true/false per level"
+            )
+        return self
+
+
+class ScheduleParams(Section):
+    num_train_timesteps: int = Field(1000, ge=2)
+    beta_start: float = Field(0.00085, gt=0.0, lt=1.0)
+    beta_end: float = Field(0.012, gt=0.0, lt=1.0)
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "scaled_linear"
+    # v-prediction learns the high-noise steps where colour and position are decided (FEASIBILITY.md).
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "v_prediction"
+
+
+SamplerName = Literal["ddpm", "ddim", "pndm", "euler", "euler_ancestral", "heun", "dpmpp_2m"]
+
+
+class SamplingParams(Section):
+    """How images are drawn: the defaults saved with the model, and what validation and sampling use."""
+
+    sampler: SamplerName = "dpmpp_2m"
+    steps: int = Field(20, ge=1)
+    guidance_scale: float = Field(4.0, ge=0.0)  # 4 beat 7 on shapes (FEASIBILITY.md); 1 or less: no guidance
+    # "linspace" starts sampling at t=999, where cosine-type schedules have no signal left (FEASIBILITY.md).
+    spacing: Literal["leading", "trailing", "linspace"] = "trailing"
+
+
+class TrainUNetParams(Section):
+    model: UNetModelParams = UNetModelParams()
+    schedule: ScheduleParams = ScheduleParams()
+    batch_size: int = Field(128, ge=1)  # rows per micro-batch
+    grad_accumulation: int = Field(1, ge=1)  # micro-batches per optimizer step
+    max_steps: int = Field(1000, ge=1)
+    lr: float = Field(2e-3, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_steps: int = Field(100, ge=0)
+    grad_clip: float = Field(1.0, gt=0.0)
+    ema_decay: float = Field(0.995, gt=0.0, lt=1.0)
+    caption_dropout: float = Field(0.1, ge=0.0, le=1.0)  # rows trained on the empty prompt, for guidance
+    min_snr_gamma: float | None = Field(None, gt=0.0)  # None: plain MSE (gamma 5 hurt position here)
+    noise_offset: float = Field(0.0, ge=0.0)
+    bf16: bool = False  # autocast to bfloat16: slower than fp32 on CPUs without AMX
+    checkpoint_every: int = Field(200, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(10, ge=1)
+    sampling: SamplingParams = SamplingParams()  # saved with the model as its defaults; used for validation
+    validate_every: int = Field(250, ge=1)  # steps between validation grids (one more at the end)
+    validation_prompts: int = Field(8, ge=1)  # distinct val captions in each grid, one column each
+    validation_seeds: list[int] = [0, 1]  # one row each
+
+
+class SamplerRun(Section):
+    sampler: SamplerName
+    steps: int = Field(ge=1)
+
+
+class EvaluateParams(Section):
+    # The first entry is the headline: its prompt adherence picks the registry's `champion`.
+    samplers: list[SamplerRun] = [
+        SamplerRun(sampler="dpmpp_2m", steps=20),
+        SamplerRun(sampler="ddim", steps=50),
+        SamplerRun(sampler="euler_ancestral", steps=30),
+    ]
+    guidance_scale: float = Field(4.0, ge=0.0)
+    num_prompts: int = Field(600, ge=1)  # val captions generated per sampler (one image each)
+    batch_size: int = Field(300, ge=1)
+    seed: int = 1234  # seeds of the generated images, apart from training's
+    classifier_steps: int = Field(1000, ge=1)  # the shapes attribute classifier's training steps
+    evaluator_steps: int = Field(600, ge=1)  # the contrastive image encoder's training steps
+    max_train_images: int = Field(16000, ge=1)  # real train images both evaluators learn from
+    grid_images: int = Field(16, ge=1)  # generated images per sampler shown in eval/plots
+
+
+class SampleParams(Section):
+    prompts: list[str] = [
+        "a large red circle at the top left on a white background",
+        "a small blue square in the center on a white background",
+    ]
+    negative_prompt: str | None = None
+    sampler: SamplerName = "dpmpp_2m"
+    steps: int = Field(20, ge=1)
+    guidance_scale: float = Field(4.0, ge=0.0)
+    seed: int = 0  # prompt i is drawn with seed + i
+    batch_size: int = Field(16, ge=1)
+
+    @field_validator("prompts")
+    @classmethod
+    def _some_prompts(cls, value: list[str]) -> list[str]:
+        if not value or any(not p.strip() for p in value):
+            raise ValueError("list at least one prompt, none of them empty")
+        return value
+
+
 class Params(Section):
     seed: int = 0
     image_size: int = Field(32, ge=8)
@@ -116,6 +228,9 @@ class Params(Section):
     ingest: IngestParams = IngestParams()
     train_vae: TrainVAEParams = TrainVAEParams()
     cache_latents: CacheLatentsParams = CacheLatentsParams()
+    train_unet: TrainUNetParams = TrainUNetParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    sample: SampleParams = SampleParams()
 
     @model_validator(mode="after")
     def _consistent(self) -> Params:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from PIL import Image
 from tqdm import tqdm
 
 log = logging.getLogger("ldm")
@@ -28,6 +29,9 @@ class Reporter(Protocol):
 
     def metrics(self, values: dict[str, float], step: int | None = None) -> None:
         """Numbers to record: per-step training metrics (with `step`) or final ones (without)."""
+
+    def image(self, name: str, image: Image.Image, step: int) -> None:
+        """A picture of progress at `step` (a validation grid); the stage writes its final products itself."""
 
 
 class ConsoleReporter:
@@ -69,6 +73,9 @@ class ConsoleReporter:
     def metrics(self, values: dict[str, float], step: int | None = None) -> None:
         shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
         self.logger.info("%s%s", f"step {step}: " if step is not None else "", shown)
+
+    def image(self, name: str, image: Image.Image, step: int) -> None:
+        self.logger.info("step %d: %s image ready (%dx%d)", step, name, *image.size)
 
 
 @dataclass

@@ -1,0 +1,280 @@
+"""DVC stage `evaluate`: does the trained model draw what its prompts say, and do its images look like the data?
+
+reads:  paths.ingested (real train and val images), paths.latents (the captions' cached embeddings),
+        paths.text2img; params seed, device, text_encoder, evaluate
+writes: paths.eval/metrics.json             every number below (a DVC metric, committed with dvc.lock)
+        paths.eval/plots/adherence.csv      one row per sampler: steps and its adherence (a DVC plot)
+        paths.eval/plots/<sampler>-<steps>.png   generated images over the real val images of the same prompts
+
+The prompts are the captions of the first `num_prompts` val rows (in a seeded order), so the generated set
+has the data's mix of one- and two-object captions and a real image for each; each is drawn once per sampler
+in `samplers` with seed `evaluate.seed + i`.
+
+- Prompt adherence (data with shapes attributes): an attribute classifier trained here on the real train
+  images (its accuracy on real val images is reported: the reading is only as good as it is) reads every
+  generated image; `ldm.attributes.adherence` compares that with the prompt's scene.
+- For any data: a small image encoder trained contrastively against the frozen text encoder on the real
+  train images (`ldm.evaluator`) gives a Fréchet distance between real val and generated images in its
+  feature space, an image-text score and caption retrieval top-1 among the prompts' distinct captions.
+  Inception FID through torchmetrics when its weights are on this machine; otherwise the reason it was
+  skipped is recorded.
+- The VAE's reconstruction PSNR / SSIM on the val images.
+
+`headline` holds the first sampler's numbers; `headline.prompt_adherence` (the attribute classifier's `all` on
+shapes data, caption retrieval top-1 on other data) is what picks the registry's `champion`.
+
+    python -m stages.evaluate [--params params.yaml]
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision.utils import make_grid
+
+from ldm.attributes import AttributeClassifierConfig, adherence, scene_accuracy, train_attribute_classifier
+from ldm.checkpoint import atomic_directory
+from ldm.evaluator import (
+    ContrastiveEvaluatorConfig,
+    frechet_distance,
+    image_text_score,
+    inception_fid,
+    retrieval_top1,
+    train_contrastive_evaluator,
+)
+from ldm.ingested import IngestedImages, png_to_tensor, read_table, tensor_to_pil
+from ldm.latent_cache import TEXT_ROWS_PER_GROUP, LatentCache, LatentCacheError, TextTable, text_key
+from ldm.modeling import atomic_path
+from ldm.pipeline import Text2Image
+from ldm.shapes import Scene, parse_caption
+from ldm.text_encoder import TextEmbedding, TextEncoderNotFoundError
+from ldm.vae_training import reconstruction_metrics
+from stages.params import Params, ParamsError, resolve_device
+from stages.reporting import Reporter, StageResult, stage_main
+
+STAGE = "evaluate"
+
+
+class InputError(RuntimeError):
+    """A declared input of the stage is missing or unusable; the message says which and what to do."""
+
+
+def open_text_table(directory: str, params: Params) -> TextTable:
+    """The latent cache's caption embeddings, all kept decoded (evaluation reads the captions in any order)."""
+    try:
+        cache = LatentCache(directory)
+        cache.check_compatible(text_encoder_name=params.text_encoder.name, text_max_length=params.text_encoder.max_length)
+    except (FileNotFoundError, LatentCacheError) as e:
+        raise InputError(f"{e} (to rebuild it: `dvc repro cache_latents`)") from None
+    return LatentCache(directory, text_cache_groups=math.ceil(len(cache.text) / TEXT_ROWS_PER_GROUP)).text
+
+
+class RealImages:
+    """Decoded images of one ingested split with their captions and, for shapes data, their scenes."""
+
+    def __init__(self, directory: str, split: str, limit: int | None, seed: int):
+        try:
+            table = read_table(directory, split, columns=["image", "caption", "attributes"])
+        except FileNotFoundError as e:
+            raise InputError(str(e)) from None
+        if table.num_rows == 0:
+            raise InputError(f"the ingested data in {directory} has no {split!r} rows; ingest more data")
+        order = np.random.default_rng(seed).permutation(table.num_rows)[:limit]
+        table = table.take(order)
+        self.images = torch.stack([png_to_tensor(png) for png in table.column("image").to_pylist()])  # (N, 3, H, W)
+        self.captions: list[str] = table.column("caption").to_pylist()
+        attributes = table.column("attributes").to_pylist()
+        self.scenes: list[Scene] | None = (
+            [Scene.from_dict(json.loads(a)) for a in attributes] if all(a is not None for a in attributes) else None
+        )
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+
+def caption_table(text: TextTable, captions: list[str]) -> tuple[TextEmbedding, torch.Tensor]:
+    """The distinct captions' embeddings (K, S, D), read from the latent cache rather than encoded again,
+    and each caption's row in them (N,)."""
+    distinct = list(dict.fromkeys(captions))
+    table = text.lookup(text.index_of([text_key(c) for c in distinct]))
+    row = {caption: i for i, caption in enumerate(distinct)}
+    return table, torch.tensor([row[c] for c in captions])
+
+
+def comparison_grid(generated: torch.Tensor, real: torch.Tensor, count: int):
+    """`count` generated images (top row) over the real val images of the same prompts (bottom row)."""
+    return tensor_to_pil(make_grid(torch.cat([generated[:count], real[:count]]), nrow=count, pad_value=0.0))
+
+
+def generate(
+    pipeline: Text2Image, prompts: list[str], sampler: str, steps: int, guidance: float, seed: int, batch_size: int,
+    reporter: Reporter, task: str,
+) -> torch.Tensor:
+    pipeline.sampler = sampler
+    images = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        seeds = [seed + start + i for i in range(len(chunk))]
+        images.append(pipeline(chunk, steps=steps, guidance_scale=guidance, seed=seeds).cpu())
+        reporter.progress(task, start + len(chunk), len(prompts))
+    return torch.cat(images)  # (N, 3, H, W)
+
+
+def run(params: Params, reporter: Reporter) -> StageResult:
+    paths, section = params.paths, params.evaluate
+    device = resolve_device(params.device)
+    try:
+        pipeline = Text2Image.from_pretrained(paths.text2img, device=device)
+    except (FileNotFoundError, TextEncoderNotFoundError, ValueError) as e:
+        raise InputError(f"{e} (to train the model: `dvc repro train_unet`)") from None
+    train = RealImages(paths.ingested, "train", section.max_train_images, params.seed)
+    val = RealImages(paths.ingested, "val", section.num_prompts, section.seed)
+    prompts = val.captions
+    image_size = val.images.shape[-1]
+    train_captions = set(read_table(paths.ingested, "train", columns=["caption"]).column("caption").to_pylist())
+    metrics: dict = {
+        "prompts": len(prompts),
+        "prompts_unseen_in_training": sum(p not in train_captions for p in prompts) / len(prompts),
+    }
+    reporter.info(f"{STAGE}: {len(prompts)} val prompts, {len(train)} real train images to learn the evaluators from")
+
+    metrics["vae"] = reconstruction_metrics(pipeline.vae, IngestedImages(paths.ingested, "val"), section.batch_size)
+
+    scenes = _scenes(val, prompts)
+    classifier = None
+    if train.scenes is not None and scenes is not None:
+        began = time.perf_counter()
+        vocabulary = _vocabulary(train.scenes + val.scenes)
+        classifier = train_attribute_classifier(
+            train.images, train.scenes, AttributeClassifierConfig(**vocabulary, image_size=image_size),
+            steps=section.classifier_steps, batch_size=128, lr=3e-3, seed=params.seed, device=device, log=reporter.info,
+        )
+        accuracy = scene_accuracy(classifier, val.images.to(device), val.scenes)
+        metrics["classifier"] = {**accuracy, "seconds": time.perf_counter() - began}
+        reporter.info(f"{STAGE}: attribute classifier reads {accuracy['all']:.2%} of real val images exactly")
+    else:
+        reporter.info(f"{STAGE}: the data has no shapes attributes, so prompt adherence is not measured")
+
+    began = time.perf_counter()
+    text = open_text_table(paths.latents, params)
+    train_text, train_ids = caption_table(text, train.captions)
+    evaluator = train_contrastive_evaluator(
+        train.images, train_text, train_ids,
+        ContrastiveEvaluatorConfig(image_size=image_size, text_dim=pipeline.text_encoder.hidden_size),
+        steps=section.evaluator_steps, seed=params.seed, device=device, log=reporter.info,
+    )
+    prompt_text, prompt_ids = caption_table(text, prompts)
+    metrics["real"] = {
+        "image_text_score": image_text_score(evaluator, val.images, prompt_text, prompt_ids),
+        "retrieval_top1": retrieval_top1(evaluator, val.images, prompt_text, prompt_ids),
+        "evaluator_seconds": time.perf_counter() - began,
+    }
+
+    metrics["samplers"], rows, grids = {}, [], {}
+    for run_spec in section.samplers:
+        key = f"{run_spec.sampler}-{run_spec.steps}"
+        began = time.perf_counter()
+        generated = generate(
+            pipeline, prompts, run_spec.sampler, run_spec.steps, section.guidance_scale, section.seed,
+            section.batch_size, reporter, f"{STAGE} {key}",
+        )
+        seconds = time.perf_counter() - began
+        result = {
+            "seconds_per_image": seconds / len(prompts),
+            "frechet_distance": frechet_distance(evaluator, val.images, generated),
+            "image_text_score": image_text_score(evaluator, generated, prompt_text, prompt_ids),
+            "retrieval_top1": retrieval_top1(evaluator, generated, prompt_text, prompt_ids),
+        }
+        fid, skipped = inception_fid(val.images, generated)
+        if fid is not None:
+            result["inception_fid"] = fid
+        else:
+            metrics["inception_fid_skipped"] = skipped
+        if classifier is not None:
+            result["adherence"] = adherence(classifier.read(generated.to(device)), scenes)
+        metrics["samplers"][key] = result
+        rows.append({"sampler": run_spec.sampler, "steps": run_spec.steps, **_flat(result.get("adherence", {}))})
+        grids[key] = comparison_grid(generated, val.images, section.grid_images)
+        reporter.info(f"{STAGE}: {key}: {_summary(result)}")
+        reporter.metrics(_flat(result, f"{key}."))
+    if skipped_reason := metrics.get("inception_fid_skipped"):
+        reporter.info(f"{STAGE}: {skipped_reason}")
+
+    first = metrics["samplers"][f"{section.samplers[0].sampler}-{section.samplers[0].steps}"]
+    # Prompt adherence: the attribute classifier's "all" on shapes data, caption retrieval on any other.
+    metrics["headline"] = {"prompt_adherence": first["adherence"]["all"] if classifier else first["retrieval_top1"]}
+    if classifier is not None:
+        metrics["headline"].update(
+            {f"adherence_{k}": v for k, v in first["adherence"].items() if not k.endswith("images")}
+        )
+
+    out = Path(paths.eval)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path = out / "metrics.json"
+    with atomic_directory(out / "plots") as tmp:
+        for key, grid in grids.items():
+            grid.save(tmp / f"{key}.png", format="PNG")
+        with open(tmp / "adherence.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
+            writer.writeheader()
+            writer.writerows(rows)
+    with atomic_path(metrics_path) as tmp:
+        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    numbers = {k: v for k, v in _flat(metrics).items() if isinstance(v, (int, float))}
+    return StageResult(metrics=numbers, artifacts=[metrics_path, out / "plots"])
+
+
+def _scenes(val: RealImages, prompts: list[str]) -> list[Scene] | None:
+    if val.scenes is None:
+        return None
+    try:
+        return [parse_caption(p) for p in prompts]
+    except ValueError:
+        return None
+
+
+def _vocabulary(scenes: list[Scene]) -> dict[str, tuple[str, ...]]:
+    objects = [o for s in scenes for o in s.objects]
+    return {
+        "shapes": tuple(sorted({o.shape for o in objects})),
+        "colors": tuple(sorted({o.color for o in objects})),
+        "sizes": tuple(sorted({o.size for o in objects})),
+    }
+
+
+def _flat(values: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _summary(result: dict) -> str:
+    parts = [f"FD {result['frechet_distance']:.3f}", f"retrieval {result['retrieval_top1']:.2%}"]
+    if "adherence" in result:
+        a = result["adherence"]
+        parts.insert(0, f"adherence all {a['all']:.2%} (one object {a.get('one_object_all', float('nan')):.2%}, "
+                        f"two objects {a.get('two_object_all', float('nan')):.2%})")
+    return ", ".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main(
+        STAGE, "Measure prompt adherence and image quality of the trained model.", run, (ParamsError, InputError),
+        lambda r: ", ".join(f"{k} {v:.4g}" for k, v in r.metrics.items() if k.startswith("headline.")) or "done",
+        argv,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""DVC stage `train_unet`: train the text-conditioned UNet from the latent cache; save the text-to-image model.
+
+reads:  paths.latents (the cache: latents and caption embeddings), paths.vae (only to decode validation grids
+        and to ship inside the model); params seed, device, text_encoder, train_unet
+writes: paths.text2img/                     the complete text-to-image model (`Text2Image.from_pretrained`):
+            vae/  unet/ (EMA weights, what sampling uses)  unet_raw/ (the raw weights)  pipeline.json
+        paths.metrics/train_unet.json       train_loss_final, val_loss, samples_per_second, train_seconds, ...
+        paths.plots/train_unet/loss.csv     step, loss, lr (a DVC plot)
+        paths.plots/train_unet/validation.png   the final validation grid (fixed val prompts x fixed seeds)
+        paths.unet_checkpoints/             resumable checkpoints; an interrupted run continues from the newest
+
+    python -m stages.train_unet [--params params.yaml]
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+from ldm.checkpoint import atomic_directory
+from ldm.latent_cache import LatentCache, LatentCacheError, vae_hash
+from ldm.modeling import atomic_path
+from ldm.pipeline import RAW_UNET_FOLDER, Text2Image
+from ldm.schedule import NoiseSchedule
+from ldm.text_encoder import TextEncoder
+from ldm.unet import UNetConfig
+from ldm.unet_training import UNetTrainingConfig, Validation, train_unet
+from ldm.vae import VAE
+from stages.params import Params, ParamsError, resolve_device
+from stages.reporting import Reporter, StageResult, stage_main
+
+STAGE = "train_unet"
+LOSS_COLUMNS = ("step", "loss", "lr")
+
+
+class InputError(RuntimeError):
+    """A declared input of the stage is missing or unusable; the message says which and what to do."""
+
+
+def open_inputs(params: Params) -> tuple[LatentCache, VAE]:
+    paths = params.paths
+    try:
+        cache = LatentCache(paths.latents)
+        vae = VAE.from_pretrained(paths.vae)
+        cache.check_compatible(
+            vae_hash=vae_hash(paths.vae), text_encoder_name=params.text_encoder.name,
+            text_max_length=params.text_encoder.max_length, vae_source=paths.vae,
+        )
+    except (FileNotFoundError, LatentCacheError, ValueError) as e:
+        raise InputError(f"{e} (to rebuild the inputs: `dvc repro cache_latents`)") from None
+    return cache, vae
+
+
+def unet_config(params: Params, cache: LatentCache) -> UNetConfig:
+    m = params.train_unet.model
+    channels, size, _ = cache.latent_shape
+    try:
+        return UNetConfig(
+            in_channels=channels, out_channels=channels, block_out_channels=tuple(m.block_out_channels),
+            layers_per_block=m.layers_per_block, attention_levels=tuple(m.attention_levels), num_heads=m.num_heads,
+            transformer_layers_per_block=m.transformer_layers_per_block,
+            cross_attention_dim=cache.manifest.text_encoder.hidden_size, norm_num_groups=m.norm_num_groups,
+            sample_size=size,
+        )
+    except ValueError as e:
+        raise ParamsError(f"train_unet.model is not a valid UNet: {e}") from None
+
+
+def write_loss_csv(path: Path, history: list[dict[str, float]]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=LOSS_COLUMNS)
+        writer.writeheader()
+        writer.writerows(history)
+
+
+def run(params: Params, reporter: Reporter) -> StageResult:
+    paths, section = params.paths, params.train_unet
+    device = resolve_device(params.device)
+    cache, vae = open_inputs(params)
+    config = unet_config(params, cache)
+    schedule = NoiseSchedule(**section.schedule.model_dump())
+    hp = UNetTrainingConfig(
+        **section.model_dump(exclude={"model", "schedule", "sampling", "validation_prompts", "validation_seeds"})
+    )
+    sampling = section.sampling
+    validation = Validation(
+        vae=vae.to(device), prompts=section.validation_prompts, seeds=tuple(section.validation_seeds),
+        guidance_scale=sampling.guidance_scale, steps=sampling.steps, sampler=sampling.sampler, spacing=sampling.spacing,
+    )
+    rows = cache.num_rows("train")
+    reporter.info(
+        f"{STAGE}: {rows} cached train rows, {len(cache.text)} captions; UNet {list(config.block_out_channels)}, "
+        f"{section.max_steps} steps of {hp.batch_size * hp.grad_accumulation} on {device}"
+    )
+
+    def on_step(step: int, total: int, values: dict[str, float]) -> None:
+        reporter.metrics(values, step)
+        reporter.progress(STAGE, step, total)
+
+    grids: list[Image.Image] = []
+
+    def on_validation(step: int, grid: Image.Image) -> None:
+        grids[:] = [grid]
+        reporter.image("validation", grid, step)
+
+    unet, ema, metrics, history = train_unet(
+        config, cache, schedule, hp, paths.unet_checkpoints, params.seed, device, validation, on_step, on_validation,
+        reporter.info,
+    )
+    metrics["parameters"] = float(unet.num_parameters())
+
+    model_dir = Path(paths.text2img)
+    pipeline = Text2Image(
+        vae.cpu(), ema.cpu(), TextEncoder.from_pretrained(params.text_encoder.name), schedule=schedule,
+        sampler=sampling.sampler, spacing=sampling.spacing,
+    )
+    with atomic_directory(model_dir) as tmp:
+        pipeline.save_pretrained(tmp)
+        unet.cpu().save_pretrained(tmp / RAW_UNET_FOLDER)
+    metrics_path = Path(paths.metrics) / f"{STAGE}.json"
+    metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(metrics_path) as tmp:
+        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    plots = Path(paths.plots) / STAGE
+    plots.mkdir(parents=True, exist_ok=True)
+    loss_csv, grid_png = plots / "loss.csv", plots / "validation.png"
+    write_loss_csv(loss_csv, history)
+    with atomic_path(grid_png) as tmp:
+        grids[-1].save(tmp, format="PNG")
+
+    reporter.info(
+        f"{STAGE}: val loss {metrics['val_loss']:.4f}, {metrics['samples_per_second']:.0f} samples/s, "
+        f"{metrics['train_seconds']:.0f} s of training; saved to {model_dir}"
+    )
+    return StageResult(metrics=metrics, artifacts=[grid_png, loss_csv], model_dir=model_dir / "unet")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main(
+        STAGE, "Train the text-conditioned UNet from the latent cache and save the text-to-image model.", run,
+        (ParamsError, InputError),
+        lambda r: f"val loss {r.metrics['val_loss']:.4f}; saved to {r.model_dir}",
+        argv,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

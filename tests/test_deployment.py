@@ -1,0 +1,235 @@
+"""The whole pipeline started from the Prefect API, as from the UI: `python -m flows.serve` in a copy of this repo
+(ci profile) against real Prefect and MLflow servers, one deployment run with overrides, then DVC's, Prefect's
+and MLflow's records of it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from flows.pipeline import (
+    MLFLOW_PARENT_RUN_ENV,
+    PIPELINE_FLOW_RUN_ENV,
+    check_overrides,
+    dvc_command,
+)
+from flows.tracking import pipeline_stages
+from stages.params import ParamsError
+from tests.servers import mlflow_server, prefect_server
+from tests.test_pipeline_e2e import REPO, _copy_repo
+
+DEPLOYMENT = "ldm-pipeline"
+# The stages to reproduce: the whole pipeline, unless DEPLOYMENT_TEST_TARGETS names some (space-separated),
+# e.g. to leave out a stage that is being worked on; then those and the stages they depend on.
+TARGETS = os.environ.get("DEPLOYMENT_TEST_TARGETS", "").split() or None
+OVERRIDES = ["train_vae.max_steps=20", "seed=1"]  # fewer steps than the ci profile's 30: a shorter run
+RUN_TIMEOUT = 900  # the ci pipeline takes 2-4 min on 2 busy cores; generous
+TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+def _api(api: str, route: str, body: dict | None = None):
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(f"{api}/{route}", data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def _logs(api: str, flow_run_id: str) -> list[str]:
+    """Every log message of a flow run, oldest first (the API pages at 200)."""
+    messages, offset = [], 0
+    while True:
+        page = _api(api, "logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "sort": "TIMESTAMP_ASC",
+                                         "offset": offset, "limit": 200})
+        messages += [log["message"] for log in page]
+        offset += len(page)
+        if len(page) < 200:
+            return messages
+
+
+def _dvc_stages(repo: Path) -> list[str]:
+    """The stages the run reproduces: dvc.yaml's, or TARGETS and the stages whose outs they depend on."""
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    stages = pipeline_stages(repo, params)
+    if not TARGETS:
+        return list(stages)
+
+    def outs(name: str) -> list[str]:
+        return [next(iter(o)) if isinstance(o, dict) else o for o in stages[name].get("outs", [])]
+
+    def upstream(name: str) -> set[str]:
+        deps = stages[name].get("deps", [])
+        parents = {other for other in stages for out in outs(other)
+                   for dep in deps if dep == out or dep.startswith(out.rstrip("/") + "/")}
+        return {name}.union(*(upstream(parent) for parent in parents))
+
+    return sorted(set().union(*(upstream(target) for target in TARGETS)))
+
+
+def _wait(condition, timeout: float, what: str, serve: subprocess.Popen, serve_log: Path, every: float = 1.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if serve.poll() is not None:
+            raise RuntimeError(f"flows.serve exited with {serve.returncode}:\n{serve_log.read_text()[-4000:]}")
+        if (value := condition()) is not None:
+            return value
+        time.sleep(every)
+    raise TimeoutError(f"{what} not within {timeout:.0f} s; flows.serve's log ends:\n{serve_log.read_text()[-4000:]}")
+
+
+def _cancel(api: str, flow_run_id: str, timeout: float = 45) -> None:
+    if _api(api, f"flow_runs/{flow_run_id}")["state"]["type"] in TERMINAL:
+        return
+    _api(api, f"flow_runs/{flow_run_id}/set_state", {"state": {"type": "CANCELLING"}, "force": True})
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and _api(api, f"flow_runs/{flow_run_id}")["state"]["type"] not in TERMINAL:
+        time.sleep(1)
+
+
+@contextmanager
+def _both_servers(root: Path) -> Iterator[tuple[dict, dict]]:
+    """The Prefect and MLflow servers, started side by side (each takes several seconds to answer)."""
+    with ExitStack() as stack, ThreadPoolExecutor(2) as pool:
+        servers = [prefect_server(root / "prefect"), mlflow_server(root / "mlflow")]
+        started = [pool.submit(stack.enter_context, server) for server in servers]
+        yield tuple(future.result() for future in started)
+
+
+@pytest.fixture(scope="module")
+def deployment_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("deployment")
+    repo = root / "repo"
+    repo.mkdir()
+    _copy_repo(repo)
+    for key, value in (("user.name", "test"), ("user.email", "test@localhost")):  # `dvc exp run` commits
+        subprocess.run(["git", "config", key, value], cwd=repo, check=True)
+    with _both_servers(root) as (prefect_env, mlflow_env):
+        api = prefect_env["PREFECT_API_URL"]
+        env = {
+            **{k: v for k, v in os.environ.items() if k not in (PIPELINE_FLOW_RUN_ENV, MLFLOW_PARENT_RUN_ENV)},
+            **prefect_env, **mlflow_env,
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+            "DVC_NO_ANALYTICS": "1", "DVC_SITE_CACHE_DIR": str(root / "dvc-site"),
+            "PREFECT_RUNNER_POLL_FREQUENCY": "2",  # pick the triggered run up sooner than the default 10 s
+        }
+        serve_log = root / "serve.log"
+        with open(serve_log, "wb") as out:
+            serve = subprocess.Popen([sys.executable, "-m", "flows.serve", "--name", DEPLOYMENT], cwd=repo, env=env,
+                                     stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        run = None
+        try:
+            def deployment():
+                found = _api(api, "deployments/filter", {"deployments": {"name": {"any_": [DEPLOYMENT]}}})
+                return found[0] if found else None
+
+            deployment = _wait(deployment, 180, "the deployment listed", serve, serve_log)
+            assert deployment["parameters"]["repo"] == str(repo.resolve())
+            started = time.monotonic()
+            run = _api(api, f"deployments/{deployment['id']}/create_flow_run",
+                       {"parameters": {"set_params": OVERRIDES, "targets": TARGETS}})
+
+            def finished():
+                state = _api(api, f"flow_runs/{run['id']}")["state"]
+                return state if state and state["type"] in TERMINAL else None
+
+            state = _wait(finished, RUN_TIMEOUT, "the pipeline run finished", serve, serve_log, every=2)
+            print(f"pipeline run: {time.monotonic() - started:.0f} s from trigger to {state['type']}")
+            assert state["type"] == "COMPLETED", (
+                f"{state['type']}: {state.get('message')}\n" + "\n".join(_logs(api, run["id"])[-150:])
+            )
+            yield repo, api, run["id"], MlflowClient(mlflow_env["MLFLOW_TRACKING_URI"])
+        finally:
+            if run is not None and serve.poll() is None:
+                _cancel(api, run["id"])  # the runner then stops the run, DVC and its stage: none outlives the test
+            os.killpg(serve.pid, signal.SIGTERM)
+            try:
+                serve.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(serve.pid, signal.SIGKILL)
+                serve.wait()
+
+
+def test_dvc_ran_every_stage_with_the_overrides(deployment_run):
+    repo, *_ = deployment_run
+    stages = _dvc_stages(repo)
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    assert set(lock) == set(stages)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    assert params["seed"] == 1 and params["train_vae"]["max_steps"] == 20  # `dvc exp run` leaves them applied
+    assert lock["train_vae"]["params"]["params.yaml"]["train_vae"]["max_steps"] == 20
+    assert lock["ingest"]["params"]["params.yaml"]["seed"] == 1
+    # ... and recorded the run as a DVC experiment
+    refs = subprocess.run(["git", "for-each-ref", "refs/exps"], cwd=repo, capture_output=True, text=True, check=True)
+    assert refs.stdout.strip()
+
+
+def test_each_stage_is_a_subflow_run_with_its_logs(deployment_run):
+    repo, api, pipeline_id, _ = deployment_run
+    stages = _dvc_stages(repo)
+    flows = {f["id"]: f["name"] for f in _api(api, "flows/filter", {})}
+    children = _api(api, "flow_runs/filter", {"flow_runs": {"parent_flow_run_id": {"any_": [pipeline_id]}}})
+    by_stage = {flows[r["flow_id"]]: r for r in children}
+    assert sorted(by_stage) == sorted(stages)
+    tagged = _api(api, "flow_runs/filter", {"flow_runs": {"tags": {"all_": [f"pipeline-run:{pipeline_id}"]}}})
+    assert {r["id"] for r in tagged} == {r["id"] for r in children}
+    for stage, run in by_stage.items():
+        assert run["state"]["type"] == "COMPLETED", stage
+        tracking = _api(api, f"task_runs/{run['parent_task_run_id']}")
+        assert tracking["flow_run_id"] == pipeline_id and tracking["name"] == stage
+        assert tracking["state"]["type"] == "COMPLETED"
+        assert any(stage in message for message in _logs(api, run["id"])), stage
+    # DVC's own output streamed into the pipeline run's log
+    messages = "\n".join(_logs(api, pipeline_id))
+    for stage in stages:
+        assert f"Running stage '{stage}'" in messages
+
+
+def test_stage_runs_are_children_of_the_pipeline_run_in_mlflow(deployment_run):
+    repo, _, pipeline_id, client = deployment_run
+    experiment = client.get_experiment_by_name("ldm-pipeline")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("mlflow.runName") == "pipeline"]
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["prefect_flow_run_id"] == pipeline_id
+    assert parent.data.params["set_params"] == " ".join(OVERRIDES)
+    stage_runs = {r.data.tags["dvc_stage"]: r for r in runs if "dvc_stage" in r.data.tags}
+    assert sorted(stage_runs) == sorted(_dvc_stages(repo))
+    for stage, run in stage_runs.items():
+        assert run.info.status == "FINISHED", stage
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id, stage
+    assert stage_runs["train_vae"].data.params["train_vae.max_steps"] == "20"
+
+
+# Without servers: how overrides are checked and which DVC command runs.
+
+def test_a_bad_override_fails_before_dvc_naming_the_key(tmp_path):
+    (tmp_path / "params.yaml").write_text((REPO / "configs" / "ci.yaml").read_text())
+    check_overrides(tmp_path, OVERRIDES)
+    with pytest.raises(ParamsError, match=r"train_vae\.max_stepz: unknown key"):
+        check_overrides(tmp_path, ["train_vae.max_stepz=20"])
+    with pytest.raises(ParamsError, match=r"seed: Input should be a valid integer"):
+        check_overrides(tmp_path, ["seed=one"])
+    with pytest.raises(ParamsError, match="KEY=VALUE"):
+        check_overrides(tmp_path, ["seed"])
+    assert yaml.safe_load((tmp_path / "params.yaml").read_text())["seed"] == 0  # only a copy was changed
+
+
+def test_dvc_command():
+    assert dvc_command(None, None, False)[1:] == ["-m", "dvc", "repro"]
+    assert dvc_command(None, ["train_vae"], True)[3:] == ["repro", "--force", "train_vae"]
+    assert dvc_command(["seed=1", "a.b=2"], None, False)[3:] == ["exp", "run", "--set-param", "seed=1",
+                                                                  "--set-param", "a.b=2"]
