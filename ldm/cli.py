@@ -122,7 +122,8 @@ def _sample(args: argparse.Namespace) -> str:
     batches = [
         pipeline(
             prompts[start:start + size], negative_prompt=args.negative_prompt, steps=args.steps,
-            guidance_scale=args.guidance, seed=args.seed + start // size, height=args.height, width=args.width,
+            guidance_scale=args.guidance, seed=[args.seed + i for i in range(start, min(start + size, len(prompts)))],
+            height=args.height, width=args.width,
         )
         for start in range(0, len(prompts), size)
     ]
@@ -168,8 +169,8 @@ def _add_sample_parser(commands) -> None:
     )
     sample.add_argument(
         "--seed", type=int, default=0,
-        help="random seed: the same seed, prompts and options give the same images; batch k of prompts "
-        "uses SEED+k (default: %(default)s)",
+        help="random seed: the same seed, prompts and options give the same images; prompt i is drawn from "
+        "SEED+i, so with a deterministic sampler its image does not depend on --batch-size (default: %(default)s)",
     )
     sample.add_argument("--negative-prompt", default=None, help="what the images should not show (all prompts)")
     sample.add_argument(

@@ -17,7 +17,8 @@ from mlflow import MlflowClient
 from tests.servers import mlflow_server, prefect_server
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ["ingest", "train_vae", "cache_latents"]
+STAGES = ["ingest", "train_vae", "cache_latents", "train_unet", "evaluate", "sample"]
+STAGES_WITH_METRICS = ["ingest", "train_vae", "cache_latents", "train_unet"]
 
 
 def _copy_repo(dst: Path) -> None:
@@ -72,8 +73,14 @@ def test_outputs_and_lock(pipeline):
     assert list((repo / "data" / "ingested").glob("*.parquet"))
     assert (repo / "models" / "vae" / "model.safetensors").is_file()
     assert (repo / "data" / "latents" / "manifest.json").is_file()
-    for stage in STAGES:
+    for stage in STAGES_WITH_METRICS:
         assert json.loads((repo / "metrics" / f"{stage}.json").read_text())
+    assert {p.name for p in (repo / "models" / "text2img").iterdir()} == {"vae", "unet", "unet_raw", "pipeline.json"}
+    evaluation = json.loads((repo / "eval" / "metrics.json").read_text())
+    assert set(evaluation["samplers"]) == {"dpmpp_2m-5", "ddim-5"}
+    assert 0.0 <= evaluation["headline"]["prompt_adherence"] <= 1.0
+    prompts = json.loads((repo / "samples" / "prompts.json").read_text())["images"]
+    assert [p["file"] for p in prompts] == ["000.png", "001.png"] and (repo / "samples" / "grid.png").is_file()
 
 
 def test_flow_runs_task_runs_and_logs_in_prefect(pipeline):
@@ -116,6 +123,24 @@ def test_runs_tags_metrics_and_registry_in_mlflow(pipeline):
     assert [v.run_id for v in versions] == [train.info.run_id]
     assert versions[0].tags["git_commit"] == head
     assert "config.json" in {Path(a.path).name for a in client.list_artifacts(train.info.run_id, "model")}
+    unet_run = runs["train_unet"]
+    assert [v.run_id for v in client.search_model_versions("name='ldm-unet'")] == [unet_run.info.run_id]
+    assert len(client.get_metric_history(unet_run.info.run_id, "loss")) >= 2
+    # The validation grid logged at step 15 and at the end (step 30).
+    images = {a.path for a in client.list_artifacts(unet_run.info.run_id, "images")}
+    assert any("validation+step+15+" in p for p in images), images
+
+
+def test_text2img_is_registered_and_the_evaluated_version_is_champion(pipeline):
+    repo, _, client, _ = pipeline
+    (version,) = client.search_model_versions("name='ldm-text2img'")
+    assert version.tags["dvc_stage"] == "train_unet"
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    text2img_md5 = next(d["md5"] for d in lock["evaluate"]["deps"] if d["path"] == "models/text2img")
+    assert version.tags["text2img_md5"] == text2img_md5
+    evaluation = json.loads((repo / "eval" / "metrics.json").read_text())
+    assert float(version.tags["prompt_adherence"]) == pytest.approx(evaluation["headline"]["prompt_adherence"], abs=1e-6)
+    assert client.get_model_version_by_alias("ldm-text2img", "champion").version == version.version
 
 
 def test_second_repro_does_nothing(pipeline):
