@@ -67,9 +67,9 @@ SIGNATURE = ModelSignature(
     params=ParamSchema([
         ParamSpec("negative_prompt", "string", None),
         ParamSpec("seed", "long", 0),
-        ParamSpec("steps", "long", 20),
-        ParamSpec("guidance_scale", "double", 5.0),
-        ParamSpec("sampler", "string", None),  # None: the pipeline's own (pipeline.json)
+        ParamSpec("steps", "long", None),  # None: the pipeline's own (pipeline.json), as for the two below
+        ParamSpec("guidance_scale", "double", None),
+        ParamSpec("sampler", "string", None),
     ]),
 )
 
@@ -137,7 +137,9 @@ class Text2ImageModel(PythonModel):
         sampler = settings["sampler"] or self.pipeline.sampler
         if sampler not in SAMPLERS:
             raise BadRequest(f"unknown sampler {sampler!r} in params; use one of {list(SAMPLERS)}")
-        steps, seed, guidance = int(settings["steps"]), int(settings["seed"]), float(settings["guidance_scale"])
+        steps = int(self.pipeline.steps if settings["steps"] is None else settings["steps"])
+        guidance = float(self.pipeline.guidance_scale if settings["guidance_scale"] is None else settings["guidance_scale"])
+        seed = int(settings["seed"])
         if steps < 1:
             raise BadRequest(f"params 'steps' must be at least 1, got {steps}")
 

@@ -109,7 +109,7 @@ def _sample(args: argparse.Namespace) -> str:
 
     from ldm.ingested import tensor_to_pil
 
-    if args.steps < 1:
+    if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be at least 1, got {args.steps}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
@@ -159,13 +159,15 @@ def _add_sample_parser(commands) -> None:
         "the store MLFLOW_TRACKING_URI names, else sqlite:///mlflow.db in the current directory "
         "(default: %(default)s)",
     )
-    sample.add_argument("--steps", type=int, default=20, help="denoising steps, at least 1 (default: %(default)s)")
+    sample.add_argument(
+        "--steps", type=int, default=None, help="denoising steps, at least 1 (default: the model's, saved in training)"
+    )
     sample.add_argument(
         "--sampler", choices=SAMPLERS, default=None, help="sampler; default: the one saved with the pipeline"
     )
     sample.add_argument(
-        "--guidance", type=float, default=5.0,
-        help="classifier-free guidance scale; 1 or less turns guidance off (default: %(default)s)",
+        "--guidance", type=float, default=None,
+        help="classifier-free guidance scale; 1 or less turns guidance off (default: the model's, saved in training)",
     )
     sample.add_argument(
         "--seed", type=int, default=0,

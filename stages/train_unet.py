@@ -116,7 +116,7 @@ def run(params: Params, reporter: Reporter) -> StageResult:
     model_dir = Path(paths.text2img)
     pipeline = Text2Image(
         vae.cpu(), ema.cpu(), TextEncoder.from_pretrained(params.text_encoder.name), schedule=schedule,
-        sampler=sampling.sampler, spacing=sampling.spacing,
+        sampler=sampling.sampler, spacing=sampling.spacing, steps=sampling.steps, guidance_scale=sampling.guidance_scale,
     )
     with atomic_directory(model_dir) as tmp:
         pipeline.save_pretrained(tmp)
