@@ -28,7 +28,7 @@ from stages.reporting import Reporter, StageResult, stage_main
 
 STAGE = "sample"
 CELL = 128  # the grid shows each image at least this wide, so 32x32 samples are visible
-CAPTION_LINES = 4
+CAPTION_LINES = 6  # a two-object caption wraps to five lines at CELL pixels
 
 
 class InputError(RuntimeError):
@@ -58,6 +58,8 @@ def captioned_grid(images: list[Image.Image], captions: list[str], columns: int 
         x = 4 + (i % columns) * (width + 4)
         y = 4 + (i // columns) * (height + text_height + 4)
         grid.paste(image.resize((width, height), Image.NEAREST), (x, y))
+        # A grey frame: the images' white background would otherwise run into the grid's.
+        draw.rectangle((x - 1, y - 1, x + width, y + height), outline="gray")
         lines = textwrap.wrap(caption, chars)[:CAPTION_LINES]
         draw.multiline_text((x, y + height + 2), "\n".join(lines), fill="black", spacing=1)
     return grid
