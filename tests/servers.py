@@ -44,10 +44,13 @@ def _server(cmd: list[str], health_url: str, env: dict, log: Path, timeout: floa
         _wait_healthy(health_url, process, log, timeout)
         yield
     finally:
-        # The whole process group: both servers start workers of their own.
-        os.killpg(process.pid, 15)
+        # The whole process group: both servers start workers of their own. A server that failed to start
+        # has already exited; its error (raised above) is the one to report.
         try:
+            os.killpg(process.pid, 15)
             process.wait(timeout=20)
+        except ProcessLookupError:
+            pass
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, 9)
             process.wait()
