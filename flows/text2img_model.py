@@ -110,8 +110,10 @@ class Text2ImageModel(PythonModel):
         self.pipeline = Text2Image.from_pretrained(context.artifacts[PIPELINE_ARTIFACT], device=device)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        """One image per row of `model_input` (column `prompt`, optional column `negative_prompt`), all
-        rows sampled together from `seed`. Returns a DataFrame: `prompt`, `image` (base64 PNG string)."""
+        """One image per row of `model_input` (column `prompt`, optional column `negative_prompt`), row i
+        drawn from seed + i (as `ldm sample` and the sample stage draw prompt i), so with a deterministic
+        sampler a row's image does not depend on the request it came in. Returns a DataFrame: `prompt`,
+        `image` (base64 PNG string)."""
         from ldm.samplers import SAMPLERS
 
         if not isinstance(model_input, pd.DataFrame):
@@ -154,7 +156,10 @@ class Text2ImageModel(PythonModel):
         pipeline = copy.copy(self.pipeline)
         pipeline.sampler = sampler
         try:
-            images = pipeline(prompts, negative_prompt=negative, steps=steps, guidance_scale=guidance, seed=seed)
+            images = pipeline(
+                prompts, negative_prompt=negative, steps=steps, guidance_scale=guidance,
+                seed=[seed + i for i in range(len(prompts))],
+            )
         except ValueError as e:  # e.g. karras spacing with a sampler that has none
             raise BadRequest(str(e)) from e
         return pd.DataFrame({"prompt": prompts, "image": [_png_base64(image) for image in images]})

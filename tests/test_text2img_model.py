@@ -103,9 +103,12 @@ def test_loaded_model_matches_the_pipeline_and_follows_params(store):
     assert list(out.columns) == ["prompt", "image"] and list(out["prompt"]) == PROMPTS
     images = [decode(image) for image in out["image"]]
     assert all(image.shape == (16, 16, 3) for image in images)
-    expected = direct(store["pipeline"], PROMPTS, seed=3, steps=2)
+    expected = direct(store["pipeline"], PROMPTS, seed=[3 + i for i in range(len(PROMPTS))], steps=2)
     for got, want in zip(images, expected, strict=True):
         np.testing.assert_array_equal(got, want)
+    # Row i is drawn from seed + i: the second prompt alone, at seed 4, is the batch's second image.
+    alone = model.predict(pd.DataFrame({"prompt": PROMPTS[1:2]}), params={"seed": 4, "steps": 2})
+    np.testing.assert_array_equal(decode(alone["image"][0]), images[1])
 
     again = model.predict(pd.DataFrame({"prompt": PROMPTS}), params=params)
     assert list(again["image"]) == list(out["image"])
