@@ -10,6 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ldm.devices import resolve_device
 from ldm.diffusers_interop import load_diffusers_folder, load_ldm_folder, save_diffusers_folder
 from ldm.pipeline import PIPELINE_CONFIG_NAME, Text2Image
 from ldm.samplers import SAMPLERS
@@ -30,20 +31,11 @@ def _convert_to_diffusers(args: argparse.Namespace) -> str:
     return f"converted ldm {model.kind} {args.src} to a diffusers folder in {args.dst}"
 
 
-def _device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        return "mps" if torch.backends.mps.is_available() else "cpu"
+def _device(name: str):
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a torch device; use auto, cpu, cuda, cuda:1, mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: this machine has no usable CUDA GPU; use --device cpu or auto")
-    return name
+        return resolve_device(name)
+    except ValueError as e:
+        raise ValueError(f"--device {e}") from None
 
 
 def _pipeline_in(folder: Path, uri: str) -> Path:
@@ -186,7 +178,7 @@ def _add_sample_parser(commands) -> None:
     sample.add_argument("--width", type=int, default=None, help="image width in pixels; default: the height")
     sample.add_argument(
         "--device", default="auto",
-        help="torch device: auto (cuda, else mps, else cpu), cpu, cuda, cuda:1, ... (default: %(default)s)",
+        help="torch device: auto (cuda when present, else cpu), cpu, cuda, cuda:1, mps, ... (default: %(default)s)",
     )
     sample.add_argument(
         "-o", "--output", type=Path, default=Path("sample.png"),

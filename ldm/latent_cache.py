@@ -684,10 +684,11 @@ class TextTable:
     """The cached caption embeddings: row index -> hidden states, reading row groups as they are asked for.
 
     Only the keys are read up front; decoded row groups are kept in a small LRU of `cache_groups` groups
-    (TEXT_ROWS_PER_GROUP captions each), so memory stays bounded however many captions there are.
+    (TEXT_ROWS_PER_GROUP captions each), so memory stays bounded however many captions there are; None keeps
+    every group, for readers that look captions up in random order (training, evaluation).
     """
 
-    def __init__(self, path: Path, info: TextTableInfo, hidden_size: int, cache_groups: int = 8):
+    def __init__(self, path: Path, info: TextTableInfo, hidden_size: int, cache_groups: int | None = 8):
         self.path = path
         self.hidden_size = hidden_size
         self.cache_groups = cache_groups
@@ -757,7 +758,7 @@ class TextTable:
             )
         values = np.frombuffer(states.buffers()[2], dtype="<f2", count=int(offsets[-1]) // 2)
         self._groups[group] = (values, offsets[:-1] // 2, lengths)
-        if len(self._groups) > self.cache_groups:
+        if self.cache_groups is not None and len(self._groups) > self.cache_groups:
             self._groups.popitem(last=False)
         return self._groups[group]
 
@@ -825,11 +826,13 @@ class LatentCache:
     def text(self) -> TextTable:
         """The caption embeddings (opened on first use: reading the keys is the only up-front cost)."""
         if self._text is None:
-            info = self.manifest.text_table
-            self._text = TextTable(
-                self.directory / info.file, info, self.manifest.text_encoder.hidden_size, self.text_cache_groups
-            )
+            self._text = self.open_text(self.text_cache_groups)
         return self._text
+
+    def open_text(self, cache_groups: int | None) -> TextTable:
+        """A caption table of its own that keeps `cache_groups` decoded row groups (None: all of them)."""
+        info = self.manifest.text_table
+        return TextTable(self.directory / info.file, info, self.manifest.text_encoder.hidden_size, cache_groups)
 
     def check_compatible(
         self,

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -36,7 +35,7 @@ from torchvision.utils import make_grid
 
 from ldm.checkpoint import TrainingState, load_checkpoint, resume_point, run_fingerprint, save_checkpoint
 from ldm.ingested import tensor_to_pil
-from ldm.latent_cache import TEXT_ROWS_PER_GROUP, LatentBatch, LatentCache
+from ldm.latent_cache import LatentBatch, LatentCache, TextTable
 from ldm.pipeline import denoise
 from ldm.schedule import NoiseSchedule
 from ldm.text_encoder import TextEmbedding
@@ -246,7 +245,7 @@ def train_unet(
         generators={"noise": noise_generator},
     )
     # Keep every caption's hidden states decoded: batches draw captions from all over the table.
-    text = LatentCache(cache.directory, text_cache_groups=math.ceil(len(cache.text) / TEXT_ROWS_PER_GROUP)).text
+    text = cache.open_text(cache_groups=None)
 
     start, history, seconds_before = 0, [], 0.0
     found = resume_point(checkpoint_dir, fingerprint, log)
@@ -346,7 +345,7 @@ def train_unet(
 
 @torch.no_grad()
 def validation_loss(
-    unet: UNet, cache: LatentCache, text, schedule: NoiseSchedule, batch_size: int, seed: int
+    unet: UNet, cache: LatentCache, text: TextTable, schedule: NoiseSchedule, batch_size: int, seed: int
 ) -> float:
     """Unweighted MSE to the training target over the val split, with noise and timesteps fixed by `seed`.
 

@@ -28,9 +28,7 @@ shapes data, caption retrieval top-1 on other data) is what picks the registry's
 
 from __future__ import annotations
 
-import csv
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -50,14 +48,14 @@ from ldm.evaluator import (
     train_contrastive_evaluator,
 )
 from ldm.ingested import IngestedImages, png_to_tensor, read_table, tensor_to_pil
-from ldm.latent_cache import TEXT_ROWS_PER_GROUP, LatentCache, LatentCacheError, TextTable, text_key
+from ldm.latent_cache import LatentCache, LatentCacheError, TextTable, text_key
 from ldm.modeling import atomic_path
 from ldm.pipeline import Text2Image
 from ldm.shapes import Scene, parse_caption
 from ldm.text_encoder import TextEmbedding, TextEncoderNotFoundError
 from ldm.vae_training import reconstruction_metrics
 from stages.params import Params, ParamsError, resolve_device
-from stages.reporting import Reporter, StageResult, stage_main
+from stages.reporting import Reporter, StageResult, stage_main, write_csv
 
 STAGE = "evaluate"
 
@@ -73,7 +71,7 @@ def open_text_table(directory: str, params: Params) -> TextTable:
         cache.check_compatible(text_encoder_name=params.text_encoder.name, text_max_length=params.text_encoder.max_length)
     except (FileNotFoundError, LatentCacheError) as e:
         raise InputError(f"{e} (to rebuild it: `dvc repro cache_latents`)") from None
-    return LatentCache(directory, text_cache_groups=math.ceil(len(cache.text) / TEXT_ROWS_PER_GROUP)).text
+    return cache.open_text(cache_groups=None)
 
 
 class RealImages:
@@ -86,6 +84,7 @@ class RealImages:
             raise InputError(str(e)) from None
         if table.num_rows == 0:
             raise InputError(f"the ingested data in {directory} has no {split!r} rows; ingest more data")
+        self.all_captions = set(table.column("caption").to_pylist())  # the whole split's, before `limit`
         order = np.random.default_rng(seed).permutation(table.num_rows)[:limit]
         table = table.take(order)
         self.images = torch.stack([png_to_tensor(png) for png in table.column("image").to_pylist()])  # (N, 3, H, W)
@@ -138,10 +137,9 @@ def run(params: Params, reporter: Reporter) -> StageResult:
     val = RealImages(paths.ingested, "val", section.num_prompts, section.seed)
     prompts = val.captions
     image_size = val.images.shape[-1]
-    train_captions = set(read_table(paths.ingested, "train", columns=["caption"]).column("caption").to_pylist())
     metrics: dict = {
         "prompts": len(prompts),
-        "prompts_unseen_in_training": sum(p not in train_captions for p in prompts) / len(prompts),
+        "prompts_unseen_in_training": sum(p not in train.all_captions for p in prompts) / len(prompts),
     }
     reporter.info(f"{STAGE}: {len(prompts)} val prompts, {len(train)} real train images to learn the evaluators from")
 
@@ -221,10 +219,7 @@ def run(params: Params, reporter: Reporter) -> StageResult:
     with atomic_directory(out / "plots") as tmp:
         for key, grid in grids.items():
             grid.save(tmp / f"{key}.png", format="PNG")
-        with open(tmp / "adherence.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(tmp / "adherence.csv", rows, tuple(dict.fromkeys(k for row in rows for k in row)))
     with atomic_path(metrics_path) as tmp:
         tmp.write_text(json.dumps(metrics, indent=2) + "\n")
     numbers = {k: v for k, v in _flat(metrics).items() if isinstance(v, (int, float))}

@@ -15,6 +15,7 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ldm import devices
 from ldm.vae import VAEConfig
 
 DEFAULT_PARAMS_FILE = "params.yaml"
@@ -284,13 +285,8 @@ def load_params(path: str | os.PathLike = DEFAULT_PARAMS_FILE) -> Params:
 
 
 def resolve_device(name: str) -> torch.device:
-    """The `device` param as a torch device: "auto" is CUDA when this machine has one, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The `device` param as a torch device (`ldm.devices.resolve_device`); a bad one is a ParamsError."""
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ParamsError(f"device: {name!r} is not a torch device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ParamsError(f"device: {name!r} but this machine has no usable CUDA GPU; use auto or cpu")
-    return device
+        return devices.resolve_device(name)
+    except ValueError as e:
+        raise ParamsError(f"device: {e}") from None

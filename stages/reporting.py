@@ -8,6 +8,7 @@ log and to the MLflow run.
 from __future__ import annotations
 
 import argparse
+import csv
 import logging
 import sys
 from collections.abc import Callable
@@ -17,6 +18,8 @@ from typing import Protocol
 
 from PIL import Image
 from tqdm import tqdm
+
+from ldm.modeling import atomic_path
 
 log = logging.getLogger("ldm")
 
@@ -76,6 +79,14 @@ class ConsoleReporter:
 
     def image(self, name: str, image: Image.Image, step: int) -> None:
         self.logger.info("step %d: %s image ready (%dx%d)", step, name, *image.size)
+
+
+def write_csv(path: Path, rows: list[dict[str, float]], columns: tuple[str, ...]) -> None:
+    """A DVC plot's CSV (a header, then one line per row), written atomically."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 @dataclass

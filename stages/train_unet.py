@@ -14,7 +14,6 @@ writes: paths.text2img/                     the complete text-to-image model (`T
 
 from __future__ import annotations
 
-import csv
 import json
 import sys
 from pathlib import Path
@@ -31,7 +30,7 @@ from ldm.unet import UNetConfig
 from ldm.unet_training import UNetTrainingConfig, Validation, train_unet
 from ldm.vae import VAE
 from stages.params import Params, ParamsError, resolve_device
-from stages.reporting import Reporter, StageResult, stage_main
+from stages.reporting import Reporter, StageResult, stage_main, write_csv
 
 STAGE = "train_unet"
 LOSS_COLUMNS = ("step", "loss", "lr")
@@ -68,13 +67,6 @@ def unet_config(params: Params, cache: LatentCache) -> UNetConfig:
         )
     except ValueError as e:
         raise ParamsError(f"train_unet.model is not a valid UNet: {e}") from None
-
-
-def write_loss_csv(path: Path, history: list[dict[str, float]]) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=LOSS_COLUMNS)
-        writer.writeheader()
-        writer.writerows(history)
 
 
 def run(params: Params, reporter: Reporter) -> StageResult:
@@ -128,7 +120,7 @@ def run(params: Params, reporter: Reporter) -> StageResult:
     plots = Path(paths.plots) / STAGE
     plots.mkdir(parents=True, exist_ok=True)
     loss_csv, grid_png = plots / "loss.csv", plots / "validation.png"
-    write_loss_csv(loss_csv, history)
+    write_csv(loss_csv, history, LOSS_COLUMNS)
     with atomic_path(grid_png) as tmp:
         grids[-1].save(tmp, format="PNG")
 

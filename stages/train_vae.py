@@ -13,7 +13,6 @@ writes: paths.vae/                          config.json + model.safetensors (wit
 
 from __future__ import annotations
 
-import csv
 import json
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ from ldm.ingested import IngestedImages
 from ldm.modeling import atomic_path
 from ldm.vae_training import VAETrainingConfig, reconstruction_grid, train_vae
 from stages.params import Params, ParamsError, resolve_device
-from stages.reporting import Reporter, StageResult, stage_main
+from stages.reporting import Reporter, StageResult, stage_main, write_csv
 
 STAGE = "train_vae"
 LOSS_COLUMNS = ("step", "loss", "recon", "kl", "lr")
@@ -47,13 +46,6 @@ def load_splits(params: Params) -> tuple[IngestedImages, IngestedImages]:
             f"re-run the ingest stage (`dvc repro ingest`)"
         )
     return train, val
-
-
-def write_loss_csv(path: Path, history: list[dict[str, float]]) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=LOSS_COLUMNS)
-        writer.writeheader()
-        writer.writerows(history)
 
 
 def run(params: Params, reporter: Reporter) -> StageResult:
@@ -81,7 +73,7 @@ def run(params: Params, reporter: Reporter) -> StageResult:
     plots = Path(paths.plots) / STAGE
     plots.mkdir(parents=True, exist_ok=True)
     loss_csv, grid_png = plots / "loss.csv", plots / "reconstructions.png"
-    write_loss_csv(loss_csv, history)
+    write_csv(loss_csv, history, LOSS_COLUMNS)
     originals = torch.stack([val[i] for i in range(min(section.grid_images, len(val)))])
     with atomic_path(grid_png) as tmp:
         reconstruction_grid(vae, originals).save(tmp, format="PNG")
