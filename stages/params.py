@@ -16,6 +16,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ldm import devices
+from ldm.samplers import SAMPLERS, SPACINGS
+from ldm.schedule import BETA_SCHEDULES, PREDICTION_TYPES
 from ldm.vae import VAEConfig
 
 DEFAULT_PARAMS_FILE = "params.yaml"
@@ -136,12 +138,12 @@ class ScheduleParams(Section):
     num_train_timesteps: int = Field(1000, ge=2)
     beta_start: float = Field(0.00085, gt=0.0, lt=1.0)
     beta_end: float = Field(0.012, gt=0.0, lt=1.0)
-    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "scaled_linear"
+    beta_schedule: Literal[BETA_SCHEDULES] = "scaled_linear"
     # v-prediction learns the high-noise steps where colour and position are decided (FEASIBILITY.md).
-    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "v_prediction"
+    prediction_type: Literal[PREDICTION_TYPES] = "v_prediction"
 
 
-SamplerName = Literal["ddpm", "ddim", "pndm", "euler", "euler_ancestral", "heun", "dpmpp_2m"]
+SamplerName = Literal[SAMPLERS]
 
 
 class SamplingParams(Section):
@@ -151,7 +153,7 @@ class SamplingParams(Section):
     steps: int = Field(20, ge=1)
     guidance_scale: float = Field(2.0, ge=0.0)  # 2 beat 3 and 4 on two-object captions; 1 or less: no guidance
     # "linspace" starts sampling at t=999, where cosine-type schedules have no signal left (FEASIBILITY.md).
-    spacing: Literal["leading", "trailing", "linspace"] = "trailing"
+    spacing: Literal[SPACINGS] = "trailing"
 
 
 class TrainUNetParams(Section):
