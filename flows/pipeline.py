@@ -42,7 +42,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from mlflow import MlflowClient
-from mlflow.entities import Param, RunStatus
+from mlflow.entities import Param
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import get_run_context
@@ -50,14 +50,16 @@ from prefect.context import get_run_context
 from flows.stage_flow import PIPELINE_FLOW_RUN_ENV  # "LDM_PIPELINE_FLOW_RUN_ID"
 from flows.tracking import (
     EXPERIMENT,
+    MLFLOW_PARENT_RUN_ENV,
+    closing_run,
     generated_paths,
     git_commit,
+    pipeline_experiment,
     pipeline_stages,
     tracking_uri,
 )
 from stages.params import DEFAULT_PARAMS_FILE, ParamsError, load_params
 
-MLFLOW_PARENT_RUN_ENV = "LDM_MLFLOW_PARENT_RUN_ID"  # read by flows/tracking.py (stage_run)
 TAIL_LINES = 40  # DVC's last output lines, logged again as one error when a stage fails ...
 ERROR_LINES = 8  # ... and the last of them in the exception (the flow run's state message)
 
@@ -212,12 +214,7 @@ def run_dvc(repo: str, command: list[str], env: dict[str, str]) -> list[str]:
 def mlflow_parent_run(repo: Path, flow_run_id: str, set_params, targets, force: bool) -> Iterator[str]:
     """The MLflow run "pipeline" that the stages' runs nest under; FINISHED or FAILED with the flow."""
     client = MlflowClient(tracking_uri(repo))
-    experiment = client.get_experiment_by_name(EXPERIMENT)
-    if experiment is None:  # as flows/tracking.py's stage_run creates it
-        location = None if os.environ.get("MLFLOW_TRACKING_URI") else (repo / "mlartifacts").resolve().as_uri()
-        experiment_id = client.create_experiment(EXPERIMENT, artifact_location=location)
-    else:
-        experiment_id = experiment.experiment_id
+    experiment_id = pipeline_experiment(client, repo)
     params = load_params(repo / DEFAULT_PARAMS_FILE)
     stages = pipeline_stages(repo, params.model_dump(mode="json"))
     commit = git_commit(repo, generated_paths(stages))
@@ -232,12 +229,8 @@ def mlflow_parent_run(repo: Path, flow_run_id: str, set_params, targets, force: 
         Param("targets", " ".join(targets or []) or "(all)"),
         Param("force", str(force)),
     ])
-    try:
+    with closing_run(client, run_id):
         yield run_id
-    except BaseException:
-        client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
-        raise
-    client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
 
 
 @flow(name="pipeline")

@@ -28,6 +28,9 @@ from mlflow.exceptions import MlflowException
 EXPERIMENT = "ldm-pipeline"
 DVC_FILE = "dvc.yaml"
 TEMPLATE = re.compile(r"\$\{\s*([\w.]+)\s*\}")
+# Set by flows/pipeline.py (`python -m flows.pipeline`, the Prefect deployment) to its MLflow run "pipeline",
+# which each stage's run then nests under.
+MLFLOW_PARENT_RUN_ENV = "LDM_MLFLOW_PARENT_RUN_ID"
 
 
 def tracking_uri(repo: Path) -> str:
@@ -154,19 +157,34 @@ class StageRun:
         return str(version.version)  # the client gives an int; URIs and the REST API spell it as a string
 
 
+def pipeline_experiment(client: MlflowClient, repo: Path) -> str:
+    """The id of the experiment every pipeline run goes to, created on first use."""
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    if experiment is not None:
+        return experiment.experiment_id
+    # The local store keeps artifacts beside it; a server decides for itself where they go.
+    location = None if os.environ.get("MLFLOW_TRACKING_URI") else (repo / "mlartifacts").resolve().as_uri()
+    return client.create_experiment(EXPERIMENT, artifact_location=location)
+
+
+@contextmanager
+def closing_run(client: MlflowClient, run_id: str) -> Iterator[None]:
+    """Mark the run FINISHED when the block completes, FAILED when it raises (or is interrupted)."""
+    try:
+        yield
+    except BaseException:
+        client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+        raise
+    client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+
+
 @contextmanager
 def stage_run(repo: Path, stage: str, stages: dict[str, dict], params: dict, profile: str) -> Iterator[StageRun]:
     """Open the stage's MLflow run with its tags and params; close it FINISHED or FAILED."""
     uri = tracking_uri(repo)
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name(EXPERIMENT)
-    if experiment is None:
-        # The local store keeps artifacts beside it; a server decides for itself where they go.
-        location = None if os.environ.get("MLFLOW_TRACKING_URI") else (repo / "mlartifacts").resolve().as_uri()
-        experiment_id = client.create_experiment(EXPERIMENT, artifact_location=location)
-    else:
-        experiment_id = experiment.experiment_id
+    experiment_id = pipeline_experiment(client, repo)
     if stage not in stages:
         raise KeyError(f"{DVC_FILE} has no stage {stage!r}; stages: {sorted(stages)}")
     definition = stages[stage]
@@ -179,16 +197,9 @@ def stage_run(repo: Path, stage: str, stages: dict[str, dict], params: dict, pro
         "profile": profile,
         **{f"dvc_dep.{dep}": md5 for dep, md5 in dependency_hashes(repo, definition.get("deps", [])).items()},
     }
-    # Set by flows/pipeline.py (`python -m flows.pipeline`, the Prefect deployment): its MLflow run "pipeline",
-    # which this stage's run then nests under.
-    if parent_run := os.environ.get("LDM_MLFLOW_PARENT_RUN_ID"):
+    if parent_run := os.environ.get(MLFLOW_PARENT_RUN_ENV):
         tags["mlflow.parentRunId"] = parent_run
     run = client.create_run(experiment_id, tags=tags, run_name=stage)
-    tracked = StageRun(client, run.info.run_id, tags)
     client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in flatten(params).items()])
-    try:
-        yield tracked
-    except BaseException:
-        client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED))
-        raise
-    client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FINISHED))
+    with closing_run(client, run.info.run_id):
+        yield StageRun(client, run.info.run_id, tags)
