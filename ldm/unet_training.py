@@ -205,8 +205,8 @@ def train_unet(
     `on_step(step, max_steps, {"loss", "lr"})` is called every `log_every` steps (and at the last) with the
     means since the previous call, after any checkpoint of that step is written; `on_validation(step, grid)`
     every `validate_every` steps and at the last, with the EMA model's grid. Metrics: train_loss_final,
-    val_loss (EMA model, fixed timesteps and noise over the val split), steps, samples_per_second,
-    train_seconds (the loop alone, summed over resumed sessions).
+    val_loss (EMA model, fixed timesteps and noise over the val split), steps, samples_per_second and
+    train_seconds (the loop alone, both over all sessions of a resumed run).
     """
     device = torch.device(device)
     if config.cross_attention_dim != cache.manifest.text_encoder.hidden_size:
@@ -336,8 +336,8 @@ def train_unet(
         "train_loss_final": history[-1]["loss"] if history else float("nan"),
         "val_loss": validation_loss(averaged, cache, text, schedule, hp.batch_size, seed),
         "steps": float(hp.max_steps),
-        "samples_per_second": (hp.max_steps - start) * hp.batch_size * hp.grad_accumulation
-        / max(train_seconds - seconds_before, 1e-9),
+        # Over the whole run, resumed sessions included: a session that resumes at the last step trains none.
+        "samples_per_second": hp.max_steps * hp.batch_size * hp.grad_accumulation / train_seconds,
         "train_seconds": train_seconds,
     }
     return UNetTrainingResult(trained, averaged, metrics, history)
