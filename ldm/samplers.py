@@ -328,12 +328,14 @@ def sample_ddim(
     eta: float = 0.0,
     generator: torch.Generator | None = None,
     callback: ProgressCallback | None = None,
+    stride: int | None = None,
 ) -> torch.Tensor:
     """DDIM (Song et al. 2021): deterministic for eta = 0 (Euler on the probability-flow ODE in disguise),
-    DDPM-like ancestral noise of eta times the posterior std otherwise; clean at the end (abar = 1)."""
+    DDPM-like ancestral noise of eta times the posterior std otherwise; clean at the end (abar = 1).
+    `stride`: T // (steps of the whole schedule), when `timesteps` is only its tail (img2img)."""
     one = torch.tensor(1.0)
     n = len(timesteps)
-    stride = schedule.num_train_timesteps // n
+    stride = stride or schedule.num_train_timesteps // n
     for i, t in enumerate(timesteps):
         out = _network_at(model, x, t)
         x0, eps = schedule.predict_x0(out, x, t), schedule.predict_eps(out, x, t)
@@ -365,12 +367,13 @@ def sample_pndm(
     timesteps: Sequence[int],
     schedule: NoiseSchedule,
     callback: ProgressCallback | None = None,
+    stride: int | None = None,
 ) -> torch.Tensor:
     """PLMS, the pseudo linear multistep method (Liu et al. 2022) as Stable Diffusion runs it: DDIM-style
     transfers driven by an Adams-Bashforth combination of up to four network outputs, after a Heun-style
     first step in place of the Runge-Kutta warm-up. len(timesteps) + 1 network evaluations. The result is
-    left at abar_0, not clean (diffusers' PNDM default set_alpha_to_one=False)."""
-    stride = schedule.num_train_timesteps // len(timesteps)
+    left at abar_0, not clean (diffusers' PNDM default set_alpha_to_one=False). `stride` as in `sample_ddim`."""
+    stride = stride or schedule.num_train_timesteps // len(timesteps)
     total = len(timesteps) + 1
 
     def transfer(x: torch.Tensor, t: int, t_prev: int, output: torch.Tensor) -> torch.Tensor:
@@ -418,13 +421,21 @@ def sample(
     steps_offset: int = 0,
     generator: torch.Generator | None = None,
     callback: ProgressCallback | None = None,
+    init: torch.Tensor | None = None,
+    strength: float = 1.0,
 ) -> torch.Tensor:
     """Denoise unit Gaussian `noise` (B, C, H, W) into clean latents (B, C, H, W) in `steps` steps.
 
     `model(x_t, t)` is the network in diffusers' convention: x_t the VP sample (B, C, H, W), t float32 (B,)
     (fractional with Karras sigmas), output per `schedule.prediction_type`. `generator` feeds the noise of
     ddpm, ddim with eta > 0 and euler_ancestral, drawn as the diffusers scheduler draws it. `callback(i, total)`
-    runs after each step; pndm takes steps + 1 of them.
+    runs after each step; pndm takes one more.
+
+    img2img: with clean latents `init` (B, C, H, W) and `strength` in [0, 1], only the last
+    int(steps * strength) steps of the schedule run, from `init` noised to the level of the first of them
+    with `noise` (diffusers' img2img `get_timesteps` + `add_noise`). Strength 0 returns `init`; strength 1
+    ignores it and returns exactly the text-to-image sample, as diffusers' inpainting pipelines do at full
+    strength (noising `init` to the first level would still leave sqrt(abar_T) of it in).
     """
     _check_choice("sampler", sampler, SAMPLERS)
     _check_choice("spacing", spacing, SPACINGS)
@@ -439,23 +450,44 @@ def sample(
         raise ValueError(f"eta={eta} must be >= 0 (0: deterministic DDIM, 1: DDPM-like noise)")
     if sampler == "pndm" and schedule.prediction_type == "sample":
         raise ValueError("sampler='pndm' needs prediction_type 'epsilon' or 'v_prediction'; pick another sampler")
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength={strength} is out of range; use 0 (keep the input) .. 1 (ignore it)")
+    if init is not None and init.shape != noise.shape:
+        raise ValueError(f"init latents {tuple(init.shape)} and noise {tuple(noise.shape)} differ in shape")
+    # The steps skipped at the start of the schedule; img2img starts where they would have ended.
+    skip = steps - int(steps * strength) if init is not None and strength < 1.0 else 0
+    if skip == steps:
+        return init
 
     if sampler in ("ddpm", "ddim", "pndm"):
-        timesteps = discrete_timesteps(schedule, steps, spacing, steps_offset)
+        timesteps = discrete_timesteps(schedule, steps, spacing, steps_offset)[skip:]
+        x = noise if not skip else schedule.add_noise(init, noise, timesteps[0])
+        stride = T // steps
         if sampler == "ddpm":
-            return sample_ddpm(model, noise, timesteps, schedule, generator=generator, callback=callback)
+            return sample_ddpm(model, x, timesteps, schedule, generator=generator, callback=callback)
         if sampler == "ddim":
-            return sample_ddim(model, noise, timesteps, schedule, eta=eta, generator=generator, callback=callback)
-        return sample_pndm(model, noise, timesteps, schedule, callback=callback)
+            return sample_ddim(
+                model, x, timesteps, schedule, eta=eta, generator=generator, callback=callback, stride=stride
+            )
+        return sample_pndm(model, x, timesteps, schedule, callback=callback, stride=stride)
 
     if sampler == "dpmpp_2m":
         sigmas, timesteps = dpm_sigmas(schedule, steps, spacing, steps_offset, karras)
-        return sample_dpmpp_2m(Denoiser(model, schedule.prediction_type, sigmas, timesteps), noise, sigmas, callback)
+        x = noise
+        if skip:
+            alpha, sigma_vp, _ = _vp_coefficients(sigmas[skip])
+            x = alpha * init + sigma_vp * noise
+        denoiser = Denoiser(model, schedule.prediction_type, sigmas, timesteps)
+        return sample_dpmpp_2m(denoiser, x, sigmas[skip:], callback)
 
     sigmas, timesteps = euler_sigmas(schedule, steps, spacing, steps_offset, karras)
     denoiser = Denoiser(model, schedule.prediction_type, sigmas, timesteps)
-    # diffusers' init_noise_sigma: sigma_max for linspace and trailing, but sqrt(sigma_max^2 + 1) for leading.
-    x = noise * (sigmas[0] if spacing != "leading" else (sigmas[0] ** 2 + 1) ** 0.5)
+    if skip:
+        x = init + sigmas[skip] * noise
+    else:
+        # diffusers' init_noise_sigma: sigma_max for linspace and trailing, but sqrt(sigma_max^2 + 1) for leading.
+        x = noise * (sigmas[0] if spacing != "leading" else (sigmas[0] ** 2 + 1) ** 0.5)
+    sigmas = sigmas[skip:]
     if sampler == "euler":
         return sample_euler(denoiser, x, sigmas, callback=callback)
     if sampler == "heun":

@@ -293,3 +293,65 @@ def test_bad_arguments_are_named(options, message):
 def test_pndm_rejects_sample_prediction():
     with pytest.raises(ValueError, match=r"sampler='pndm'.*'epsilon' or 'v_prediction'"):
         sample(lambda x, t: x, torch.randn(SHAPE), NoiseSchedule(prediction_type="sample"), sampler="pndm")
+
+
+def _init_latents() -> torch.Tensor:
+    return torch.randn(SHAPE, generator=torch.Generator().manual_seed(SEED + 1)).clamp(-2, 2)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "euler", "euler_ancestral", "heun", "dpmpp_2m"])
+@pytest.mark.parametrize("spacing,strength", [("leading", 0.5), ("trailing", 0.75), ("linspace", 0.3)])
+def test_img2img_matches_diffusers(sampler, spacing, strength):
+    """diffusers' img2img: get_timesteps drops the first steps - int(steps * strength) (times the scheduler's
+    order), set_begin_index, add_noise at the first remaining timestep, then the usual loop."""
+    steps, init = 10, _init_latents()
+    cls, options = SCHEDULERS[sampler]
+    scheduler = cls(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                    prediction_type="v_prediction", timestep_spacing=spacing, **options)
+    scheduler.set_timesteps(steps)
+    start = steps - int(steps * strength)
+    timesteps = scheduler.timesteps[start * scheduler.order:]
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start * scheduler.order)
+    generator = torch.Generator().manual_seed(SEED)
+    noise = torch.randn(SHAPE, generator=generator)
+    latents = scheduler.add_noise(init, noise, timesteps[:1])
+    theirs_unet = FakeUNet()
+    step_options = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    for t in timesteps:
+        latents = scheduler.step(theirs_unet(scheduler.scale_model_input(latents, t), t), t, latents,
+                                 **step_options).prev_sample
+
+    ours_generator = torch.Generator().manual_seed(SEED)
+    ours_unet = FakeUNet()
+    ours = sample(ours_unet, torch.randn(SHAPE, generator=ours_generator), NoiseSchedule(prediction_type="v_prediction"),
+                  sampler=sampler, steps=steps, spacing=spacing, generator=ours_generator, init=init, strength=strength)
+    assert len(ours_unet.calls) == len(theirs_unet.calls) == len(timesteps)
+    for (x, t), (x_ref, t_ref) in zip(ours_unet.calls, theirs_unet.calls):
+        torch.testing.assert_close(t, t_ref, rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(x, x_ref, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(ours, latents, rtol=RTOL, atol=ATOL)
+    assert torch.equal(ours_generator.get_state(), generator.get_state())
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_img2img_strength_ends(sampler):
+    """Strength 0 runs no step and returns the input; strength 1 ignores it: the text-to-image sample."""
+    init, schedule = _init_latents(), NoiseSchedule(prediction_type="v_prediction")
+
+    def run(**options):
+        unet = FakeUNet()
+        generator = torch.Generator().manual_seed(SEED)
+        out = sample(unet, torch.randn(SHAPE, generator=generator), schedule, sampler=sampler, steps=8,
+                     generator=generator, **options)
+        return out, len(unet.calls)
+
+    kept, calls = run(init=init, strength=0.0)
+    assert calls == 0 and torch.equal(kept, init)
+    assert torch.equal(run(init=init, strength=1.0)[0], run()[0])
+    half, calls = run(init=init, strength=0.5)
+    assert calls == 4 + (sampler == "pndm") + 3 * (sampler == "heun")  # heun: 2 evaluations a step but the last
+    # Half the schedule leaves the input's imprint; the full one starts from noise alone.
+    assert (half - init).abs().mean() < (run()[0] - init).abs().mean()
+    with pytest.raises(ValueError, match="strength=1.5 is out of range"):
+        run(init=init, strength=1.5)
