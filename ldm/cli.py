@@ -12,10 +12,13 @@ from pathlib import Path
 
 from ldm.devices import resolve_device
 from ldm.diffusers_interop import load_diffusers_folder, load_ldm_folder, save_diffusers_folder
+from ldm.images import ImageRejected, image_tensor, load_image, map_tensor
 from ldm.pipeline import PIPELINE_CONFIG_NAME, Text2Image
 from ldm.samplers import SAMPLERS
 
 DEFAULT_SAMPLE_MODEL = "models/text2img"  # where the pipeline's train stage writes the trained pipeline
+DEFAULT_CONTROLNET = "models/controlnet"  # where the train_controlnet stage writes its ControlNet
+MAX_INPUT_PIXELS = 50_000_000  # input images above this are refused as decompression bombs
 URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")  # models:/..., runs:/..., s3://..., file:///...
 
 
@@ -81,10 +84,10 @@ def _download_pipeline(uri: str, destination: Path) -> Path:
     return _pipeline_in(Path(local), uri)
 
 
-def _load_sample_pipeline(model: str, device: str) -> Text2Image:
+def _load_sample_pipeline(model: str, device: str, controlnet: Path | None) -> Text2Image:
     if URI_SCHEME.match(model) and not Path(model).exists():
         with tempfile.TemporaryDirectory() as tmp:
-            return Text2Image.from_pretrained(_download_pipeline(model, Path(tmp)), device=device)
+            return Text2Image.from_pretrained(_download_pipeline(model, Path(tmp)), device=device, controlnet=controlnet)
     folder = Path(model)
     if not folder.is_dir():
         raise FileNotFoundError(
@@ -92,7 +95,19 @@ def _load_sample_pipeline(model: str, device: str) -> Text2Image:
             f"{DEFAULT_SAMPLE_MODEL}), or pass --model a pipeline folder or an MLflow model URI such as "
             "models:/ldm-text2img/latest"
         )
-    return Text2Image.from_pretrained(folder, device=device)
+    return Text2Image.from_pretrained(folder, device=device, controlnet=controlnet)
+
+
+def _read_image(path: Path | None, option: str):
+    """The image file an option names, decoded safely (`ldm.images.load_image`), or None without one."""
+    if path is None:
+        return None
+    if not path.is_file():
+        raise FileNotFoundError(f"{option} {path} does not exist; give the path of a PNG or JPEG image")
+    try:
+        return load_image(path.read_bytes(), max_pixels=MAX_INPUT_PIXELS)
+    except ImageRejected as e:
+        raise ValueError(f"{option} {path}: {e}") from None
 
 
 def _sample(args: argparse.Namespace) -> str:
@@ -107,15 +122,36 @@ def _sample(args: argparse.Namespace) -> str:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     if any(not prompt.strip() for prompt in args.prompts):
         raise ValueError("a prompt is empty; give each prompt some text (use --negative-prompt for what to avoid)")
-    pipeline = _load_sample_pipeline(args.model, _device(args.device))
+    from ldm.lora import parse_lora_spec
+
+    loras = [parse_lora_spec(text) for text in args.lora]
+    init_image, mask = _read_image(args.init_image, "--init-image"), _read_image(args.mask, "--mask")
+    control_image = _read_image(args.control_image, "--control-image")
+    if mask is not None and init_image is None:
+        raise ValueError("--mask needs --init-image: the image whose unmasked part is kept")
+    pipeline = _load_sample_pipeline(
+        args.model, _device(args.device), args.controlnet if control_image is not None else None
+    )
+    if loras:
+        pipeline.load_loras(loras, merge=args.merge_loras)
     if args.sampler:
         pipeline.sampler = args.sampler
+    conditioning = {
+        "guidance_rescale": args.guidance_rescale,
+        "strength": args.strength,
+        "init_image": None if init_image is None else image_tensor(init_image),
+        "mask": None if mask is None else map_tensor(mask, 1),
+        "control_scale": args.control_scale,
+        "control_image": None if control_image is None else map_tensor(
+            control_image, pipeline.controlnet.config.conditioning_channels
+        ),
+    }
     prompts, size = args.prompts, args.batch_size
     batches = [
         pipeline(
             prompts[start:start + size], negative_prompt=args.negative_prompt, steps=args.steps,
             guidance_scale=args.guidance, seed=[args.seed + i for i in range(start, min(start + size, len(prompts)))],
-            height=args.height, width=args.width,
+            height=args.height, width=args.width, **conditioning,
         )
         for start in range(0, len(prompts), size)
     ]
@@ -166,7 +202,55 @@ def _add_sample_parser(commands) -> None:
         help="random seed: the same seed, prompts and options give the same images; prompt i is drawn from "
         "SEED+i, so with a deterministic sampler its image does not depend on --batch-size (default: %(default)s)",
     )
-    sample.add_argument("--negative-prompt", default=None, help="what the images should not show (all prompts)")
+    sample.add_argument(
+        "--negative-prompt", default=None,
+        help="what the images should not show (all prompts): its embedding replaces the empty prompt's in "
+        "classifier-free guidance, so guidance steers away from it",
+    )
+    sample.add_argument(
+        "--guidance-rescale", type=float, default=0.0,
+        help="0..1: pull the guided prediction's spread back to the conditional one's (Lin et al. 2023), "
+        "against the over-saturation of high --guidance (default: %(default)s, off)",
+    )
+    sample.add_argument(
+        "--init-image", type=Path, default=None,
+        help="img2img: start from this image (its size is the output size unless --height/--width say "
+        "otherwise, which it must then match) instead of pure noise",
+    )
+    sample.add_argument(
+        "--strength", type=float, default=None,
+        help="with --init-image, how much of the denoising schedule is re-run, 0..1: 0 returns the image "
+        "(through the VAE), 1 ignores it (default: 0.8, or 1 with --mask)",
+    )
+    sample.add_argument(
+        "--mask", type=Path, default=None,
+        help="inpainting, with --init-image: a grayscale image of the same size, white where the image is "
+        "regenerated from the prompt and black where it is kept",
+    )
+    sample.add_argument(
+        "--lora", action="append", default=[], metavar="PATH[:SCALE]",
+        help="a LoRA adapter folder (as `dvc repro finetune_lora` writes it, e.g. models/lora) and its scale "
+        "(default 1); repeat the option to combine several",
+    )
+    sample.add_argument(
+        "--merge-loras", action="store_true",
+        help="fold the --lora adapters into the UNet's weights before sampling: as fast as the base model",
+    )
+    sample.add_argument(
+        "--control-image", type=Path, default=None,
+        help="ControlNet conditioning: the control map itself, e.g. a Canny edge map (white edges on black), at "
+        "the output size; needs --controlnet",
+    )
+    sample.add_argument(
+        "--control-scale", type=float, default=1.0,
+        help="how strongly --control-image steers: the ControlNet's residuals are scaled by it (default: "
+        "%(default)s; 0 turns it off)",
+    )
+    sample.add_argument(
+        "--controlnet", type=Path, default=Path(DEFAULT_CONTROLNET),
+        help="the ControlNet folder used with --control-image (as `dvc repro train_controlnet` writes it; "
+        "default: %(default)s)",
+    )
     sample.add_argument(
         "--batch-size", type=int, default=8,
         help="how many prompts are sampled together in one forward pass (default: %(default)s)",

@@ -14,6 +14,7 @@ import io
 import warnings
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Decoders for the formats image datasets actually use; the many rarer formats Pillow can read are left
@@ -127,3 +128,19 @@ def to_png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     clean.save(buffer, format="PNG", compress_level=6)
     return buffer.getvalue()
+
+
+def image_tensor(image: Image.Image) -> torch.Tensor:
+    """An RGB image as the pipelines' input image: (1, 3, H, W) float in [-1, 1]."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32)
+    return torch.from_numpy(array).permute(2, 0, 1)[None] / 127.5 - 1.0
+
+
+def map_tensor(image: Image.Image, channels: int) -> torch.Tensor:
+    """A mask or a control map: (1, channels, H, W) float in [0, 1]; one channel reads the image as grayscale
+    (white = 1), three as RGB."""
+    if channels not in (1, 3):
+        raise ValueError(f"a map has 1 (grayscale) or 3 (RGB) channels, not {channels}")
+    array = np.asarray(image.convert("L" if channels == 1 else "RGB"), dtype=np.float32) / 255.0
+    tensor = torch.from_numpy(array)
+    return tensor[None, None] if channels == 1 else tensor.permute(2, 0, 1)[None]

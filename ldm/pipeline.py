@@ -1,14 +1,19 @@
-"""Text-to-image: text encoder -> sampler over the UNet with classifier-free guidance -> VAE decoder."""
+"""Text-to-image, img2img and inpainting: text encoder -> sampler over the UNet with classifier-free guidance
+(optionally steered by a ControlNet, optionally with LoRA adapters) -> VAE decoder."""
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch._inductor.config
+import torch.nn.functional as F
 
 from ldm.modeling import atomic_path
 from ldm.samplers import SAMPLERS, sample
@@ -16,6 +21,10 @@ from ldm.schedule import NoiseSchedule
 from ldm.text_encoder import TextEmbedding, TextEncoder
 from ldm.unet import UNet
 from ldm.vae import VAE
+
+if TYPE_CHECKING:
+    from ldm.controlnet import ControlNet
+    from ldm.lora import LoraSpec
 
 PIPELINE_CONFIG_NAME = "pipeline.json"
 # A trained model's folder keeps the raw UNet weights here, beside the EMA weights in `unet/` that sampling uses.
@@ -34,6 +43,45 @@ def compile_for_sampling(unet: UNet) -> Callable:
     return torch.compile(unet)
 
 
+@dataclass(frozen=True)
+class InitLatents:
+    """Where img2img and inpainting start. latents: (B, C, h, w) the input image's clean latents in the
+    diffusion space; strength: how much of the schedule is re-run (see `ldm.samplers.sample`); mask:
+    (B, 1, h, w), 1 where the image is regenerated and 0 where the input is kept, or None for img2img."""
+
+    latents: torch.Tensor
+    strength: float
+    mask: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Control:
+    """A ControlNet and what it is shown: images (B, C, H, W) in [0, 1] at pixel resolution, and the scale of
+    its residuals (0 turns it off, 1 is as trained)."""
+
+    net: ControlNet
+    images: torch.Tensor
+    scale: float = 1.0
+
+
+def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, rescale: float) -> torch.Tensor:
+    """Guidance rescale (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed", Sec.
+    3.4): pull the guided prediction's per-sample std back to the conditional one's, which keeps high guidance
+    from over-exposing, mixed with the plain guided prediction by `rescale` in [0, 1]. (B, ...) -> (B, ...)"""
+    dims = tuple(range(1, guided.dim()))
+    matched = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    return rescale * matched + (1 - rescale) * guided
+
+
+def _noised_to(schedule: NoiseSchedule, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """`latents` noised with `noise` to timestep t (a sampler's, possibly fractional) in the VP form the network
+    sees. The noise level is the schedule's sigma interpolated linearly in t, as the Euler samplers place it."""
+    table = schedule.sigmas.numpy()
+    sigma = float(np.interp(t[0].item(), np.arange(len(table)), table))
+    alpha = (1 + sigma**2) ** -0.5
+    return alpha * latents + (alpha * sigma) * noise
+
+
 def denoise(
     unet: Callable,
     context: TextEmbedding,
@@ -47,6 +95,9 @@ def denoise(
     eta: float = 0.0,
     seed: int | list[int] = 0,
     callback: Callable[[int, int], None] | None = None,
+    guidance_rescale: float = 0.0,
+    init: InitLatents | None = None,
+    control: Control | None = None,
 ) -> torch.Tensor:
     """Sample latents (B, C, h, w) in the diffusion model's space from the UNet's text context.
 
@@ -55,20 +106,44 @@ def denoise(
     `seed`, and the same generator then feeds the sampler's noise. With one seed per image, image i's
     initial latents come from its own seed, so with a deterministic sampler (all but ddpm, euler_ancestral
     and ddim with eta > 0) an image does not depend on the batch it is drawn in.
+
+    `init` turns this into img2img (start from its latents, partly noised) or, with a mask, inpainting: before
+    every network call the kept region of the sample is replaced by the input's latents noised to that step's
+    level with the initial noise, so the regenerated region is denoised in the context of the kept one; the
+    result keeps the input's latents outside the mask. `control` adds a ControlNet's residuals to the UNet's
+    skips, for the unconditional and the conditional half alike.
     """
     guided = guidance_scale > 1.0
     if len(context) != (2 if guided else 1) * shape[0]:
         raise ValueError(f"{len(context)} context rows for {shape[0]} images with guidance={guided}")
+    if not 0.0 <= guidance_rescale <= 1.0:
+        raise ValueError(f"guidance_rescale={guidance_rescale} is out of range; use 0 (off) .. 1")
     device, dtype = context.hidden_states.device, context.hidden_states.dtype
     # Prompts of equal length need no mask, and attention without one takes a faster kernel.
     mask = None if context.attention_mask.all() else context.attention_mask
+    if init is not None:
+        init = InitLatents(
+            init.latents.to(device, dtype), init.strength, None if init.mask is None else init.mask.to(device, dtype)
+        )
+    control_images = None
+    if control is not None:
+        control_images = control.images.to(device, dtype)
+        control_images = torch.cat([control_images, control_images]) if guided else control_images
+
+    def network(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if control is None:
+            return unet(x, t, context.hidden_states, mask)
+        down, mid = control.net(x, t, context.hidden_states, mask, control_images, control.scale)
+        return unet(x, t, context.hidden_states, mask, down_residuals=down, mid_residual=mid)
 
     def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if init is not None and init.mask is not None:
+            x = init.mask * x + (1 - init.mask) * _noised_to(schedule, init.latents, noise, t)
         if not guided:
-            return unet(x, t, context.hidden_states, mask)
-        out = unet(torch.cat([x, x]), torch.cat([t, t]), context.hidden_states, mask)
-        uncond, cond = out.chunk(2)
-        return uncond + guidance_scale * (cond - uncond)
+            return network(x, t)
+        uncond, cond = network(torch.cat([x, x]), torch.cat([t, t])).chunk(2)
+        out = uncond + guidance_scale * (cond - uncond)
+        return rescale_guidance(out, cond, guidance_rescale) if guidance_rescale > 0 else out
 
     if isinstance(seed, int):
         generator = torch.Generator("cpu").manual_seed(seed)
@@ -80,14 +155,18 @@ def denoise(
         noise = torch.stack([torch.randn(shape[1:], generator=g) for g in generators])
         generator = generators[0]
     noise = noise.to(device, dtype)
-    return sample(
+    latents = sample(
         model, noise, schedule, sampler=sampler, steps=steps, spacing=spacing, karras=karras, eta=eta,
-        generator=generator, callback=callback,
+        generator=generator, callback=callback, init=None if init is None else init.latents,
+        strength=1.0 if init is None else init.strength,
     )
+    if init is not None and init.mask is not None:
+        latents = init.mask * latents + (1 - init.mask) * init.latents
+    return latents
 
 
 class Text2Image:
-    """Generate images from prompts.
+    """Generate images from prompts; from an input image too (img2img), or only inside a mask (inpainting).
 
     Same weights, sampler, steps and seed give the same image as the equivalent diffusers loop: the initial
     latents are `torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed))` and the same
@@ -106,11 +185,13 @@ class Text2Image:
         compile: bool = False,
         steps: int = 20,
         guidance_scale: float = 5.0,
+        controlnet: ControlNet | None = None,
     ):
         """`compile=True` runs the UNet through `compile_for_sampling`: 10-30 s of compiling on first use
         (and on a new batch shape), then sampling at the cpu preset 1.3-1.5x faster than eager (bench/).
         The weights are baked in, so build a new pipeline after changing them. `steps` and `guidance_scale`
-        are the defaults of a call (a trained model saves the ones it was validated with)."""
+        are the defaults of a call (a trained model saves the ones it was validated with). `controlnet`: a
+        ControlNet trained for this UNet, used by calls given `control_image`."""
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {list(SAMPLERS)}")
         if unet.config.cross_attention_dim != text_encoder.hidden_size:
@@ -118,11 +199,25 @@ class Text2Image:
                 f"the UNet cross-attends to {unet.config.cross_attention_dim}-wide text tokens but the text encoder "
                 f"{text_encoder.name!r} gives {text_encoder.hidden_size}; use the encoder the UNet was trained with"
             )
-        self.vae, self.unet, self.text_encoder = vae, unet, text_encoder
+        if controlnet is not None and controlnet.config.unet != unet.config:
+            raise ValueError(
+                "the ControlNet was trained for a UNet of another architecture than this pipeline's; train one for "
+                "this model (`dvc repro train_controlnet`)"
+            )
+        self.vae, self.unet, self.text_encoder, self.controlnet = vae, unet, text_encoder, controlnet
         self.schedule = schedule or NoiseSchedule()
         self.sampler, self.spacing, self.karras = sampler, spacing, karras
         self.steps, self.guidance_scale = steps, guidance_scale
+        self.compile = compile
         self.denoise = compile_for_sampling(unet) if compile else unet
+
+    def load_loras(self, loras: Sequence[LoraSpec], merge: bool = False) -> None:
+        """Apply LoRA adapters to the UNet, each at its scale (`ldm.lora.load_loras`); `merge` folds them into
+        the weights, which samples at the base model's speed but cannot be undone."""
+        from ldm.lora import load_loras
+
+        self.unet = load_loras(self.unet, loras, merge=merge)
+        self.denoise = compile_for_sampling(self.unet) if self.compile else self.unet
 
     @property
     def device(self) -> torch.device:
@@ -160,13 +255,30 @@ class Text2Image:
         width: int | None = None,
         eta: float = 0.0,
         callback: Callable[[int, int], None] | None = None,
+        guidance_rescale: float = 0.0,
+        init_image: torch.Tensor | None = None,
+        strength: float | None = None,
+        mask: torch.Tensor | None = None,
+        control_image: torch.Tensor | None = None,
+        control_scale: float = 1.0,
     ) -> torch.Tensor:
         """Returns images (B, 3, H, W) in [-1, 1]. `seed`: one for the batch, or one per prompt (see `denoise`);
-        `steps` and `guidance_scale` default to the pipeline's own."""
+        `steps` and `guidance_scale` default to the pipeline's own; `guidance_rescale` in [0, 1] (see
+        `rescale_guidance`).
+
+        img2img: `init_image` (1 or B, 3, H, W) in [-1, 1] is encoded (posterior mean) and re-generated from
+        `strength` of the schedule (default 0.8): 0 returns it through the VAE, 1 is plain text-to-image.
+        Inpainting: with `mask` (1 or B, 1, H, W) in [0, 1] too, only where the mask is 1 (a latent pixel is
+        regenerated when at least half of its image pixels are) and from the start by default (strength 1).
+        ControlNet: `control_image` (1 or B, C, H, W) in [0, 1], e.g. an edge map (`ldm.controlnet.control_map`),
+        at the output size, its residuals scaled by `control_scale`. An image or mask of one row applies to all.
+        """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         steps = self.steps if steps is None else steps
         guidance_scale = self.guidance_scale if guidance_scale is None else guidance_scale
         f = self.vae.downsampling_factor * self.unet.downsampling_factor
+        if init_image is not None:
+            height, width = height or init_image.shape[-2], width or init_image.shape[-1]
         height = height or self.unet.config.sample_size * self.vae.downsampling_factor
         width = width or height
         if height % f or width % f:
@@ -175,11 +287,37 @@ class Text2Image:
         context = self.encode_prompts(prompts, negative_prompt, guided).to(self.device, self.dtype)
         shape = (len(prompts), self.unet.config.in_channels, height // self.vae.downsampling_factor,
                  width // self.vae.downsampling_factor)
+        init = self._init_latents(init_image, strength, mask, shape)
+        control = None
+        if control_image is not None:
+            if self.controlnet is None:
+                raise ValueError("a control image needs a ControlNet: load the pipeline with one (`--controlnet`)")
+            control = Control(self.controlnet, _per_prompt("control image", control_image, shape[0], (height, width)),
+                              control_scale)
         latents = denoise(
             self.denoise, context, guidance_scale, shape, self.schedule, sampler=self.sampler, steps=steps,
             spacing=self.spacing, karras=self.karras, eta=eta, seed=seed, callback=callback,
+            guidance_rescale=guidance_rescale, init=init, control=control,
         )
         return self.vae.decode(self.vae.unscale_latents(latents))
+
+    def _init_latents(
+        self, image: torch.Tensor | None, strength: float | None, mask: torch.Tensor | None, shape: tuple[int, ...]
+    ) -> InitLatents | None:
+        if image is None:
+            if mask is not None or strength is not None:
+                raise ValueError("a mask or a strength needs an input image to start from (init_image / --init-image)")
+            return None
+        size = (shape[2] * self.vae.downsampling_factor, shape[3] * self.vae.downsampling_factor)
+        image = _per_prompt("input image", image, shape[0], size).to(self.device, self.dtype)
+        latents = self.vae.scale_latents(self.vae.encode(image).mode())
+        if mask is None:
+            return InitLatents(latents, 0.8 if strength is None else strength)
+        mask = _per_prompt("mask", mask, shape[0], size).to(self.device, self.dtype)
+        if mask.shape[1] != 1:
+            raise ValueError(f"the mask has {mask.shape[1]} channels; give one (white = regenerate, black = keep)")
+        latent_mask = (F.interpolate(mask, size=shape[2:], mode="area") >= 0.5).to(self.dtype)
+        return InitLatents(latents, 1.0 if strength is None else strength, latent_mask)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """A folder with `vae/`, `unet/` and `pipeline.json` (schedule, sampler defaults, text encoder name)."""
@@ -205,9 +343,11 @@ class Text2Image:
         text_encoder: TextEncoder | None = None,
         device: str | torch.device | None = None,
         raw_weights: bool = False,
+        controlnet: str | os.PathLike | None = None,
     ) -> Text2Image:
         """Load a folder written by `save_pretrained`; `raw_weights` takes the UNet from `unet_raw/` (the
-        training weights, when the folder keeps them) instead of `unet/` (their EMA)."""
+        training weights, when the folder keeps them) instead of `unet/` (their EMA); `controlnet` is the
+        folder of a ControlNet trained for this UNet."""
         directory = Path(directory)
         path = directory / PIPELINE_CONFIG_NAME
         if not path.is_file():
@@ -226,4 +366,28 @@ class Text2Image:
             karras=config["karras"],
             steps=config.get("steps", 20),
             guidance_scale=config.get("guidance_scale", 5.0),
+            controlnet=None if controlnet is None else _load_controlnet(controlnet, device),
         )
+
+
+def _load_controlnet(folder: str | os.PathLike, device: str | torch.device | None) -> ControlNet:
+    from ldm.controlnet import ControlNet
+
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(
+            f"ControlNet folder {folder} does not exist: train one with `dvc repro train_controlnet` (it writes "
+            "models/controlnet), or point at a folder written by ControlNet.save_pretrained"
+        )
+    return ControlNet.from_pretrained(folder, device=device)
+
+
+def _per_prompt(name: str, images: torch.Tensor, count: int, size: tuple[int, int]) -> torch.Tensor:
+    """(1 or count, C, H, W) -> (count, C, H, W), checking the size against the output's."""
+    if images.dim() != 4 or len(images) not in (1, count):
+        raise ValueError(f"the {name} must be (1 or {count}, C, H, W), got {tuple(images.shape)}")
+    if tuple(images.shape[-2:]) != size:
+        raise ValueError(
+            f"the {name} is {images.shape[-1]}x{images.shape[-2]} but the output is {size[1]}x{size[0]}; "
+            "resize it, or pass the output size of the image"
+        )
+    return images.expand(count, *images.shape[1:])

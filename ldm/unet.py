@@ -8,6 +8,8 @@ Every residual block receives the timestep embedding; every transformer cross-at
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from pydantic import model_validator
@@ -159,9 +161,14 @@ class UNet(PretrainedModel):
         t: torch.Tensor | float,
         context: torch.Tensor,
         context_mask: torch.Tensor | None = None,
+        down_residuals: Sequence[torch.Tensor] | None = None,
+        mid_residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x: (B, C, h, w) noisy latents; t: timestep(s), scalar or (B,); context: (B, S, D) text tokens;
-        context_mask: (B, S) bool, True for real tokens. Returns the prediction, (B, C_out, h, w)."""
+        context_mask: (B, S) bool, True for real tokens. Returns the prediction, (B, C_out, h, w).
+
+        down_residuals (one per skip tensor, in down-path order) and mid_residual are added to the skips and to
+        the middle block's output, as a ControlNet's outputs are (diffusers' *_additional_residual(s))."""
         f = self.downsampling_factor
         if x.shape[-1] % f or x.shape[-2] % f:
             raise ValueError(f"latent size {tuple(x.shape[-2:])} is not a multiple of the UNet's factor {f}")
@@ -175,7 +182,16 @@ class UNet(PretrainedModel):
         for level in self.down_blocks:
             h, level_skips = level(h, temb, context, context_mask)
             skips.extend(level_skips)
+        if down_residuals is not None:
+            if len(down_residuals) != len(skips):
+                raise ValueError(
+                    f"got {len(down_residuals)} down_residuals but this UNet has {len(skips)} skip tensors; "
+                    "pass one per skip (a ControlNet built from this UNet's config gives exactly that)"
+                )
+            skips = [skip + residual for skip, residual in zip(skips, down_residuals)]
         h = self.mid_block(h, temb, context, context_mask)
+        if mid_residual is not None:
+            h = h + mid_residual
         for level in self.up_blocks:
             h = level(h, skips, temb, context, context_mask)
         return self.conv_out(F.silu(self.conv_norm_out(h)))

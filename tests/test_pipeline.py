@@ -10,8 +10,10 @@ from diffusers import (
     UNet2DConditionModel,
 )
 
-from ldm import Text2Image, TextEncoder
+from ldm import Text2Image, TextEncoder, UNet
+from ldm.controlnet import ControlNet
 from ldm.diffusers_interop import from_diffusers, unet_config_to_diffusers, vae_config_to_diffusers
+from ldm.pipeline import InitLatents, denoise, rescale_guidance
 from ldm.presets import preset
 from ldm.schedule import NoiseSchedule
 
@@ -104,3 +106,96 @@ def test_compiled_pipeline_gives_the_eager_images(models):
     eager = Text2Image(vae=ours_vae, unet=ours_unet, text_encoder=encoder)
     fast = Text2Image(vae=ours_vae, unet=ours_unet, text_encoder=encoder, compile=True)
     torch.testing.assert_close(fast(PROMPTS, steps=4, seed=5), eager(PROMPTS, steps=4, seed=5), rtol=0, atol=1e-5)
+
+
+def _image(seed: int, size: int = 16) -> torch.Tensor:
+    return torch.rand((1, 3, size, size), generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def test_img2img_strength_zero_is_the_input_through_the_vae_and_one_is_text_to_image(models):
+    ours_unet, ours_vae, _, _, encoder = models
+    pipe = Text2Image(vae=ours_vae, unet=ours_unet, text_encoder=encoder)
+    image = _image(0)
+    with torch.no_grad():
+        through_vae = ours_vae.decode(ours_vae.encode(image).mode())
+    kept = pipe(PROMPTS[:1], init_image=image, strength=0.0, steps=6, seed=1)
+    torch.testing.assert_close(kept, through_vae, rtol=0, atol=1e-5)
+    assert torch.equal(pipe(PROMPTS[:1], init_image=image, strength=1.0, steps=6, seed=1), pipe(PROMPTS[:1], steps=6, seed=1))
+    # In between, the more of the schedule is re-run, the further the result moves from the input.
+    moved = [(pipe(PROMPTS[:1], init_image=image, strength=s, steps=6, seed=1) - through_vae).abs().mean() for s in (0.3, 0.6)]
+    assert 0 < moved[0] < moved[1]
+
+
+def test_inpainting_keeps_the_latents_outside_the_mask(models):
+    ours_unet, ours_vae, _, _, encoder = models
+    pipe = Text2Image(vae=ours_vae, unet=ours_unet, text_encoder=encoder)
+    image, mask = _image(0), torch.zeros(1, 1, 16, 16)
+    mask[..., :, 8:] = 1  # regenerate the right half
+    # Everything masked is text-to-image; nothing masked is the input through the VAE.
+    assert torch.equal(pipe(PROMPTS[:1], init_image=image, mask=torch.ones(1, 1, 16, 16), steps=6, seed=1),
+                       pipe(PROMPTS[:1], steps=6, seed=1))
+    torch.testing.assert_close(pipe(PROMPTS[:1], init_image=image, mask=torch.zeros(1, 1, 16, 16), steps=6, seed=1),
+                               ours_vae.decode(ours_vae.encode(image).mode()), rtol=0, atol=1e-5)
+
+    latents = pipe.vae.scale_latents(pipe.vae.encode(image).mode())
+    latent_mask = torch.zeros(1, 1, 8, 8)
+    latent_mask[..., 4:] = 1
+    context = pipe.encode_prompts(PROMPTS[:1], None, guided=True)
+    seen = []
+
+    def unet(x, t, *args, **kwargs):
+        seen.append(x[:1].clone())
+        return ours_unet(x, t, *args, **kwargs)
+
+    with torch.no_grad():
+        out = denoise(unet, context, 4.0, (1, 4, 8, 8), pipe.schedule, steps=6, seed=1,
+                      init=InitLatents(latents, 1.0, latent_mask))
+    assert torch.equal(out[..., :4], latents[..., :4])
+    assert (out[..., 4:] - latents[..., 4:]).abs().mean() > 0.1
+    # The network sees the kept half as the input noised to each step's level: closer to it at each step.
+    distances = [(x[..., :4] - latents[..., :4]).abs().mean() for x in seen]
+    assert all(later < earlier for earlier, later in zip(distances, distances[1:]))
+
+
+def test_guidance_rescale_matches_the_conditional_std():
+    guided, cond = torch.randn(2, 4, 8, 8) * 3, torch.randn(2, 4, 8, 8)
+    rescaled = rescale_guidance(guided, cond, 1.0)
+    torch.testing.assert_close(rescaled.std(dim=(1, 2, 3)), cond.std(dim=(1, 2, 3)))
+    assert torch.equal(rescale_guidance(guided, cond, 0.0), guided)
+    half = rescale_guidance(guided, cond, 0.5)
+    torch.testing.assert_close(half, (guided + rescaled) / 2)
+
+
+def test_guidance_rescale_changes_the_image_and_bad_conditioning_is_named(models):
+    ours_unet, ours_vae, _, _, encoder = models
+    pipe = Text2Image(vae=ours_vae, unet=ours_unet, text_encoder=encoder)
+    plain = pipe(PROMPTS[:1], steps=6, seed=1, guidance_scale=7.0)
+    assert (pipe(PROMPTS[:1], steps=6, seed=1, guidance_scale=7.0, guidance_rescale=0.7) - plain).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="guidance_rescale=2"):
+        pipe(PROMPTS[:1], steps=2, guidance_rescale=2)
+    with pytest.raises(ValueError, match="needs an input image"):
+        pipe(PROMPTS[:1], steps=2, mask=torch.ones(1, 1, 16, 16))
+    with pytest.raises(ValueError, match="the input image is 8x8 but the output is 16x16"):
+        pipe(PROMPTS[:1], steps=2, init_image=_image(0, 8), height=16, width=16)
+    with pytest.raises(ValueError, match="a control image needs a ControlNet"):
+        pipe(PROMPTS[:1], steps=2, control_image=torch.zeros(1, 1, 16, 16))
+
+
+def test_controlnet_steers_the_pipeline_only_once_trained(models):
+    ours_unet, ours_vae, _, _, encoder = models
+    controlnet = ControlNet.from_unet(ours_unet, vae_downsampling_factor=ours_vae.downsampling_factor)
+    pipe = Text2Image(vae=ours_vae, unet=ours_unet, text_encoder=encoder, controlnet=controlnet)
+    edges = torch.zeros(1, 1, 16, 16)
+    edges[..., 4:12, 4] = edges[..., 4:12, 11] = 1
+    base = pipe(PROMPTS, steps=4, seed=1)
+    # Zero-initialised output convolutions: an untrained ControlNet changes nothing.
+    assert torch.equal(pipe(PROMPTS, steps=4, seed=1, control_image=edges), base)
+    with torch.no_grad():
+        for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
+            conv.weight.normal_(std=0.1)
+    steered = pipe(PROMPTS, steps=4, seed=1, control_image=edges)
+    assert (steered - base).abs().mean() > 1e-3
+    assert torch.equal(pipe(PROMPTS, steps=4, seed=1, control_image=edges, control_scale=0.0), base)
+    with pytest.raises(ValueError, match="another architecture"):
+        other = preset("tiny").unet.model_copy(update={"block_out_channels": (32, 64)})
+        Text2Image(vae=ours_vae, unet=UNet(other), text_encoder=encoder, controlnet=controlnet)

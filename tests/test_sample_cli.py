@@ -6,11 +6,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from mlflow import MlflowClient
 from PIL import Image
 
+from ldm import Text2Image, UNet
 from ldm.cli import main
+from ldm.controlnet import ControlNet
+from ldm.images import image_tensor, map_tensor
 from ldm.ingested import tensor_to_pil
+from ldm.lora import LoraSpec, add_lora, save_lora
 from ldm.samplers import SAMPLERS
 from tests.test_text2img_model import registered_store, tiny_pipeline
 
@@ -69,7 +74,9 @@ def test_help_documents_every_option(capsys):
     assert done.value.code == 0
     text = capsys.readouterr().out
     for option in ("--model", "--steps", "--sampler", "--guidance", "--seed", "--negative-prompt", "--batch-size",
-                   "--height", "--width", "--device", "--output", "models:/ldm-text2img", *SAMPLERS):
+                   "--height", "--width", "--device", "--output", "models:/ldm-text2img", *SAMPLERS,
+                   "--guidance-rescale", "--init-image", "--strength", "--mask", "--lora", "PATH[:SCALE]",
+                   "--merge-loras", "--control-image", "--control-scale", "--controlnet"):
         assert option in text, option
 
 
@@ -117,3 +124,77 @@ def test_mlflow_model_uris(tiny, tmp_path, monkeypatch, capsys):
     assert main(["sample", "a", "--model", "models:/ldm-text2img/latest", *FAST]) == 2
     assert "no MLflow store" in error_line(capsys)
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def save_png(tensor: torch.Tensor, path: Path) -> Path:
+    """(1, 3, H, W) in [-1, 1] -> an RGB PNG at `path`."""
+    tensor_to_pil(tensor[0]).save(path)
+    return path
+
+
+def test_img2img_and_inpainting_options(tiny, tmp_path, capsys):
+    pipeline, folder = tiny
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    init = save_png(image, tmp_path / "init.png")
+    mask = tmp_path / "mask.png"
+    Image.fromarray(np.where(np.arange(16)[None, :] >= 8, 255, 0).repeat(16, 0).astype(np.uint8)).save(mask)
+    read = image_tensor(Image.open(init))
+    for options, kwargs in (
+        (["--strength", "0.5"], {"init_image": read, "strength": 0.5}),
+        (["--mask", str(mask)], {"init_image": read, "mask": map_tensor(Image.open(mask), 1)}),
+    ):
+        out = tmp_path / "out.png"
+        assert main(["sample", "a red circle", "--model", str(folder), "--init-image", str(init), *options,
+                     "--seed", "3", "-o", str(out), *FAST]) == 0
+        want = pipeline("a red circle", steps=2, seed=3, **kwargs)[0]
+        np.testing.assert_array_equal(pixels(out), np.asarray(tensor_to_pil(want)))
+    capsys.readouterr()
+
+    assert main(["sample", "a", "--model", str(folder), "--mask", str(mask), *FAST]) == 2
+    assert "--mask needs --init-image" in error_line(capsys)
+    assert main(["sample", "a", "--model", str(folder), "--init-image", str(tmp_path / "none.png"), *FAST]) == 2
+    assert "--init-image" in error_line(capsys)
+    (tmp_path / "text.png").write_text("not an image")
+    assert main(["sample", "a", "--model", str(folder), "--init-image", str(tmp_path / "text.png"), *FAST]) == 2
+    assert "not a readable image" in error_line(capsys)
+
+
+def test_lora_and_controlnet_options(tiny, tmp_path, capsys):
+    pipeline, folder = tiny
+    adapted = UNet.from_pretrained(folder / "unet")
+    add_lora(adapted, rank=2, alpha=2)
+    with torch.no_grad():
+        for name, weight in adapted.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(std=0.5)
+    save_lora(adapted, tmp_path / "lora")
+    with_lora = Text2Image.from_pretrained(folder, text_encoder=pipeline.text_encoder)
+    with_lora.load_loras([LoraSpec(tmp_path / "lora", 0.5)])
+    want = np.asarray(tensor_to_pil(with_lora("a red circle", steps=2, seed=3)[0]))
+    plain = np.asarray(tensor_to_pil(pipeline("a red circle", steps=2, seed=3)[0]))
+    assert not np.array_equal(want, plain)
+    out = tmp_path / "lora.png"
+    for merge in ([], ["--merge-loras"]):
+        assert main(["sample", "a red circle", "--model", str(folder), "--lora", f"{tmp_path / 'lora'}:0.5", *merge,
+                     "--seed", "3", "-o", str(out), *FAST]) == 0
+        assert np.abs(pixels(out).astype(int) - want).max() <= 1  # merging rounds differently, by a level at most
+
+    controlnet = ControlNet.from_unet(pipeline.unet, vae_downsampling_factor=pipeline.vae.downsampling_factor)
+    with torch.no_grad():
+        controlnet.controlnet_mid_block.weight.normal_(std=0.5)
+    controlnet.save_pretrained(tmp_path / "controlnet")
+    edges = tmp_path / "edges.png"
+    Image.fromarray((np.eye(16) * 255).astype(np.uint8)).save(edges)
+    steered = Text2Image.from_pretrained(folder, text_encoder=pipeline.text_encoder, controlnet=tmp_path / "controlnet")
+    want = steered("a red circle", steps=2, seed=3, control_image=map_tensor(Image.open(edges), 1), control_scale=0.7)
+    out = tmp_path / "control.png"
+    assert main(["sample", "a red circle", "--model", str(folder), "--control-image", str(edges), "--control-scale",
+                 "0.7", "--controlnet", str(tmp_path / "controlnet"), "--seed", "3", "-o", str(out), *FAST]) == 0
+    np.testing.assert_array_equal(pixels(out), np.asarray(tensor_to_pil(want[0])))
+    capsys.readouterr()
+
+    assert main(["sample", "a", "--model", str(folder), "--lora", str(tmp_path / "no-lora"), *FAST]) == 2
+    assert "no-lora" in error_line(capsys)
+    assert main(["sample", "a", "--model", str(folder), "--control-image", str(edges), "--controlnet",
+                 str(tmp_path / "no-controlnet"), *FAST]) == 2
+    assert "train_controlnet" in error_line(capsys)

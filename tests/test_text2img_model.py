@@ -23,7 +23,9 @@ from PIL import Image
 from flows.text2img_model import log_text2img_model
 from flows.tracking import StageRun
 from ldm import VAE, Text2Image, TextEncoder, UNet
+from ldm.images import image_tensor, map_tensor
 from ldm.ingested import tensor_to_pil
+from ldm.lora import LoraSpec, add_lora, save_lora
 from ldm.presets import preset
 from tests.servers import BIN, _server, free_port
 
@@ -129,6 +131,55 @@ def test_loaded_model_matches_the_pipeline_and_follows_params(store):
     ):
         with pytest.raises(MlflowException) as error:
             model.predict(frame, params=bad_params)
+        assert all(word in str(error.value) for word in words), str(error.value)
+
+
+def _base64_png(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def test_model_takes_the_sample_cli_conditioning_as_params(store, tmp_path):
+    """img2img, inpainting, LoRA and guidance rescale through params give what the pipeline gives."""
+    model = mlflow.pyfunc.load_model(f"models:/ldm-text2img/{store['version']}", model_config={"device": "cpu"})
+    pipeline = store["pipeline"]
+    init = tensor_to_pil(torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1)
+    mask = Image.fromarray(np.where(np.arange(16)[None, :] >= 8, 255, 0).repeat(16, 0).astype(np.uint8))
+    adapted = UNet.from_pretrained(store["pipeline_dir"] / "unet")
+    add_lora(adapted, rank=2, alpha=2)
+    with torch.no_grad():
+        for name, weight in adapted.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(std=0.5)
+    save_lora(adapted, tmp_path / "lora")
+    with_lora = Text2Image.from_pretrained(store["pipeline_dir"], text_encoder=pipeline.text_encoder)
+    with_lora.load_loras([LoraSpec(tmp_path / "lora", 0.5)], merge=True)
+
+    base = {"seed": 3, "steps": 2}
+    cases = (
+        ({"init_image": _base64_png(init), "strength": 0.5}, pipeline, {"init_image": image_tensor(init), "strength": 0.5}),
+        ({"init_image": _base64_png(init), "mask": _base64_png(mask)}, pipeline,
+         {"init_image": image_tensor(init), "mask": map_tensor(mask, 1)}),
+        ({"guidance_rescale": 0.7}, pipeline, {"guidance_rescale": 0.7}),
+        ({"lora": f"{tmp_path / 'lora'}:0.5"}, with_lora, {}),
+    )
+    for params, reference, kwargs in cases:
+        out = model.predict(pd.DataFrame({"prompt": PROMPTS[:1]}), params=base | params)
+        [want] = direct(reference, PROMPTS[:1], seed=3, steps=2, **kwargs)
+        np.testing.assert_array_equal(decode(out["image"][0]), want, err_msg=str(list(params)))
+    # The request's LoRA went into a copy: the next request without one is the base model again.
+    plain = model.predict(pd.DataFrame({"prompt": PROMPTS[:1]}), params=base)
+    np.testing.assert_array_equal(decode(plain["image"][0]), direct(pipeline, PROMPTS[:1], seed=3, steps=2)[0])
+
+    for bad, words in (
+        ({"init_image": "%%%"}, ["init_image", "base64"]),
+        ({"mask": _base64_png(mask)}, ["input image"]),
+        ({"control_image": _base64_png(mask)}, ["ControlNet"]),
+        ({"lora": str(tmp_path / "missing")}, ["missing"]),
+    ):
+        with pytest.raises(MlflowException) as error:
+            model.predict(pd.DataFrame({"prompt": ["a"]}), params=base | bad)
         assert all(word in str(error.value) for word in words), str(error.value)
 
 
