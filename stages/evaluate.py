@@ -37,7 +37,13 @@ import numpy as np
 import torch
 from torchvision.utils import make_grid
 
-from ldm.attributes import AttributeClassifierConfig, adherence, scene_accuracy, train_attribute_classifier
+from ldm.attributes import (
+    AttributeClassifier,
+    AttributeClassifierConfig,
+    adherence,
+    scene_accuracy,
+    train_attribute_classifier,
+)
 from ldm.checkpoint import atomic_directory
 from ldm.evaluator import (
     ContrastiveEvaluatorConfig,
@@ -55,7 +61,7 @@ from ldm.shapes import Scene, parse_caption
 from ldm.text_encoder import TextEmbedding, TextEncoderNotFoundError
 from ldm.vae_training import reconstruction_metrics
 from stages.params import Params, ParamsError, resolve_device
-from stages.reporting import Reporter, StageResult, stage_main, write_csv
+from stages.reporting import Reporter, StageResult, flatten, stage_main, write_csv
 
 STAGE = "evaluate"
 
@@ -149,10 +155,8 @@ def run(params: Params, reporter: Reporter) -> StageResult:
     classifier = None
     if train.scenes is not None and scenes is not None:
         began = time.perf_counter()
-        vocabulary = _vocabulary(train.scenes + val.scenes)
-        classifier = train_attribute_classifier(
-            train.images, train.scenes, AttributeClassifierConfig(**vocabulary, image_size=image_size),
-            steps=section.classifier_steps, batch_size=128, lr=3e-3, seed=params.seed, device=device, log=reporter.info,
+        classifier = fit_attribute_classifier(
+            train.images, train.scenes, val.scenes, section.classifier_steps, params.seed, device, reporter
         )
         accuracy = scene_accuracy(classifier, val.images.to(device), val.scenes)
         metrics["classifier"] = {**accuracy, "seconds": time.perf_counter() - began}
@@ -198,10 +202,10 @@ def run(params: Params, reporter: Reporter) -> StageResult:
         if classifier is not None:
             result["adherence"] = adherence(classifier.read(generated.to(device)), scenes)
         metrics["samplers"][key] = result
-        rows.append({"sampler": run_spec.sampler, "steps": run_spec.steps, **_flat(result.get("adherence", {}))})
+        rows.append({"sampler": run_spec.sampler, "steps": run_spec.steps, **flatten(result.get("adherence", {}))})
         grids[key] = comparison_grid(generated, val.images, section.grid_images)
         reporter.info(f"{STAGE}: {key}: {_summary(result)}")
-        reporter.metrics(_flat(result, f"{key}."))
+        reporter.metrics(flatten(result, f"{key}."))
     if skipped_reason := metrics.get("inception_fid_skipped"):
         reporter.info(f"{STAGE}: {skipped_reason}")
 
@@ -222,7 +226,7 @@ def run(params: Params, reporter: Reporter) -> StageResult:
         write_csv(tmp / "adherence.csv", rows, tuple(dict.fromkeys(k for row in rows for k in row)))
     with atomic_path(metrics_path) as tmp:
         tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-    numbers = {k: v for k, v in _flat(metrics).items() if isinstance(v, (int, float))}
+    numbers = {k: v for k, v in flatten(metrics).items() if isinstance(v, (int, float))}
     return StageResult(metrics=numbers, artifacts=[metrics_path, out / "plots"])
 
 
@@ -235,6 +239,18 @@ def _scenes(val: RealImages, prompts: list[str]) -> list[Scene] | None:
         return None
 
 
+def fit_attribute_classifier(
+    images: torch.Tensor, scenes: list[Scene], other_scenes: list[Scene], steps: int, seed: int,
+    device: torch.device, reporter: Reporter,
+) -> AttributeClassifier:
+    """The attribute classifier learnt from real `images` (N, 3, H, W) of `scenes`, reading every shape, colour
+    and size that these or `other_scenes` (the prompts it will be asked about) name."""
+    config = AttributeClassifierConfig(**_vocabulary(scenes + other_scenes), image_size=images.shape[-1])
+    return train_attribute_classifier(
+        images, scenes, config, steps=steps, batch_size=128, lr=3e-3, seed=seed, device=device, log=reporter.info
+    )
+
+
 def _vocabulary(scenes: list[Scene]) -> dict[str, tuple[str, ...]]:
     objects = [o for s in scenes for o in s.objects]
     return {
@@ -242,16 +258,6 @@ def _vocabulary(scenes: list[Scene]) -> dict[str, tuple[str, ...]]:
         "colors": tuple(sorted({o.color for o in objects})),
         "sizes": tuple(sorted({o.size for o in objects})),
     }
-
-
-def _flat(values: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def _summary(result: dict) -> str:

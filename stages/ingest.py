@@ -96,16 +96,7 @@ def run(params: Params, reporter: Reporter) -> StageResult:
     started = time.perf_counter()
     knobs = params.ingest
     tokenizer = AutoTokenizer.from_pretrained(resolve_folder(params.text_encoder.name), local_files_only=True)
-    if knobs.source == "shapes":
-        total, outcomes = _shapes(params)
-        described = f"{total} generated shapes images"
-    else:
-        root = Path(knobs.source)
-        layout = detect_format(root, knobs.format)
-        root = root.resolve()
-        total, inputs = _list_inputs(root, layout, knobs)
-        outcomes = _convert_all(root, inputs, knobs, params.image_size)
-        described = f"{total} inputs from {root} ({layout})"
+    total, described, outcomes = read_source(knobs, params.image_size, params.seed, "ingest")
     reporter.info(f"{STAGE}: {described} -> {params.paths.ingested}")
 
     out = Path(params.paths.ingested)
@@ -235,8 +226,26 @@ def _row(png: bytes, text: str, width: int, height: int, source: str, val_fracti
 # ---------------------------------------------------------------------------------------------- shapes
 
 
-def _shapes(params: Params) -> tuple[int, Iterator[tuple[str, list[dict]]]]:
-    shapes = params.ingest.shapes
+def read_source(
+    knobs: IngestParams, image_size: int, seed: int, section: str
+) -> tuple[int, str, Iterator[tuple[str, list[dict] | Exception]]]:
+    """Read a source as ingest does: (how many inputs, a description of them, per input its name and its
+    rows, or its name and why it was rejected: an exception with `.reason` and `.detail`). `section` names
+    the params section `knobs` come from, for error messages."""
+    if knobs.source == "shapes":
+        total, outcomes = _shapes(knobs, image_size, seed, section)
+        return total, f"{total} generated shapes images", outcomes
+    root = Path(knobs.source)
+    layout = detect_format(root, knobs.format)
+    root = root.resolve()
+    total, inputs = _list_inputs(root, layout, knobs)
+    return total, f"{total} inputs from {root} ({layout})", _convert_all(root, inputs, knobs, image_size)
+
+
+def _shapes(
+    knobs: IngestParams, image_size: int, seed: int, section: str
+) -> tuple[int, Iterator[tuple[str, list[dict]]]]:
+    shapes = knobs.shapes
     try:
         config = ShapesConfig(
             shapes=tuple(shapes.shapes),
@@ -245,15 +254,15 @@ def _shapes(params: Params) -> tuple[int, Iterator[tuple[str, list[dict]]]]:
             positions=tuple(shapes.positions),
             backgrounds=tuple(shapes.backgrounds),
             two_object_fraction=shapes.two_object_fraction,
-            image_size=params.image_size,
+            image_size=image_size,
         )
     except ValueError as e:
-        raise ParamsError(f"ingest.shapes: {e}") from None
+        raise ParamsError(f"{section}.shapes: {e}") from None
 
     def outcomes() -> Iterator[tuple[str, list[dict]]]:
-        size, val_fraction = params.image_size, params.ingest.val_fraction
+        size, val_fraction = image_size, knobs.val_fraction
         for index in range(shapes.num_images):
-            image, scene = generate(config, params.seed, index)
+            image, scene = generate(config, seed, index)
             attributes = json.dumps(scene.to_dict(), separators=(",", ":"))
             row = _row(to_png(image), caption(scene), size, size, "shapes", val_fraction, attributes)
             yield f"shapes:{index}", [row]

@@ -38,6 +38,10 @@ class Paths(Section):
     samples: str = "samples"
     metrics: str = "metrics"
     plots: str = "plots"
+    lora: str = "models/lora"  # the fine-tuned LoRA adapter (adapter_model.safetensors + adapter_config.json)
+    lora_checkpoints: str = "checkpoints/lora"
+    controlnet: str = "models/controlnet"
+    controlnet_checkpoints: str = "checkpoints/controlnet"
 
 
 class TextEncoderParams(Section):
@@ -222,6 +226,56 @@ class SampleParams(Section):
         return value
 
 
+def _concept_shapes() -> ShapesParams:
+    # Pink: a colour the base data never had, so the base model cannot draw it and the LoRA has to teach it.
+    return ShapesParams(num_images=512, colors=["pink"], two_object_fraction=0.0)
+
+
+class FinetuneLoRAParams(Section):
+    """LoRA fine-tuning of the trained UNet on a small set of images + captions of a new concept."""
+
+    # The concept's images and captions: a source as ingest reads it ("shapes", a folder, Parquet).
+    concept: IngestParams = IngestParams(shapes=_concept_shapes(), val_fraction=0.125)
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(8.0, gt=0.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    batch_size: int = Field(32, ge=1)
+    max_steps: int = Field(300, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_steps: int = Field(20, ge=0)
+    grad_clip: float = Field(1.0, gt=0.0)
+    caption_dropout: float = Field(0.1, ge=0.0, le=1.0)
+    checkpoint_every: int = Field(100, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(10, ge=1)
+    eval_prompts: int = Field(100, ge=1)  # concept and base prompts each, drawn before and after fine-tuning
+    classifier_steps: int = Field(600, ge=1)  # the attribute classifier that reads the concept as well
+    classifier_images: int = Field(8000, ge=1)  # base train images it learns from, besides the concept's
+
+
+class TrainControlNetParams(Section):
+    """A ControlNet for the trained UNet, conditioned on a control map of the training images."""
+
+    control_map: Literal["canny"] = "canny"
+    low_threshold: int = Field(50, ge=0, le=255)  # Canny hysteresis thresholds
+    high_threshold: int = Field(100, ge=0, le=255)
+    batch_size: int = Field(64, ge=1)
+    max_steps: int = Field(600, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_steps: int = Field(20, ge=0)
+    grad_clip: float = Field(1.0, gt=0.0)
+    caption_dropout: float = Field(0.1, ge=0.0, le=1.0)
+    checkpoint_every: int = Field(200, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(10, ge=1)
+    control_scale: float = Field(1.0, ge=0.0)  # saved with the model as its default
+    eval_prompts: int = Field(100, ge=1)  # one-object val captions, each drawn with its object's edges moved
+    classifier_steps: int = Field(600, ge=1)
+    classifier_images: int = Field(8000, ge=1)
+
+
 class Params(Section):
     seed: int = 0
     image_size: int = Field(32, ge=8)
@@ -235,6 +289,8 @@ class Params(Section):
     train_unet: TrainUNetParams = TrainUNetParams()
     evaluate: EvaluateParams = EvaluateParams()
     sample: SampleParams = SampleParams()
+    finetune_lora: FinetuneLoRAParams = FinetuneLoRAParams()
+    train_controlnet: TrainControlNetParams = TrainControlNetParams()
 
     @model_validator(mode="after")
     def _consistent(self) -> Params:

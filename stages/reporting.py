@@ -129,3 +129,14 @@ def stage_main(
         return 2
     print(f"{stage}: {summary(result)}")
     return 0
+
+
+def flatten(values: dict, prefix: str = "") -> dict:
+    """Nested metrics as one level of dotted keys: {"a": {"b": 1}} -> {"a.b": 1}."""
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

@@ -10,7 +10,6 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from ldm import VAE, UNet
 
-
 # The console script pip installed beside this interpreter, so the test needs no activated venv.
 LDM = Path(sys.executable).parent / "ldm"
 

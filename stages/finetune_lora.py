@@ -1,0 +1,228 @@
+"""DVC stage `finetune_lora`: teach the trained model a new concept with a LoRA adapter, and measure that it did.
+
+reads:  finetune_lora.concept (images + captions of the concept, a source as ingest reads it: by default
+        shapes in pink, a colour the base data never had), paths.text2img, paths.ingested (real base images,
+        for the attribute classifier and the base prompts); params seed, image_size, device, text_encoder,
+        finetune_lora
+writes: paths.lora                          the adapter only: adapter_model.safetensors + adapter_config.json
+        paths.lora_checkpoints              resumable training state (not versioned)
+        paths.metrics/finetune_lora.json    adherence before and after, training numbers (a DVC metric)
+        paths.plots/finetune_lora/loss.csv  step, loss, lr (a DVC plot)
+        paths.plots/finetune_lora/concept.png   concept prompts: the base model (top), with the LoRA (middle),
+                                             real concept images (bottom)
+
+The concept's images are encoded once (VAE posterior mean, text encoder) and the LoRA trains on the
+attention projections of the frozen UNet (`ldm.lora_training`). Its effect is measured on held-out concept
+captions (the concept's val split) and on one-object captions of the base data, each drawn with the base
+model and with the LoRA at scale 1, and read by an attribute classifier learnt from real base and concept
+images: the concept's adherence should rise from near zero and the base prompts' should hold.
+
+    python -m stages.finetune_lora [--params params.yaml]
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torchvision.utils import make_grid
+
+from ldm.attributes import adherence
+from ldm.checkpoint import atomic_directory
+from ldm.ingested import png_to_tensor, tensor_to_pil
+from ldm.lora import LoraSpec, save_lora
+from ldm.lora_training import LoraTrainingConfig, finetune_lora
+from ldm.modeling import atomic_path
+from ldm.pipeline import Text2Image
+from ldm.shapes import Scene
+from ldm.text_encoder import TextEmbedding, TextEncoderNotFoundError
+from stages.evaluate import InputError, RealImages, fit_attribute_classifier, generate
+from stages.ingest import SourceError, read_source
+from stages.params import Params, ParamsError, resolve_device
+from stages.reporting import Reporter, StageResult, flatten, stage_main, write_csv
+
+STAGE = "finetune_lora"
+LOSS_COLUMNS = ("step", "loss", "lr")
+_ENCODE_BATCH = 256
+_GENERATE_BATCH = 100
+
+
+class ConceptImages:
+    """The concept source's accepted images, captions and (for shapes data) scenes, one split of them."""
+
+    def __init__(self, rows: list[dict], split: str):
+        rows = [row for row in rows if row["split"] == split]
+        self.images = torch.stack([png_to_tensor(row["image"]) for row in rows]) if rows else torch.empty(0)
+        self.captions: list[str] = [row["caption"] for row in rows]
+        attributes = [row["attributes"] for row in rows]
+        self.scenes: list[Scene] | None = (
+            [Scene.from_dict(json.loads(a)) for a in attributes] if rows and None not in attributes else None
+        )
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+
+def read_concept(params: Params, reporter: Reporter) -> list[dict]:
+    """The concept source's rows; each rejected input is reported with its reason, and none accepted stops."""
+    knobs = params.finetune_lora.concept
+    try:
+        total, described, outcomes = read_source(knobs, params.image_size, params.seed, f"{STAGE}.concept")
+    except SourceError as e:
+        raise InputError(f"{STAGE}.concept: {e}") from None
+    reporter.info(f"{STAGE}: concept: {described}")
+    rows, rejected = [], 0
+    for name, outcome in outcomes:
+        if isinstance(outcome, list):
+            rows.extend(outcome)
+        else:
+            rejected += 1
+            reporter.info(f"{STAGE}: concept input {name} rejected ({outcome.reason}): {outcome.detail}")
+    if not rows:
+        raise InputError(f"{STAGE}.concept: none of its {total} inputs was accepted; see the rejects above")
+    if rejected:
+        reporter.info(f"{STAGE}: concept: {rejected} of {total} inputs rejected, {len(rows)} rows kept")
+    return rows
+
+
+@torch.no_grad()
+def encode(pipeline: Text2Image, images: torch.Tensor, captions: list[str]) -> tuple[torch.Tensor, TextEmbedding]:
+    """Clean diffusion-space latents (VAE posterior mean) and text embeddings of the concept's train rows."""
+    latents, contexts = [], []
+    for start in range(0, len(captions), _ENCODE_BATCH):
+        batch = images[start : start + _ENCODE_BATCH].to(pipeline.device)
+        latents.append(pipeline.vae.scale_latents(pipeline.vae.encode(batch).mode()).cpu())
+        contexts.append(pipeline.text_encoder.encode(captions[start : start + _ENCODE_BATCH]).to("cpu"))
+    return torch.cat(latents), TextEmbedding.cat(contexts)
+
+
+def run(params: Params, reporter: Reporter) -> StageResult:
+    paths, section = params.paths, params.finetune_lora
+    device = resolve_device(params.device)
+    try:
+        pipeline = Text2Image.from_pretrained(paths.text2img, device=device)
+    except (FileNotFoundError, TextEncoderNotFoundError, ValueError) as e:
+        raise InputError(f"{e} (to train the model: `dvc repro train_unet`)") from None
+    rows = read_concept(params, reporter)
+    concept_train, concept_val = ConceptImages(rows, "train"), ConceptImages(rows, "val")
+    if not len(concept_train):
+        raise InputError(f"{STAGE}.concept: all {len(rows)} rows fell in the val split; lower its val_fraction")
+
+    latents, contexts = encode(pipeline, concept_train.images, concept_train.captions)
+    hp = LoraTrainingConfig(**section.model_dump(include=set(LoraTrainingConfig.__dataclass_fields__)))
+    reporter.info(
+        f"{STAGE}: {len(concept_train)} concept train images, {len(concept_val)} val; LoRA rank {hp.rank} on the "
+        f"attention projections, {hp.max_steps} steps of {hp.batch_size} on {device}"
+    )
+
+    def on_step(step: int, total: int, values: dict[str, float]) -> None:
+        reporter.metrics(values, step)
+        reporter.progress(STAGE, step, total)
+
+    empty = pipeline.text_encoder.empty_embedding
+    adapted, metrics, history = finetune_lora(
+        copy.deepcopy(pipeline.unet), latents, contexts, empty, pipeline.schedule, hp, paths.lora_checkpoints,
+        params.seed, device, on_step, reporter.info,
+    )
+    base_weights = Path(paths.text2img) / "unet" / "model.safetensors"
+    with atomic_directory(paths.lora) as tmp:
+        save_lora(adapted, tmp, metadata={
+            "base_unet_sha256": hashlib.sha256(base_weights.read_bytes()).hexdigest(),
+            "concept_source": section.concept.source,
+            "example_caption": concept_train.captions[0],
+        })
+
+    metrics["concept_train_images"] = float(len(concept_train))
+    grid = None
+    base_val = RealImages(paths.ingested, "val", None, params.seed)
+    if concept_val.scenes is not None and base_val.scenes is not None and len(concept_val):
+        evaluation, grid = evaluate_concept(params, pipeline, concept_train, concept_val, base_val, device, reporter)
+        metrics.update(evaluation)
+    else:
+        reporter.info(f"{STAGE}: the concept or the base data has no shapes attributes (or no val rows), so the "
+                      "concept's adherence is not measured")
+
+    metrics_path = Path(paths.metrics) / f"{STAGE}.json"
+    metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(metrics_path) as tmp:
+        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    plots = Path(paths.plots) / STAGE
+    plots.mkdir(parents=True, exist_ok=True)
+    loss_csv, artifacts = plots / "loss.csv", [metrics_path, plots / "loss.csv"]
+    write_csv(loss_csv, history, LOSS_COLUMNS)
+    if grid is not None:
+        with atomic_path(plots / "concept.png") as tmp:
+            grid.save(tmp, format="PNG")
+        artifacts.append(plots / "concept.png")
+    numbers = {k: v for k, v in flatten(metrics).items() if isinstance(v, (int, float))}
+    return StageResult(metrics=numbers, artifacts=artifacts, model_dir=Path(paths.lora))
+
+
+def evaluate_concept(
+    params: Params, pipeline: Text2Image, concept_train: ConceptImages, concept_val: ConceptImages,
+    base_val: RealImages, device: torch.device, reporter: Reporter,
+):
+    """Adherence to held-out concept captions and to one-object base captions, without and with the LoRA;
+    and the picture of the concept prompts. -> (metrics, grid)"""
+    section = params.finetune_lora
+    count = section.eval_prompts
+    concept_prompts, concept_scenes = concept_val.captions[:count], concept_val.scenes[:count]
+    one_object = [(c, s) for c, s in zip(base_val.captions, base_val.scenes) if len(s.objects) == 1][:count]
+    base_prompts, base_scenes = [c for c, _ in one_object], [s for _, s in one_object]
+
+    base_train = RealImages(params.paths.ingested, "train", section.classifier_images, params.seed)
+    if base_train.scenes is None:
+        raise InputError(
+            f"{params.paths.ingested} has shapes attributes in val but not in train; re-run `dvc repro ingest`"
+        )
+    classifier = fit_attribute_classifier(
+        torch.cat([base_train.images, concept_train.images]), base_train.scenes + concept_train.scenes,
+        concept_scenes + base_scenes, section.classifier_steps, params.seed, device, reporter,
+    )
+    adapted = copy.copy(pipeline)
+    adapted.unet = copy.deepcopy(pipeline.unet)
+    adapted.load_loras([LoraSpec(Path(params.paths.lora), 1.0)], merge=True)
+
+    metrics, drawn = {}, {}
+    for model_name, model in (("base", pipeline), ("lora", adapted)):
+        for prompts_name, prompts, scenes in (("concept", concept_prompts, concept_scenes),
+                                              ("base_prompts", base_prompts, base_scenes)):
+            images = generate(
+                model, prompts, model.sampler, model.steps, model.guidance_scale, params.seed, _GENERATE_BATCH, reporter,
+                f"{STAGE} {model_name} {prompts_name}",
+            )
+            drawn[model_name, prompts_name] = images
+            scores = adherence(classifier.read(images.to(device)), scenes)
+            metrics[f"{prompts_name}.{model_name}"] = {k: v for k, v in scores.items() if not k.endswith("images")}
+    concept_before, concept_after = metrics["concept.base"]["all"], metrics["concept.lora"]["all"]
+    base_before, base_after = metrics["base_prompts.base"]["all"], metrics["base_prompts.lora"]["all"]
+    metrics["headline"] = {
+        "concept_adherence_before": concept_before, "concept_adherence_after": concept_after,
+        "base_adherence_before": base_before, "base_adherence_after": base_after,
+        "base_adherence_drop": base_before - base_after,
+    }
+    reporter.info(
+        f"{STAGE}: concept adherence {concept_before:.2%} -> {concept_after:.2%} with the LoRA; base prompts "
+        f"{base_before:.2%} -> {base_after:.2%} ({len(concept_prompts)} and {len(base_prompts)} prompts)"
+    )
+    shown = min(8, len(concept_prompts))
+    rows = [drawn["base", "concept"][:shown], drawn["lora", "concept"][:shown], concept_val.images[:shown]]
+    grid = tensor_to_pil(make_grid(torch.cat(rows), nrow=shown, pad_value=0.0))
+    return metrics, grid
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main(
+        STAGE, "Fine-tune a LoRA adapter on a new concept and measure its adherence.", run,
+        (ParamsError, InputError),
+        lambda r: ", ".join(f"{k} {v:.4g}" for k, v in r.metrics.items() if k.startswith("headline.")) or "done",
+        argv,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

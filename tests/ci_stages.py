@@ -1,0 +1,28 @@
+"""The ci profile's first stages, run as plain functions (no DVC, Prefect or MLflow) into a folder, for tests of
+the stages that build on a trained text-to-image model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from stages import cache_latents, ingest, train_unet, train_vae
+from stages.params import Params
+from stages.reporting import ConsoleReporter
+
+CI_PARAMS = Path(__file__).resolve().parents[1] / "configs" / "ci.yaml"
+
+
+def ci_params(root: Path) -> Params:
+    """configs/ci.yaml with every path under `root`."""
+    raw = yaml.safe_load(CI_PARAMS.read_text())
+    raw["paths"] = {key: str(root / value) for key, value in raw["paths"].items()}
+    return Params(**raw)
+
+
+def train_ci_model(params: Params) -> None:
+    """ingest -> train_vae -> cache_latents -> train_unet, as `dvc repro train_unet` would run them."""
+    reporter = ConsoleReporter()
+    for stage in (ingest, train_vae, cache_latents, train_unet):
+        stage.run(params, reporter)
