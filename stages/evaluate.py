@@ -60,7 +60,7 @@ from ldm.pipeline import Text2Image
 from ldm.shapes import Scene, parse_caption
 from ldm.text_encoder import TextEmbedding, TextEncoderNotFoundError
 from ldm.vae_training import reconstruction_metrics
-from stages.params import Params, ParamsError, resolve_device
+from stages.params import EvaluateParams, Params, ParamsError, resolve_device
 from stages.reporting import Reporter, StageResult, flatten, stage_main, write_csv
 
 STAGE = "evaluate"
@@ -209,6 +209,9 @@ def run(params: Params, reporter: Reporter) -> StageResult:
     if skipped_reason := metrics.get("inception_fid_skipped"):
         reporter.info(f"{STAGE}: {skipped_reason}")
 
+    if classifier is not None and section.negative_color is not None:
+        metrics["negative_prompt"] = negative_prompt_effect(pipeline, classifier, prompts, scenes, section, reporter)
+
     first = metrics["samplers"][f"{section.samplers[0].sampler}-{section.samplers[0].steps}"]
     # Prompt adherence: the attribute classifier's "all" on shapes data, caption retrieval on any other.
     metrics["headline"] = {"prompt_adherence": first["adherence"]["all"] if classifier else first["retrieval_top1"]}
@@ -228,6 +231,37 @@ def run(params: Params, reporter: Reporter) -> StageResult:
         tmp.write_text(json.dumps(metrics, indent=2) + "\n")
     numbers = {k: v for k, v in flatten(metrics).items() if isinstance(v, (int, float))}
     return StageResult(metrics=numbers, artifacts=[metrics_path, out / "plots"])
+
+
+def negative_prompt_effect(
+    pipeline: Text2Image, classifier: AttributeClassifier, prompts: list[str], scenes: list[Scene],
+    section: EvaluateParams, reporter: Reporter,
+) -> dict[str, float]:
+    """How often an object of `negative_color` is drawn for the prompts that ask for one, without and with that
+    colour as the negative prompt (which guidance then steers away from)."""
+    color = section.negative_color
+    asking = [p for p, s in zip(prompts, scenes) if any(o.color == color for o in s.objects)]
+    if not asking:
+        reporter.info(f"{STAGE}: no prompt asks for {color}, so the negative prompt's effect is not measured")
+        return {}
+    sampler = section.samplers[0]
+    rates = {}
+    for key, negative in (("without", None), ("with", color)):
+        pipeline.sampler = sampler.sampler
+        images = torch.cat([
+            pipeline(asking[start:start + section.batch_size], negative_prompt=negative, steps=sampler.steps,
+                     guidance_scale=section.guidance_scale,
+                     seed=[section.seed + start + i for i in range(len(asking[start:start + section.batch_size]))])
+            for start in range(0, len(asking), section.batch_size)
+        ])
+        read = classifier.read(images)
+        rates[f"{color}_rate_{key}_negative"] = sum(any(o.color == color for o in r) for r in read) / len(read)
+    rates["prompts"] = float(len(asking))
+    reporter.info(
+        f"{STAGE}: negative prompt {color!r}: {color} objects in {rates[f'{color}_rate_without_negative']:.2%} of "
+        f"the images of {len(asking)} prompts asking for one, {rates[f'{color}_rate_with_negative']:.2%} with it"
+    )
+    return rates
 
 
 def _scenes(val: RealImages, prompts: list[str]) -> list[Scene] | None:

@@ -204,6 +204,8 @@ class EvaluateParams(Section):
     evaluator_steps: int = Field(600, ge=1)  # the contrastive image encoder's training steps
     max_train_images: int = Field(16000, ge=1)  # real train images both evaluators learn from
     grid_images: int = Field(16, ge=1)  # generated images per sampler shown in eval/plots
+    # The prompts asking for this colour are drawn again with it as the negative prompt; null: skip.
+    negative_color: str | None = "red"
 
 
 class SampleParams(Section):

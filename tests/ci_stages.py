@@ -9,7 +9,6 @@ import yaml
 
 from stages import cache_latents, ingest, train_unet, train_vae
 from stages.params import Params
-from stages.reporting import ConsoleReporter
 
 CI_PARAMS = Path(__file__).resolve().parents[1] / "configs" / "ci.yaml"
 
@@ -21,8 +20,28 @@ def ci_params(root: Path) -> Params:
     return Params(**raw)
 
 
+class RecordingReporter:
+    """Keeps what a stage reports, so a test can check what it said."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+        self.steps: list[int] = []
+
+    def info(self, message: str) -> None:
+        self.lines.append(message)
+
+    def progress(self, task: str, done: int, total: int) -> None:
+        pass
+
+    def metrics(self, values: dict[str, float], step: int | None = None) -> None:
+        if step is not None:
+            self.steps.append(step)
+
+    def image(self, name: str, image, step: int) -> None:
+        pass
+
+
 def train_ci_model(params: Params) -> None:
     """ingest -> train_vae -> cache_latents -> train_unet, as `dvc repro train_unet` would run them."""
-    reporter = ConsoleReporter()
     for stage in (ingest, train_vae, cache_latents, train_unet):
-        stage.run(params, reporter)
+        stage.run(params, RecordingReporter())

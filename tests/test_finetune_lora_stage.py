@@ -12,17 +12,7 @@ from ldm.lora import LoraSpec, lora_metadata
 from ldm.pipeline import Text2Image
 from stages import finetune_lora
 from stages.evaluate import InputError
-from stages.reporting import ConsoleReporter
-from tests.ci_stages import ci_params, train_ci_model
-
-
-class Recorder(ConsoleReporter):
-    def __init__(self):
-        super().__init__()
-        self.lines: list[str] = []
-
-    def info(self, message: str) -> None:
-        self.lines.append(message)
+from tests.ci_stages import RecordingReporter, ci_params, train_ci_model
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +23,7 @@ def params(tmp_path_factory):
 
 
 def test_writes_the_adapter_its_metrics_and_picture_and_resumes(params):
-    first = finetune_lora.run(params, Recorder())
+    first = finetune_lora.run(params, RecordingReporter())
     paths = params.paths
     metadata = lora_metadata(paths.lora)
     assert metadata["rank"] == "4" and metadata["concept_source"] == "shapes"
@@ -52,7 +42,7 @@ def test_writes_the_adapter_its_metrics_and_picture_and_resumes(params):
     assert (plots / "concept.png").is_file() and (plots / "loss.csv").read_text().startswith("step,loss,lr")
     assert first.model_dir == Path(paths.lora)
 
-    again = Recorder()
+    again = RecordingReporter()
     finetune_lora.run(params, again)
     assert any("resuming" in line and "step 10 of 10" in line for line in again.lines), again.lines
 
@@ -60,8 +50,8 @@ def test_writes_the_adapter_its_metrics_and_picture_and_resumes(params):
 def test_inputs_it_cannot_use_are_named(params, tmp_path):
     missing = params.model_copy(update={"paths": params.paths.model_copy(update={"text2img": str(tmp_path / "none")})})
     with pytest.raises(InputError, match="dvc repro train_unet"):
-        finetune_lora.run(missing, Recorder())
+        finetune_lora.run(missing, RecordingReporter())
     concept = params.finetune_lora.concept.model_copy(update={"source": str(tmp_path / "no-folder")})
     nowhere = params.model_copy(update={"finetune_lora": params.finetune_lora.model_copy(update={"concept": concept})})
     with pytest.raises(InputError, match="finetune_lora.concept"):
-        finetune_lora.run(nowhere, Recorder())
+        finetune_lora.run(nowhere, RecordingReporter())
