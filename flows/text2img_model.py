@@ -83,7 +83,7 @@ SIGNATURE = ModelSignature(
         ParamSpec("mask", "string", None),
         ParamSpec("lora", "string", None),
         ParamSpec("control_image", "string", None),
-        ParamSpec("control_scale", "double", 1.0),
+        ParamSpec("control_scale", "double", None),  # None: the ControlNet's own (its control.json)
     ]),
 )
 MAX_REQUEST_PIXELS = 50_000_000  # request images above this are refused as decompression bombs
@@ -219,7 +219,7 @@ class Text2ImageModel(PythonModel):
             "mask": map_tensor(images["mask"], 1) if "mask" in images else None,
             "control_image": map_tensor(images["control_image"], pipeline.controlnet.config.conditioning_channels)
             if "control_image" in images else None,
-            "control_scale": float(settings["control_scale"]),
+            "control_scale": None if settings["control_scale"] is None else float(settings["control_scale"]),
         }
 
 

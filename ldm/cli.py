@@ -242,9 +242,9 @@ def _add_sample_parser(commands) -> None:
         "the output size; needs --controlnet",
     )
     sample.add_argument(
-        "--control-scale", type=float, default=1.0,
-        help="how strongly --control-image steers: the ControlNet's residuals are scaled by it (default: "
-        "%(default)s; 0 turns it off)",
+        "--control-scale", type=float, default=None,
+        help="how strongly --control-image steers: the ControlNet's residuals are scaled by it, 0 turns it off "
+        "(default: the scale saved with the ControlNet in its control.json, else 1)",
     )
     sample.add_argument(
         "--controlnet", type=Path, default=Path(DEFAULT_CONTROLNET),

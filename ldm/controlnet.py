@@ -32,6 +32,9 @@ from ldm.layers import TimestepMLP, timestep_embedding
 from ldm.modeling import ModelConfig, PretrainedModel
 from ldm.unet import DownLevel, MidBlock, UNet, UNetConfig
 
+# Beside a trained ControlNet's config.json: how its control maps were made and the scale to sample with.
+CONTROL_CONFIG_NAME = "control.json"
+
 
 class ControlNetConfig(ModelConfig):
     unet: UNetConfig  # the UNet whose encoder this copies and whose skips it feeds

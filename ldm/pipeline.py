@@ -186,12 +186,13 @@ class Text2Image:
         steps: int = 20,
         guidance_scale: float = 5.0,
         controlnet: ControlNet | None = None,
+        control_scale: float = 1.0,
     ):
         """`compile=True` runs the UNet through `compile_for_sampling`: 10-30 s of compiling on first use
         (and on a new batch shape), then sampling at the cpu preset 1.3-1.5x faster than eager (bench/).
         The weights are baked in, so build a new pipeline after changing them. `steps` and `guidance_scale`
         are the defaults of a call (a trained model saves the ones it was validated with). `controlnet`: a
-        ControlNet trained for this UNet, used by calls given `control_image`."""
+        ControlNet trained for this UNet, used by calls given `control_image`, at `control_scale` by default."""
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {list(SAMPLERS)}")
         if unet.config.cross_attention_dim != text_encoder.hidden_size:
@@ -207,7 +208,7 @@ class Text2Image:
         self.vae, self.unet, self.text_encoder, self.controlnet = vae, unet, text_encoder, controlnet
         self.schedule = schedule or NoiseSchedule()
         self.sampler, self.spacing, self.karras = sampler, spacing, karras
-        self.steps, self.guidance_scale = steps, guidance_scale
+        self.steps, self.guidance_scale, self.control_scale = steps, guidance_scale, control_scale
         self.compile = compile
         self.denoise = compile_for_sampling(unet) if compile else unet
 
@@ -260,7 +261,7 @@ class Text2Image:
         strength: float | None = None,
         mask: torch.Tensor | None = None,
         control_image: torch.Tensor | None = None,
-        control_scale: float = 1.0,
+        control_scale: float | None = None,
     ) -> torch.Tensor:
         """Returns images (B, 3, H, W) in [-1, 1]. `seed`: one for the batch, or one per prompt (see `denoise`);
         `steps` and `guidance_scale` default to the pipeline's own; `guidance_rescale` in [0, 1] (see
@@ -271,7 +272,8 @@ class Text2Image:
         Inpainting: with `mask` (1 or B, 1, H, W) in [0, 1] too, only where the mask is 1 (a latent pixel is
         regenerated when at least half of its image pixels are) and from the start by default (strength 1).
         ControlNet: `control_image` (1 or B, C, H, W) in [0, 1], e.g. an edge map (`ldm.controlnet.control_map`),
-        at the output size, its residuals scaled by `control_scale`. An image or mask of one row applies to all.
+        at the output size, its residuals scaled by `control_scale` (default: the pipeline's, which a trained
+        ControlNet's control.json sets). An image or mask of one row applies to all.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         steps = self.steps if steps is None else steps
@@ -293,7 +295,7 @@ class Text2Image:
             if self.controlnet is None:
                 raise ValueError("a control image needs a ControlNet: load the pipeline with one (`--controlnet`)")
             control = Control(self.controlnet, _per_prompt("control image", control_image, shape[0], (height, width)),
-                              control_scale)
+                              self.control_scale if control_scale is None else control_scale)
         latents = denoise(
             self.denoise, context, guidance_scale, shape, self.schedule, sampler=self.sampler, steps=steps,
             spacing=self.spacing, karras=self.karras, eta=eta, seed=seed, callback=callback,
@@ -367,6 +369,7 @@ class Text2Image:
             steps=config.get("steps", 20),
             guidance_scale=config.get("guidance_scale", 5.0),
             controlnet=None if controlnet is None else _load_controlnet(controlnet, device),
+            control_scale=1.0 if controlnet is None else _control_scale(controlnet),
         )
 
 
@@ -379,6 +382,14 @@ def _load_controlnet(folder: str | os.PathLike, device: str | torch.device | Non
             "models/controlnet), or point at a folder written by ControlNet.save_pretrained"
         )
     return ControlNet.from_pretrained(folder, device=device)
+
+
+def _control_scale(folder: str | os.PathLike) -> float:
+    """The scale a trained ControlNet's control.json recommends; 1 for a folder without one."""
+    from ldm.controlnet import CONTROL_CONFIG_NAME
+
+    path = Path(folder) / CONTROL_CONFIG_NAME
+    return float(json.loads(path.read_text()).get("control_scale", 1.0)) if path.is_file() else 1.0
 
 
 def _per_prompt(name: str, images: torch.Tensor, count: int, size: tuple[int, int]) -> torch.Tensor:

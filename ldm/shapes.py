@@ -258,6 +258,13 @@ def caption(scene: Scene) -> str:
     return f"{' and '.join(parts)} on {_article(scene.background)} {scene.background} background"
 
 
+def caption_without_positions(scene: Scene) -> str:
+    """The caption with the objects' positions left out ("a large red circle on a white background"): a prompt
+    that leaves the layout to something else, such as a ControlNet's edge map."""
+    parts = [f"{_article(o.size)} {o.size} {o.color} {o.shape}" for o in scene.objects]
+    return f"{' and '.join(parts)} on {_article(scene.background)} {scene.background} background"
+
+
 def _alternatives(names) -> str:
     # Longest first, so "top left" is tried before "top".
     return "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))

@@ -1,9 +1,9 @@
 """DVC stage `finetune_lora`: teach the trained model a new concept with a LoRA adapter, and measure that it did.
 
 reads:  finetune_lora.concept (images + captions of the concept, a source as ingest reads it: by default
-        shapes in pink, a colour the base data never had), paths.text2img, paths.ingested (real base images,
-        for the attribute classifier and the base prompts); params seed, image_size, device, text_encoder,
-        finetune_lora
+        hexagons, a shape the base data never had), paths.text2img, paths.ingested (real base images: trained
+        on beside the concept's, for the attribute classifier and the base prompts); params seed, image_size,
+        device, text_encoder, finetune_lora
 writes: paths.lora                          the adapter only: adapter_model.safetensors + adapter_config.json
         paths.lora_checkpoints              resumable training state (not versioned)
         paths.metrics/finetune_lora.json    adherence before and after, training numbers (a DVC metric)
@@ -112,11 +112,16 @@ def run(params: Params, reporter: Reporter) -> StageResult:
     if not len(concept_train):
         raise InputError(f"{STAGE}.concept: all {len(rows)} rows fell in the val split; lower its val_fraction")
 
-    latents, contexts = encode(pipeline, concept_train.images, concept_train.captions)
+    # Prior preservation (as DreamBooth does): base images train beside the concept's, so the adapter learns
+    # the concept without redrawing what the model already knew.
+    prior = RealImages(paths.ingested, "train", section.prior_images, params.seed + 1) if section.prior_images else None
+    images = concept_train.images if prior is None else torch.cat([concept_train.images, prior.images])
+    latents, contexts = encode(pipeline, images, concept_train.captions + (prior.captions if prior else []))
     hp = LoraTrainingConfig(**section.model_dump(include=set(LoraTrainingConfig.__dataclass_fields__)))
     reporter.info(
-        f"{STAGE}: {len(concept_train)} concept train images, {len(concept_val)} val; LoRA rank {hp.rank} on the "
-        f"attention projections, {hp.max_steps} steps of {hp.batch_size} on {device}"
+        f"{STAGE}: {len(concept_train)} concept train images (+ {len(prior) if prior else 0} base ones), "
+        f"{len(concept_val)} val; LoRA rank {hp.rank} on the attention projections, {hp.max_steps} steps of "
+        f"{hp.batch_size} on {device}"
     )
 
     def on_step(step: int, total: int, values: dict[str, float]) -> None:

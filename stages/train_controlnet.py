@@ -9,15 +9,17 @@ writes: paths.controlnet/                        config.json + model.safetensors
                                                  the control_scale to sample with
         paths.metrics/train_controlnet.json      training numbers and the position evaluation below
         paths.plots/train_controlnet/loss.csv    step, loss, lr (a DVC plot)
-        paths.plots/train_controlnet/control.png the first 8 evaluation cases: edge maps, then the images drawn
-                                                 without control, then with it
+        paths.plots/train_controlnet/control.png the first 8 evaluation cases: edge maps, then the unplaced
+                                                 prompts drawn without control, then with it
         paths.controlnet_checkpoints/            resumable checkpoints; an interrupted run continues from the newest
 
 Evaluation (shapes data only): the first `eval_prompts` one-object val scenes, in a seeded order, each with its
 object moved to the next position of `ingest.shapes.positions`. The moved scene is rendered and its edge map is
-the control image; the prompt stays the original caption, which names the original position. Each prompt is
-drawn (seed `seed + i`, the model's saved sampler, steps and guidance) without control and with control at
-`control_scale`, and an attribute classifier trained on real train images reads where the object landed:
+the control image. Two kinds of prompt go with it: `unplaced`, the caption without positions ("a large red
+circle on a white background": the place is left to the edge map), and `conflicting`, the original caption,
+which names the original position. Each is drawn (seed `seed + i`, the model's saved sampler, steps and
+guidance) without control and with control at `control_scale`, and an attribute classifier trained on real
+train images reads where the object landed:
 
     position_follows_control   the image is read as one object, at the edge map's position
     position_follows_prompt    the image is read as one object, at the caption's position
@@ -45,14 +47,14 @@ from torchvision.utils import make_grid
 
 from ldm.attributes import scene_accuracy
 from ldm.checkpoint import atomic_directory
-from ldm.controlnet import ControlNet, control_map, control_maps_from_pngs
+from ldm.controlnet import CONTROL_CONFIG_NAME, ControlNet, control_map, control_maps_from_pngs
 from ldm.controlnet_training import ControlNetTrainingConfig, train_controlnet
 from ldm.images import image_tensor
 from ldm.ingested import read_table, tensor_to_pil
 from ldm.latent_cache import LatentCache, LatentCacheError, vae_hash
 from ldm.modeling import atomic_path
 from ldm.pipeline import Text2Image
-from ldm.shapes import Scene, ShapeObject, render
+from ldm.shapes import Scene, ShapeObject, caption_without_positions, render
 from ldm.text_encoder import TextEncoderNotFoundError
 from stages.evaluate import InputError, RealImages, fit_attribute_classifier  # InputError: RealImages raises it
 from stages.params import Params, ParamsError, TrainControlNetParams, resolve_device
@@ -60,7 +62,6 @@ from stages.reporting import Reporter, StageResult, flatten, stage_main, write_c
 
 STAGE = "train_controlnet"
 LOSS_COLUMNS = ("step", "loss", "lr")
-CONTROL_CONFIG_NAME = "control.json"  # beside the ControlNet's config.json: how its control maps are made
 GRID_CASES = 8
 CONTROL_MAP_CHUNK = 4096  # images turned into control maps at a time: bounds the float maps held at once
 
@@ -245,30 +246,27 @@ def evaluate_control(
     reporter.info(
         f"{STAGE}: {len(captions)} one-object val captions, each drawn with its object's edges at another position"
     )
-    plain = generate(pipeline, captions, None, section, params.seed, reporter, "without control")
-    steered = generate(pipeline, captions, controls, section, params.seed, reporter, "with control")
-
     classifier = fit_attribute_classifier(
         train.images, train.scenes, scenes, section.classifier_steps, params.seed, device, reporter
     )
     accuracy = scene_accuracy(classifier, torch.cat([image_tensor(image) for image in rendered]), moved)
-    results = {
-        "eval_prompts": len(captions),
-        "classifier": accuracy,
-        "without_control": placement(classifier.read(plain), scenes, moved),
-        "with_control": placement(classifier.read(steered), scenes, moved),
-    }
-    for key in ("without_control", "with_control"):
-        r = results[key]
-        reporter.info(
-            f"{STAGE}: {key.replace('_', ' ')}: object at the edge map's position {r['position_follows_control']:.0%}, "
-            f"at the caption's {r['position_follows_prompt']:.0%}, caption's shape and colour "
-            f"{r['shape_color_adherence']:.0%} (the classifier reads {accuracy['position']:.0%} of rendered "
-            "positions right)"
-        )
+    results: dict = {"eval_prompts": len(captions), "classifier": accuracy}
+    drawn = {}
+    for kind, prompts in (("unplaced", [caption_without_positions(s) for s in scenes]), ("conflicting", captions)):
+        for key, control in (("without_control", None), ("with_control", controls)):
+            drawn[kind, key] = generate(pipeline, prompts, control, section, params.seed, reporter, f"{kind} {key}")
+            r = placement(classifier.read(drawn[kind, key]), scenes, moved)
+            results.setdefault(kind, {})[key] = r
+            reporter.info(
+                f"{STAGE}: {kind} prompts {key.replace('_', ' ')}: object at the edge map's position "
+                f"{r['position_follows_control']:.0%}, at the caption's {r['position_follows_prompt']:.0%}, caption's "
+                f"shape and colour {r['shape_color_adherence']:.0%} (the classifier reads {accuracy['position']:.0%} "
+                "of rendered positions right)"
+            )
     cases = min(GRID_CASES, len(captions))
     edges = controls[:cases].expand(-1, 3, -1, -1) * 2 - 1  # white edges on black, in [-1, 1] like the images
-    grid = tensor_to_pil(make_grid(torch.cat([edges, plain[:cases], steered[:cases]]), nrow=cases, pad_value=0.0))
+    rows = [edges, drawn["unplaced", "without_control"][:cases], drawn["unplaced", "with_control"][:cases]]
+    grid = tensor_to_pil(make_grid(torch.cat(rows), nrow=cases, pad_value=0.0))
     return results, grid
 
 
@@ -313,8 +311,8 @@ def main(argv: list[str] | None = None) -> int:
         (ParamsError, InputError),
         lambda r: (
             f"with control the object lands at the edge map's position in "
-            f"{r.metrics['with_control.position_follows_control']:.0%} of images; saved to {r.model_dir}"
-            if "with_control.position_follows_control" in r.metrics else f"saved to {r.model_dir}"
+            f"{r.metrics['unplaced.with_control.position_follows_control']:.0%} of images; saved to {r.model_dir}"
+            if "unplaced.with_control.position_follows_control" in r.metrics else f"saved to {r.model_dir}"
         ),
         argv,
     )

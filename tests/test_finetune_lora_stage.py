@@ -27,11 +27,11 @@ def test_writes_the_adapter_its_metrics_and_picture_and_resumes(params):
     paths = params.paths
     metadata = lora_metadata(paths.lora)
     assert metadata["rank"] == "4" and metadata["concept_source"] == "shapes"
-    assert "pink" in metadata["example_caption"]
+    assert "hexagon" in metadata["example_caption"]
     pipeline = Text2Image.from_pretrained(paths.text2img, device="cpu")
-    base = pipeline("a small pink circle in the center on a white background", steps=2, seed=0)
+    base = pipeline("a small red hexagon in the center on a white background", steps=2, seed=0)
     pipeline.load_loras([LoraSpec(paths.lora)])
-    assert not torch.equal(pipeline("a small pink circle in the center on a white background", steps=2, seed=0), base)
+    assert not torch.equal(pipeline("a small red hexagon in the center on a white background", steps=2, seed=0), base)
 
     saved = json.loads((Path(paths.metrics) / "finetune_lora.json").read_text())
     for key in ("concept_adherence_before", "concept_adherence_after", "base_adherence_before", "base_adherence_after"):

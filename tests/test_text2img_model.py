@@ -20,9 +20,10 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
-from flows.text2img_model import log_text2img_model
+from flows.text2img_model import log_text2img_model, save_text2img_model
 from flows.tracking import StageRun
 from ldm import VAE, Text2Image, TextEncoder, UNet
+from ldm.controlnet import ControlNet
 from ldm.images import image_tensor, map_tensor
 from ldm.ingested import tensor_to_pil
 from ldm.lora import LoraSpec, add_lora, save_lora
@@ -181,6 +182,24 @@ def test_model_takes_the_sample_cli_conditioning_as_params(store, tmp_path):
         with pytest.raises(MlflowException) as error:
             model.predict(pd.DataFrame({"prompt": ["a"]}), params=base | bad)
         assert all(word in str(error.value) for word in words), str(error.value)
+
+
+def test_model_saved_with_a_controlnet_takes_control_images(store, tmp_path):
+    pipeline = store["pipeline"]
+    controlnet = ControlNet.from_unet(pipeline.unet, vae_downsampling_factor=pipeline.vae.downsampling_factor)
+    with torch.no_grad():
+        controlnet.controlnet_mid_block.weight.normal_(std=0.5)
+    controlnet.save_pretrained(tmp_path / "controlnet")
+    save_text2img_model(store["pipeline_dir"], tmp_path / "model", tmp_path / "controlnet")
+    model = mlflow.pyfunc.load_model(str(tmp_path / "model"), model_config={"device": "cpu"})
+    edges = Image.fromarray((np.eye(16) * 255).astype(np.uint8))
+    params = {"seed": 3, "steps": 2, "control_image": _base64_png(edges), "control_scale": 0.7}
+    out = model.predict(pd.DataFrame({"prompt": PROMPTS[:1]}), params=params)
+    steered = Text2Image.from_pretrained(store["pipeline_dir"], text_encoder=pipeline.text_encoder,
+                                         controlnet=tmp_path / "controlnet")
+    [want] = direct(steered, PROMPTS[:1], seed=3, steps=2, control_image=map_tensor(edges, 1), control_scale=0.7)
+    np.testing.assert_array_equal(decode(out["image"][0]), want)
+    assert not np.array_equal(want, direct(pipeline, PROMPTS[:1], seed=3, steps=2)[0])
 
 
 def _post(url: str, body: dict) -> tuple[int, dict]:

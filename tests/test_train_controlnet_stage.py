@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ldm.controlnet import ControlNet
+from ldm.controlnet import CONTROL_CONFIG_NAME, ControlNet
 from ldm.ingested import SCHEMA
 from stages import train_controlnet as stage
 from stages.params import Params
@@ -32,7 +32,7 @@ def test_saves_a_loadable_controlnet_with_its_control_settings(trained):
     assert result.model_dir == folder
     controlnet = ControlNet.from_pretrained(folder)
     assert controlnet.config.conditioning_channels == 1 and controlnet.config.vae_downsampling_factor == 2
-    control = json.loads((folder / stage.CONTROL_CONFIG_NAME).read_text())
+    control = json.loads((folder / CONTROL_CONFIG_NAME).read_text())
     assert control == {"control_map": "canny", "low_threshold": 50, "high_threshold": 100, "control_scale": 0.8}
     assert reporter.steps == [5, 10]
 
@@ -42,12 +42,14 @@ def test_reports_where_the_object_lands(trained):
     metrics = json.loads((Path(params.paths.metrics) / "train_controlnet.json").read_text())
     assert "evaluation_skipped" not in metrics
     assert metrics["eval_prompts"] == 4 and metrics["steps"] == 10
-    for key in ("without_control", "with_control"):
-        for name in ("position_follows_control", "position_follows_prompt", "shape_color_adherence"):
-            assert 0.0 <= metrics[key][name] <= 1.0
-            assert result.metrics[f"{key}.{name}"] == metrics[key][name]
-        # One object read at one place: it cannot be at the edge map's and at the caption's.
-        assert metrics[key]["position_follows_control"] + metrics[key]["position_follows_prompt"] <= 1.0
+    for kind in ("unplaced", "conflicting"):
+        for key in ("without_control", "with_control"):
+            placed = metrics[kind][key]
+            for name in ("position_follows_control", "position_follows_prompt", "shape_color_adherence"):
+                assert 0.0 <= placed[name] <= 1.0
+                assert result.metrics[f"{kind}.{key}.{name}"] == placed[name]
+            # One object read at one place: it cannot be at the edge map's and at the caption's.
+            assert placed["position_follows_control"] + placed["position_follows_prompt"] <= 1.0
     assert 0.0 <= metrics["classifier"]["position"] <= 1.0
     plots = Path(params.paths.plots) / "train_controlnet"
     assert result.artifacts == [Path(params.paths.metrics) / "train_controlnet.json", plots]
