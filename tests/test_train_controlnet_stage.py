@@ -74,9 +74,11 @@ def test_a_missing_model_names_the_stage_that_makes_it(trained, tmp_path):
 
 
 def test_data_without_shapes_attributes_skips_the_position_evaluation(tmp_path):
-    (tmp_path / "ingested").mkdir()
+    params = ci_params(tmp_path)
+    ingested = Path(params.paths.ingested)
+    ingested.mkdir(parents=True)
     rows = [{"id": f"{i}", "image": b"", "caption": "a photo", "width": 16, "height": 16, "source": "test",
              "split": "val", "attributes": None} for i in range(3)]
-    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), tmp_path / "ingested" / "part-00000.parquet")
+    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), ingested / "part-00000.parquet")
     with pytest.raises(stage.EvaluationSkipped, match="no shapes attributes"):
-        stage.moved_scenes(ci_params(tmp_path))
+        stage.moved_scenes(params)
