@@ -29,6 +29,7 @@ from torch import nn
 from ldm.checkpoint import TrainingState, load_checkpoint, resume_point, run_fingerprint, save_checkpoint
 from ldm.controlnet import ControlNet
 from ldm.latent_cache import LatentBatch, LatentCache
+from ldm.loss_history import LossHistory
 from ldm.schedule import NoiseSchedule
 from ldm.unet import UNet
 from ldm.unet_training import CacheOrder, StepCallback
@@ -179,7 +180,7 @@ def train_controlnet(
         return F.mse_loss(prediction.float(), target)
 
     began = time.perf_counter()
-    window, window_steps = torch.zeros((), device=device), 0
+    losses = LossHistory(("loss",), hp.log_every, hp.max_steps, device, history)
     for step in range(start + 1, hp.max_steps + 1):
         optimizer.zero_grad(set_to_none=True)
         loss = batch_loss()
@@ -189,14 +190,8 @@ def train_controlnet(
         optimizer.step()
         lr_schedule.step()
 
-        window += loss.detach()
-        window_steps += 1
+        row = losses.add(step, loss.detach(), lr)
         last = step == hp.max_steps
-        logged = step % hp.log_every == 0 or last
-        if logged:
-            history.append({"step": step, "loss": (window / window_steps).item(), "lr": lr})
-            window.zero_()
-            window_steps = 0
         if step % hp.checkpoint_every == 0 or last:
             extra = {
                 "fingerprint": fingerprint,
@@ -205,8 +200,8 @@ def train_controlnet(
                 "train_seconds": seconds_before + time.perf_counter() - began,
             }
             save_checkpoint(checkpoint_dir, step, state, extra, keep=hp.keep_checkpoints)
-        if logged and on_step is not None:
-            on_step(step, hp.max_steps, {k: v for k, v in history[-1].items() if k != "step"})
+        if row is not None and on_step is not None:
+            on_step(step, hp.max_steps, LossHistory.values(row))
     train_seconds = seconds_before + time.perf_counter() - began
 
     metrics = {

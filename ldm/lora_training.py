@@ -29,6 +29,7 @@ from torch import nn
 
 from ldm.checkpoint import TrainingState, load_checkpoint, resume_point, run_fingerprint, save_checkpoint
 from ldm.lora import add_lora
+from ldm.loss_history import LossHistory
 from ldm.schedule import NoiseSchedule
 from ldm.text_encoder import TextEmbedding
 from ldm.unet import UNet
@@ -181,7 +182,7 @@ def finetune_lora(
             return F.mse_loss(prediction.float(), target)
 
         began = time.perf_counter()
-        window, window_steps = torch.zeros((), device=device), 0
+        losses = LossHistory(("loss",), hp.log_every, hp.max_steps, device, history)
         for step in range(start + 1, hp.max_steps + 1):
             optimizer.zero_grad(set_to_none=True)
             loss = batch_loss()
@@ -191,14 +192,8 @@ def finetune_lora(
             optimizer.step()
             lr_schedule.step()
 
-            window += loss.detach()
-            window_steps += 1
+            row = losses.add(step, loss.detach(), lr)
             last = step == hp.max_steps
-            logged = step % hp.log_every == 0 or last
-            if logged:
-                history.append({"step": step, "loss": (window / window_steps).item(), "lr": lr})
-                window.zero_()
-                window_steps = 0
             if step % hp.checkpoint_every == 0 or last:
                 extra = {
                     "fingerprint": fingerprint,
@@ -207,8 +202,8 @@ def finetune_lora(
                     "train_seconds": seconds_before + time.perf_counter() - began,
                 }
                 save_checkpoint(checkpoint_dir, step, state, extra, keep=hp.keep_checkpoints)
-            if logged and on_step is not None:
-                on_step(step, hp.max_steps, {k: v for k, v in history[-1].items() if k != "step"})
+            if row is not None and on_step is not None:
+                on_step(step, hp.max_steps, LossHistory.values(row))
         train_seconds = seconds_before + time.perf_counter() - began
 
     metrics = {

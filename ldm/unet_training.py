@@ -36,6 +36,7 @@ from torchvision.utils import make_grid
 from ldm.checkpoint import TrainingState, load_checkpoint, resume_point, run_fingerprint, save_checkpoint
 from ldm.ingested import tensor_to_pil
 from ldm.latent_cache import LatentBatch, LatentCache, TextTable
+from ldm.loss_history import LossHistory
 from ldm.pipeline import denoise
 from ldm.schedule import NoiseSchedule
 from ldm.text_encoder import TextEmbedding
@@ -294,7 +295,7 @@ def train_unet(
         on_validation(step, grid)
 
     began = time.perf_counter()
-    window, window_steps = torch.zeros((), device=device), 0
+    losses = LossHistory(("loss",), hp.log_every, hp.max_steps, device, history)
     for step in range(start + 1, hp.max_steps + 1):
         optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=device)
@@ -308,14 +309,8 @@ def train_unet(
         lr_schedule.step()
         ema.update_parameters(unet)
 
-        window += loss_sum
-        window_steps += 1
+        row = losses.add(step, loss_sum, lr)
         last = step == hp.max_steps
-        logged = step % hp.log_every == 0 or last
-        if logged:
-            history.append({"step": step, "loss": (window / window_steps).item(), "lr": lr})
-            window.zero_()
-            window_steps = 0
         if step % hp.checkpoint_every == 0 or last:
             extra = {
                 "fingerprint": fingerprint,
@@ -324,8 +319,8 @@ def train_unet(
                 "train_seconds": seconds_before + time.perf_counter() - began,
             }
             save_checkpoint(checkpoint_dir, step, state, extra, keep=hp.keep_checkpoints)
-        if logged and on_step is not None:
-            on_step(step, hp.max_steps, {k: v for k, v in history[-1].items() if k != "step"})
+        if row is not None and on_step is not None:
+            on_step(step, hp.max_steps, LossHistory.values(row))
         if step % hp.validate_every == 0 and not last:
             emit_validation(step)
     train_seconds = seconds_before + time.perf_counter() - began

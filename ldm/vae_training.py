@@ -36,6 +36,7 @@ from torchvision.utils import make_grid
 
 from ldm.checkpoint import TrainingState, load_checkpoint, resume_point, run_fingerprint, save_checkpoint
 from ldm.ingested import IngestedImages, tensor_to_pil
+from ldm.loss_history import LossHistory
 from ldm.vae import VAE, VAEConfig
 
 logger = logging.getLogger(__name__)
@@ -240,7 +241,7 @@ def train_vae(
         log(f"resuming VAE training from {found.path} (step {start} of {hp.max_steps})")
 
     began = time.perf_counter()
-    window, window_steps = torch.zeros(3, device=device), 0  # sums of loss, recon, kl since the last log
+    losses = LossHistory(("loss", "recon", "kl"), hp.log_every, hp.max_steps, device, history)
     for step in range(start + 1, hp.max_steps + 1):
         images = _batch(train_data, order.next_batch(), device)  # (B, 3, H, W)
         reconstructions, posterior = vae(images, noise_generator)
@@ -257,15 +258,8 @@ def train_vae(
         if ema is not None:
             ema.update_parameters(vae)
 
-        window += torch.stack([loss, recon, kl]).detach()
-        window_steps += 1
+        row = losses.add(step, torch.stack([loss, recon, kl]).detach(), lr)
         last = step == hp.max_steps
-        logged = step % hp.log_every == 0 or last
-        if logged:
-            mean_loss, mean_recon, mean_kl = (window / window_steps).tolist()
-            history.append({"step": step, "loss": mean_loss, "recon": mean_recon, "kl": mean_kl, "lr": lr})
-            window.zero_()
-            window_steps = 0
         if step % hp.checkpoint_every == 0 or last:
             extra = {
                 "fingerprint": fingerprint,
@@ -274,8 +268,8 @@ def train_vae(
                 "train_seconds": seconds_before + time.perf_counter() - began,
             }
             save_checkpoint(checkpoint_dir, step, state, extra, keep=hp.keep_checkpoints)
-        if logged and on_step is not None:
-            on_step(step, hp.max_steps, {k: v for k, v in history[-1].items() if k != "step"})
+        if row is not None and on_step is not None:
+            on_step(step, hp.max_steps, LossHistory.values(row))
     train_seconds = seconds_before + time.perf_counter() - began
 
     trained = (ema.module if ema is not None else vae).eval()

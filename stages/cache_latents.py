@@ -9,18 +9,17 @@ Reads `paths.ingested` and `paths.vae`; params `device`, `text_encoder`, `cache_
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
 
 from ldm.ingested import shard_paths
 from ldm.latent_cache import MANIFEST_NAME, vae_hash, write_latent_cache
-from ldm.modeling import CONFIG_NAME, WEIGHTS_NAME, atomic_path
+from ldm.modeling import CONFIG_NAME, WEIGHTS_NAME
 from ldm.text_encoder import TextEncoder
 from ldm.vae import VAE
 from stages.params import Params, resolve_device
-from stages.reporting import Reporter, StageResult, stage_main
+from stages.reporting import Reporter, StageResult, stage_main, write_json
 
 STAGE = "cache_latents"
 METRICS_NAME = "cache_latents.json"
@@ -69,10 +68,7 @@ def run(params: Params, reporter: Reporter) -> StageResult:
         "latent_mean": summary.latent_mean,
         "latent_std": summary.latent_std,
     }
-    metrics_path = Path(paths.metrics) / METRICS_NAME
-    metrics_path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(metrics_path) as tmp:
-        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    metrics_path = write_json(Path(paths.metrics) / METRICS_NAME, metrics)
     reporter.metrics(metrics)
     return StageResult(metrics=metrics, artifacts=[metrics_path, Path(paths.latents) / MANIFEST_NAME])
 

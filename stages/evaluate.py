@@ -55,13 +55,12 @@ from ldm.evaluator import (
 )
 from ldm.ingested import IngestedImages, png_to_tensor, read_table, tensor_to_pil
 from ldm.latent_cache import LatentCache, LatentCacheError, TextTable, text_key
-from ldm.modeling import atomic_path
 from ldm.pipeline import Text2Image
 from ldm.shapes import Scene, parse_caption
 from ldm.text_encoder import TextEmbedding, TextEncoderNotFoundError
 from ldm.vae_training import reconstruction_metrics
 from stages.params import EvaluateParams, Params, ParamsError, resolve_device
-from stages.reporting import Reporter, StageResult, flatten, stage_main, write_csv
+from stages.reporting import Reporter, StageResult, flatten, stage_main, write_csv, write_json
 
 STAGE = "evaluate"
 
@@ -227,8 +226,7 @@ def run(params: Params, reporter: Reporter) -> StageResult:
         for key, grid in grids.items():
             grid.save(tmp / f"{key}.png", format="PNG")
         write_csv(tmp / "adherence.csv", rows, tuple(dict.fromkeys(k for row in rows for k in row)))
-    with atomic_path(metrics_path) as tmp:
-        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    write_json(metrics_path, metrics)
     numbers = {k: v for k, v in flatten(metrics).items() if isinstance(v, (int, float))}
     return StageResult(metrics=numbers, artifacts=[metrics_path, out / "plots"])
 

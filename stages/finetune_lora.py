@@ -43,7 +43,7 @@ from ldm.text_encoder import TextEmbedding, TextEncoderNotFoundError
 from stages.evaluate import InputError, RealImages, fit_attribute_classifier, generate
 from stages.ingest import SourceError, read_source
 from stages.params import Params, ParamsError, resolve_device
-from stages.reporting import Reporter, StageResult, flatten, stage_main, write_csv
+from stages.reporting import Reporter, StageResult, flatten, stage_main, write_csv, write_json
 
 STAGE = "finetune_lora"
 LOSS_COLUMNS = ("step", "loss", "lr")
@@ -151,10 +151,7 @@ def run(params: Params, reporter: Reporter) -> StageResult:
         reporter.info(f"{STAGE}: the concept or the base data has no shapes attributes (or no val rows), so the "
                       "concept's adherence is not measured")
 
-    metrics_path = Path(paths.metrics) / f"{STAGE}.json"
-    metrics_path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(metrics_path) as tmp:
-        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    metrics_path = write_json(Path(paths.metrics) / f"{STAGE}.json", metrics)
     plots = Path(paths.plots) / STAGE
     plots.mkdir(parents=True, exist_ok=True)
     loss_csv, artifacts = plots / "loss.csv", [metrics_path, plots / "loss.csv"]

@@ -34,11 +34,10 @@ from transformers import AutoTokenizer
 from ldm import images
 from ldm.images import ImageRejected, load_image, resize_center_crop, to_png
 from ldm.ingested import REJECTS_NAME, ShardWriter, content_id, split_of
-from ldm.modeling import atomic_path
 from ldm.shapes import ShapesConfig, caption, generate
 from ldm.text_encoder import TextEncoderNotFoundError, resolve_folder
 from stages.params import IngestParams, Params, ParamsError
-from stages.reporting import Reporter, StageResult, stage_main
+from stages.reporting import Reporter, StageResult, stage_main, write_json
 
 STAGE = "ingest"
 METRICS_NAME = "ingest.json"
@@ -122,10 +121,7 @@ def run(params: Params, reporter: Reporter) -> StageResult:
         "val_rows": counts.splits["val"],
         **{f"rejected_{reason}": counts.reasons[reason] for reason in REASONS},
     }
-    metrics_path = Path(params.paths.metrics) / METRICS_NAME
-    metrics_path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(metrics_path) as path:
-        path.write_text(json.dumps(metrics, indent=2) + "\n")
+    metrics_path = write_json(Path(params.paths.metrics) / METRICS_NAME, metrics)
     reporter.info(
         f"{STAGE}: {metrics['inputs']} inputs: {counts.accepted} accepted, {counts.rejected} rejected "
         f"({dict(counts.reasons.most_common()) or 'none'}); {metrics['train_rows']} train and {metrics['val_rows']} "

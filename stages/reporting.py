@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -140,3 +142,13 @@ def flatten(values: dict, prefix: str = "") -> dict:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+def write_json(path: str | os.PathLike, values: dict) -> Path:
+    """`values` as indented JSON at `path` (its folder made), written atomically: a DVC metrics file is the old
+    one or the complete new one, never half of it. Returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(values, indent=2) + "\n")
+    return path

@@ -52,13 +52,12 @@ from ldm.controlnet_training import ControlNetTrainingConfig, train_controlnet
 from ldm.images import image_tensor
 from ldm.ingested import read_table, tensor_to_pil
 from ldm.latent_cache import LatentCache, LatentCacheError, vae_hash
-from ldm.modeling import atomic_path
 from ldm.pipeline import Text2Image
 from ldm.shapes import Scene, ShapeObject, caption_without_positions, render
 from ldm.text_encoder import TextEncoderNotFoundError
 from stages.evaluate import InputError, RealImages, fit_attribute_classifier  # InputError: RealImages raises it
 from stages.params import Params, ParamsError, TrainControlNetParams, resolve_device
-from stages.reporting import Reporter, StageResult, flatten, stage_main, write_csv
+from stages.reporting import Reporter, StageResult, flatten, stage_main, write_csv, write_json
 
 STAGE = "train_controlnet"
 LOSS_COLUMNS = ("step", "loss", "lr")
@@ -162,10 +161,7 @@ def run(params: Params, reporter: Reporter) -> StageResult:
     evaluation, grid = evaluate_control(params, pipeline, device, reporter)
     metrics.update(evaluation)
 
-    metrics_path = Path(paths.metrics) / f"{STAGE}.json"
-    metrics_path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(metrics_path) as tmp:
-        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    metrics_path = write_json(Path(paths.metrics) / f"{STAGE}.json", metrics)
     plots = Path(paths.plots) / STAGE
     # The whole folder is replaced, so a control.png of an earlier run never outlives a skipped evaluation.
     with atomic_directory(plots) as tmp:

@@ -14,7 +14,6 @@ writes: paths.text2img/                     the complete text-to-image model (`T
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from ldm.unet import UNetConfig
 from ldm.unet_training import UNetTrainingConfig, Validation, train_unet
 from ldm.vae import VAE
 from stages.params import Params, ParamsError, resolve_device
-from stages.reporting import Reporter, StageResult, stage_main, write_csv
+from stages.reporting import Reporter, StageResult, stage_main, write_csv, write_json
 
 STAGE = "train_unet"
 LOSS_COLUMNS = ("step", "loss", "lr")
@@ -113,10 +112,7 @@ def run(params: Params, reporter: Reporter) -> StageResult:
     with atomic_directory(model_dir) as tmp:
         pipeline.save_pretrained(tmp)
         unet.cpu().save_pretrained(tmp / RAW_UNET_FOLDER)
-    metrics_path = Path(paths.metrics) / f"{STAGE}.json"
-    metrics_path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(metrics_path) as tmp:
-        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    write_json(Path(paths.metrics) / f"{STAGE}.json", metrics)
     plots = Path(paths.plots) / STAGE
     plots.mkdir(parents=True, exist_ok=True)
     loss_csv, grid_png = plots / "loss.csv", plots / "validation.png"

@@ -13,7 +13,6 @@ writes: paths.vae/                          config.json + model.safetensors (wit
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from ldm.ingested import IngestedImages
 from ldm.modeling import atomic_path
 from ldm.vae_training import VAETrainingConfig, reconstruction_grid, train_vae
 from stages.params import Params, ParamsError, resolve_device
-from stages.reporting import Reporter, StageResult, stage_main, write_csv
+from stages.reporting import Reporter, StageResult, stage_main, write_csv, write_json
 
 STAGE = "train_vae"
 LOSS_COLUMNS = ("step", "loss", "recon", "kl", "lr")
@@ -66,10 +65,7 @@ def run(params: Params, reporter: Reporter) -> StageResult:
     model_dir = Path(paths.vae)
     with atomic_directory(model_dir) as tmp:
         vae.save_pretrained(tmp)
-    metrics_path = Path(paths.metrics) / f"{STAGE}.json"
-    metrics_path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(metrics_path) as tmp:
-        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    write_json(Path(paths.metrics) / f"{STAGE}.json", metrics)
     plots = Path(paths.plots) / STAGE
     plots.mkdir(parents=True, exist_ok=True)
     loss_csv, grid_png = plots / "loss.csv", plots / "reconstructions.png"
