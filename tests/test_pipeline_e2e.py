@@ -17,8 +17,9 @@ from mlflow import MlflowClient
 from tests.servers import mlflow_server, prefect_server
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ["ingest", "train_vae", "cache_latents", "train_unet", "evaluate", "sample"]
-STAGES_WITH_METRICS = ["ingest", "train_vae", "cache_latents", "train_unet"]
+STAGES = ["ingest", "train_vae", "cache_latents", "train_unet", "evaluate", "sample", "finetune_lora",
+          "train_controlnet"]
+STAGES_WITH_METRICS = ["ingest", "train_vae", "cache_latents", "train_unet", "finetune_lora", "train_controlnet"]
 
 
 def _copy_repo(dst: Path) -> None:
@@ -81,6 +82,8 @@ def test_outputs_and_lock(pipeline):
     assert 0.0 <= evaluation["headline"]["prompt_adherence"] <= 1.0
     prompts = json.loads((repo / "samples" / "prompts.json").read_text())["images"]
     assert [p["file"] for p in prompts] == ["000.png", "001.png"] and (repo / "samples" / "grid.png").is_file()
+    assert {p.name for p in (repo / "models" / "lora").iterdir()} == {"adapter_model.safetensors", "adapter_config.json"}
+    assert (repo / "models" / "controlnet" / "control.json").is_file()
 
 
 def test_flow_runs_task_runs_and_logs_in_prefect(pipeline):
@@ -125,6 +128,8 @@ def test_runs_tags_metrics_and_registry_in_mlflow(pipeline):
     assert "config.json" in {Path(a.path).name for a in client.list_artifacts(train.info.run_id, "model")}
     unet_run = runs["train_unet"]
     assert [v.run_id for v in client.search_model_versions("name='ldm-unet'")] == [unet_run.info.run_id]
+    for stage, model in (("finetune_lora", "ldm-lora"), ("train_controlnet", "ldm-controlnet")):
+        assert [v.run_id for v in client.search_model_versions(f"name='{model}'")] == [runs[stage].info.run_id]
     assert len(client.get_metric_history(unet_run.info.run_id, "loss")) >= 2
     # The validation grid logged at step 15 and at the end (step 30).
     images = {a.path for a in client.list_artifacts(unet_run.info.run_id, "images")}
