@@ -10,13 +10,13 @@ import torch
 from mlflow import MlflowClient
 from PIL import Image
 
-from ldm import Text2Image, UNet
+from ldm import Text2Image
 from ldm.cli import main
-from ldm.controlnet import ControlNet
 from ldm.images import image_tensor, map_tensor
 from ldm.ingested import tensor_to_pil
-from ldm.lora import LoraSpec, add_lora, save_lora
+from ldm.lora import LoraSpec
 from ldm.samplers import SAMPLERS
+from tests.adapters import save_random_controlnet, save_random_lora
 from tests.test_text2img_model import registered_store, tiny_pipeline
 
 FAST = ["--steps", "2", "--device", "cpu"]
@@ -161,13 +161,7 @@ def test_img2img_and_inpainting_options(tiny, tmp_path, capsys):
 
 def test_lora_and_controlnet_options(tiny, tmp_path, capsys):
     pipeline, folder = tiny
-    adapted = UNet.from_pretrained(folder / "unet")
-    add_lora(adapted, rank=2, alpha=2)
-    with torch.no_grad():
-        for name, weight in adapted.named_parameters():
-            if "lora_B" in name:
-                weight.normal_(std=0.5)
-    save_lora(adapted, tmp_path / "lora")
+    save_random_lora(folder / "unet", tmp_path / "lora")
     with_lora = Text2Image.from_pretrained(folder, text_encoder=pipeline.text_encoder)
     with_lora.load_loras([LoraSpec(tmp_path / "lora", 0.5)])
     want = np.asarray(tensor_to_pil(with_lora("a red circle", steps=2, seed=3)[0]))
@@ -179,10 +173,7 @@ def test_lora_and_controlnet_options(tiny, tmp_path, capsys):
                      "--seed", "3", "-o", str(out), *FAST]) == 0
         assert np.abs(pixels(out).astype(int) - want).max() <= 1  # merging rounds differently, by a level at most
 
-    controlnet = ControlNet.from_unet(pipeline.unet, vae_downsampling_factor=pipeline.vae.downsampling_factor)
-    with torch.no_grad():
-        controlnet.controlnet_mid_block.weight.normal_(std=0.5)
-    controlnet.save_pretrained(tmp_path / "controlnet")
+    save_random_controlnet(pipeline, tmp_path / "controlnet")
     edges = tmp_path / "edges.png"
     Image.fromarray((np.eye(16) * 255).astype(np.uint8)).save(edges)
     steered = Text2Image.from_pretrained(folder, text_encoder=pipeline.text_encoder, controlnet=tmp_path / "controlnet")

@@ -23,11 +23,11 @@ from PIL import Image
 from flows.text2img_model import log_text2img_model, save_text2img_model
 from flows.tracking import StageRun
 from ldm import VAE, Text2Image, TextEncoder, UNet
-from ldm.controlnet import ControlNet
 from ldm.images import image_tensor, map_tensor
 from ldm.ingested import tensor_to_pil
-from ldm.lora import LoraSpec, add_lora, save_lora
+from ldm.lora import LoraSpec
 from ldm.presets import preset
+from tests.adapters import save_random_controlnet, save_random_lora
 from tests.servers import BIN, _server, free_port
 
 PROMPTS = ["a red circle at the top left", "a blue square"]
@@ -147,13 +147,7 @@ def test_model_takes_the_sample_cli_conditioning_as_params(store, tmp_path):
     pipeline = store["pipeline"]
     init = tensor_to_pil(torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1)
     mask = Image.fromarray(np.where(np.arange(16)[None, :] >= 8, 255, 0).repeat(16, 0).astype(np.uint8))
-    adapted = UNet.from_pretrained(store["pipeline_dir"] / "unet")
-    add_lora(adapted, rank=2, alpha=2)
-    with torch.no_grad():
-        for name, weight in adapted.named_parameters():
-            if "lora_B" in name:
-                weight.normal_(std=0.5)
-    save_lora(adapted, tmp_path / "lora")
+    save_random_lora(store["pipeline_dir"] / "unet", tmp_path / "lora")
     with_lora = Text2Image.from_pretrained(store["pipeline_dir"], text_encoder=pipeline.text_encoder)
     with_lora.load_loras([LoraSpec(tmp_path / "lora", 0.5)], merge=True)
 
@@ -186,10 +180,7 @@ def test_model_takes_the_sample_cli_conditioning_as_params(store, tmp_path):
 
 def test_model_saved_with_a_controlnet_takes_control_images(store, tmp_path):
     pipeline = store["pipeline"]
-    controlnet = ControlNet.from_unet(pipeline.unet, vae_downsampling_factor=pipeline.vae.downsampling_factor)
-    with torch.no_grad():
-        controlnet.controlnet_mid_block.weight.normal_(std=0.5)
-    controlnet.save_pretrained(tmp_path / "controlnet")
+    save_random_controlnet(pipeline, tmp_path / "controlnet")
     save_text2img_model(store["pipeline_dir"], tmp_path / "model", tmp_path / "controlnet")
     model = mlflow.pyfunc.load_model(str(tmp_path / "model"), model_config={"device": "cpu"})
     edges = Image.fromarray((np.eye(16) * 255).astype(np.uint8))
