@@ -29,6 +29,7 @@ ldm sample "${red[@]}" --guidance 7 --seed 0 --negative-prompt red -o "$out/nega
 
 recolour=("a large blue circle at the top left on a white background" "a large green circle at the top left on a white background"
           "a large purple circle at the top left on a white background" "a large black circle at the top left on a white background")
+cp samples/000.png "$out/img2img-input.png"   # the sample stage's red circle (samples/ is a DVC output, not in git)
 ldm sample "${recolour[@]}" --init-image samples/000.png --strength 0.6 --seed 0 -o "$out/img2img.png"
 
 added=("a large red circle at the top left and a small blue square at the top right on a white background"
