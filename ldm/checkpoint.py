@@ -24,6 +24,7 @@ import os
 import random
 import re
 import shutil
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -312,3 +313,50 @@ def load_checkpoint(path: str | os.PathLike, state: TrainingState) -> Checkpoint
         state.generators[name].set_state(value)
     _set_global_rng_state(_decode(record["rng"], tensors))
     return Checkpoint(path=path, step=record["step"], extra=record["extra"])
+
+
+class ResumableRun:
+    """A training loop's place in its run, kept across sessions: the step it starts after (the newest
+    checkpoint of the same run, or 0), its loss history and its training time; and the checkpoints it writes.
+
+        run = ResumableRun(checkpoint_dir, fingerprint, state, order, keep, "UNet", max_steps, log)
+        run.begin()                                   # the training clock starts
+        for step in range(run.start + 1, max_steps + 1):
+            ...
+            run.save(step)                            # state + data position + history + time so far
+        run.train_seconds()                           # over every session of the run
+
+    `data` is the batch order: anything with `state_dict()` / `load_state_dict()` of JSON values.
+    """
+
+    def __init__(
+        self, checkpoint_dir: str | os.PathLike, fingerprint: str, state: TrainingState, data, keep: int, what: str,
+        max_steps: int, log: Callable[[str], None] = logger.warning,
+    ):
+        self.checkpoint_dir, self.fingerprint, self.state, self.data, self.keep = (
+            checkpoint_dir, fingerprint, state, data, keep
+        )
+        self.start, self.history, self._seconds_before = 0, [], 0.0
+        self._began = time.perf_counter()
+        found = resume_point(checkpoint_dir, fingerprint, log)
+        if found is not None:
+            self.start = load_checkpoint(found.path, state).step
+            data.load_state_dict(found.extra["data"])
+            self.history, self._seconds_before = found.extra["history"], found.extra["train_seconds"]
+            log(f"resuming {what} training from {found.path} (step {self.start} of {max_steps})")
+
+    def begin(self) -> None:
+        """Start this session's training clock (setup before the loop does not count)."""
+        self._began = time.perf_counter()
+
+    def train_seconds(self) -> float:
+        return self._seconds_before + time.perf_counter() - self._began
+
+    def save(self, step: int) -> None:
+        extra = {
+            "fingerprint": self.fingerprint,
+            "data": self.data.state_dict(),
+            "history": self.history,
+            "train_seconds": self.train_seconds(),
+        }
+        save_checkpoint(self.checkpoint_dir, step, self.state, extra, keep=self.keep)

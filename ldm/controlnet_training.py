@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
@@ -26,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.checkpoint import TrainingState, load_checkpoint, resume_point, run_fingerprint, save_checkpoint
+from ldm.checkpoint import ResumableRun, TrainingState, run_fingerprint
 from ldm.controlnet import ControlNet
 from ldm.latent_cache import LatentBatch, LatentCache
 from ldm.loss_history import LossHistory
@@ -154,13 +153,7 @@ def train_controlnet(
     # Keep every caption's hidden states decoded: batches draw captions from all over the table.
     text = cache.open_text(cache_groups=None)
 
-    start, history, seconds_before = 0, [], 0.0
-    found = resume_point(checkpoint_dir, fingerprint, log)
-    if found is not None:
-        start = load_checkpoint(found.path, state).step
-        order.load_state_dict(found.extra["data"])
-        history, seconds_before = found.extra["history"], found.extra["train_seconds"]
-        log(f"resuming ControlNet training from {found.path} (step {start} of {hp.max_steps})")
+    run = ResumableRun(checkpoint_dir, fingerprint, state, order, hp.keep_checkpoints, "ControlNet", hp.max_steps, log)
 
     def batch_loss() -> torch.Tensor:
         batch = order.next_batch()
@@ -179,9 +172,9 @@ def train_controlnet(
         prediction = unet(noisy, t, context.hidden_states, mask, down_residuals=down, mid_residual=mid)
         return F.mse_loss(prediction.float(), target)
 
-    began = time.perf_counter()
-    losses = LossHistory(("loss",), hp.log_every, hp.max_steps, device, history)
-    for step in range(start + 1, hp.max_steps + 1):
+    run.begin()
+    losses = LossHistory(("loss",), hp.log_every, hp.max_steps, device, run.history)
+    for step in range(run.start + 1, hp.max_steps + 1):
         optimizer.zero_grad(set_to_none=True)
         loss = batch_loss()
         loss.backward()
@@ -193,22 +186,16 @@ def train_controlnet(
         row = losses.add(step, loss.detach(), lr)
         last = step == hp.max_steps
         if step % hp.checkpoint_every == 0 or last:
-            extra = {
-                "fingerprint": fingerprint,
-                "data": order.state_dict(),
-                "history": history,
-                "train_seconds": seconds_before + time.perf_counter() - began,
-            }
-            save_checkpoint(checkpoint_dir, step, state, extra, keep=hp.keep_checkpoints)
+            run.save(step)
         if row is not None and on_step is not None:
             on_step(step, hp.max_steps, LossHistory.values(row))
-    train_seconds = seconds_before + time.perf_counter() - began
+    train_seconds = run.train_seconds()
 
     metrics = {
-        "train_loss_final": history[-1]["loss"] if history else float("nan"),
+        "train_loss_final": run.history[-1]["loss"] if run.history else float("nan"),
         "steps": float(hp.max_steps),
         # Over the whole run, resumed sessions included: a session that resumes at the last step trains none.
         "samples_per_second": hp.max_steps * hp.batch_size / train_seconds,
         "train_seconds": train_seconds,
     }
-    return ControlNetTrainingResult(controlnet.eval(), metrics, history)
+    return ControlNetTrainingResult(controlnet.eval(), metrics, run.history)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.checkpoint import TrainingState, load_checkpoint, resume_point, run_fingerprint, save_checkpoint
+from ldm.checkpoint import ResumableRun, TrainingState, run_fingerprint
 from ldm.lora import add_lora
 from ldm.loss_history import LossHistory
 from ldm.schedule import NoiseSchedule
@@ -159,13 +158,7 @@ def finetune_lora(
             schedulers={"lr": lr_schedule},
             generators={"data": data_generator, "noise": noise_generator},
         )
-        start, history, seconds_before = 0, [], 0.0
-        found = resume_point(checkpoint_dir, fingerprint, log)
-        if found is not None:
-            start = load_checkpoint(found.path, state).step
-            order.load_state_dict(found.extra["data"])
-            history, seconds_before = found.extra["history"], found.extra["train_seconds"]
-            log(f"resuming LoRA training from {found.path} (step {start} of {hp.max_steps})")
+        run = ResumableRun(checkpoint_dir, fingerprint, state, order, hp.keep_checkpoints, "LoRA", hp.max_steps, log)
 
         def batch_loss() -> torch.Tensor:
             rows = torch.tensor(order.next_batch())
@@ -181,9 +174,9 @@ def finetune_lora(
             prediction = unet(noisy, t.to(device), context.hidden_states, mask)
             return F.mse_loss(prediction.float(), target)
 
-        began = time.perf_counter()
-        losses = LossHistory(("loss",), hp.log_every, hp.max_steps, device, history)
-        for step in range(start + 1, hp.max_steps + 1):
+        run.begin()
+        losses = LossHistory(("loss",), hp.log_every, hp.max_steps, device, run.history)
+        for step in range(run.start + 1, hp.max_steps + 1):
             optimizer.zero_grad(set_to_none=True)
             loss = batch_loss()
             loss.backward()
@@ -195,23 +188,17 @@ def finetune_lora(
             row = losses.add(step, loss.detach(), lr)
             last = step == hp.max_steps
             if step % hp.checkpoint_every == 0 or last:
-                extra = {
-                    "fingerprint": fingerprint,
-                    "data": order.state_dict(),
-                    "history": history,
-                    "train_seconds": seconds_before + time.perf_counter() - began,
-                }
-                save_checkpoint(checkpoint_dir, step, state, extra, keep=hp.keep_checkpoints)
+                run.save(step)
             if row is not None and on_step is not None:
                 on_step(step, hp.max_steps, LossHistory.values(row))
-        train_seconds = seconds_before + time.perf_counter() - began
+        train_seconds = run.train_seconds()
 
     metrics = {
-        "train_loss_final": history[-1]["loss"] if history else float("nan"),
+        "train_loss_final": run.history[-1]["loss"] if run.history else float("nan"),
         "steps": float(hp.max_steps),
         # Over the whole run, resumed sessions included: a session that resumes at the last step trains none.
         "samples_per_second": hp.max_steps * hp.batch_size / train_seconds,
         "train_seconds": train_seconds,
         "trainable_parameters": float(sum(p.numel() for p in params)),
     }
-    return LoraTrainingResult(unet.eval(), metrics, history)
+    return LoraTrainingResult(unet.eval(), metrics, run.history)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
@@ -33,7 +32,7 @@ from PIL import Image
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchvision.utils import make_grid
 
-from ldm.checkpoint import TrainingState, load_checkpoint, resume_point, run_fingerprint, save_checkpoint
+from ldm.checkpoint import ResumableRun, TrainingState, run_fingerprint
 from ldm.ingested import tensor_to_pil
 from ldm.latent_cache import LatentBatch, LatentCache, TextTable
 from ldm.loss_history import LossHistory
@@ -248,13 +247,7 @@ def train_unet(
     # Keep every caption's hidden states decoded: batches draw captions from all over the table.
     text = cache.open_text(cache_groups=None)
 
-    start, history, seconds_before = 0, [], 0.0
-    found = resume_point(checkpoint_dir, fingerprint, log)
-    if found is not None:
-        start = load_checkpoint(found.path, state).step
-        order.load_state_dict(found.extra["data"])
-        history, seconds_before = found.extra["history"], found.extra["train_seconds"]
-        log(f"resuming UNet training from {found.path} (step {start} of {hp.max_steps})")
+    run = ResumableRun(checkpoint_dir, fingerprint, state, order, hp.keep_checkpoints, "UNet", hp.max_steps, log)
 
     grid_inputs = None
     if validation is not None:
@@ -294,9 +287,9 @@ def train_unet(
         model.train()
         on_validation(step, grid)
 
-    began = time.perf_counter()
-    losses = LossHistory(("loss",), hp.log_every, hp.max_steps, device, history)
-    for step in range(start + 1, hp.max_steps + 1):
+    run.begin()
+    losses = LossHistory(("loss",), hp.log_every, hp.max_steps, device, run.history)
+    for step in range(run.start + 1, hp.max_steps + 1):
         optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=device)
         for _ in range(hp.grad_accumulation):
@@ -312,30 +305,24 @@ def train_unet(
         row = losses.add(step, loss_sum, lr)
         last = step == hp.max_steps
         if step % hp.checkpoint_every == 0 or last:
-            extra = {
-                "fingerprint": fingerprint,
-                "data": order.state_dict(),
-                "history": history,
-                "train_seconds": seconds_before + time.perf_counter() - began,
-            }
-            save_checkpoint(checkpoint_dir, step, state, extra, keep=hp.keep_checkpoints)
+            run.save(step)
         if row is not None and on_step is not None:
             on_step(step, hp.max_steps, LossHistory.values(row))
         if step % hp.validate_every == 0 and not last:
             emit_validation(step)
-    train_seconds = seconds_before + time.perf_counter() - began
+    train_seconds = run.train_seconds()
     emit_validation(hp.max_steps)
 
     trained, averaged = unet.eval(), ema.module.eval()
     metrics = {
-        "train_loss_final": history[-1]["loss"] if history else float("nan"),
+        "train_loss_final": run.history[-1]["loss"] if run.history else float("nan"),
         "val_loss": validation_loss(averaged, cache, text, schedule, hp.batch_size, seed),
         "steps": float(hp.max_steps),
         # Over the whole run, resumed sessions included: a session that resumes at the last step trains none.
         "samples_per_second": hp.max_steps * hp.batch_size * hp.grad_accumulation / train_seconds,
         "train_seconds": train_seconds,
     }
-    return UNetTrainingResult(trained, averaged, metrics, history)
+    return UNetTrainingResult(trained, averaged, metrics, run.history)
 
 
 @torch.no_grad()

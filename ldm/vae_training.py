@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 from torchvision.utils import make_grid
 
-from ldm.checkpoint import TrainingState, load_checkpoint, resume_point, run_fingerprint, save_checkpoint
+from ldm.checkpoint import ResumableRun, TrainingState, run_fingerprint
 from ldm.ingested import IngestedImages, tensor_to_pil
 from ldm.loss_history import LossHistory
 from ldm.vae import VAE, VAEConfig
@@ -232,17 +231,11 @@ def train_vae(
     )
     reconstruction_loss = RECONSTRUCTION_LOSSES[hp.recon_loss]
 
-    start, history, seconds_before = 0, [], 0.0
-    found = resume_point(checkpoint_dir, fingerprint, log)
-    if found is not None:
-        start = load_checkpoint(found.path, state).step
-        order.load_state_dict(found.extra["data"])
-        history, seconds_before = found.extra["history"], found.extra["train_seconds"]
-        log(f"resuming VAE training from {found.path} (step {start} of {hp.max_steps})")
+    run = ResumableRun(checkpoint_dir, fingerprint, state, order, hp.keep_checkpoints, "VAE", hp.max_steps, log)
 
-    began = time.perf_counter()
-    losses = LossHistory(("loss", "recon", "kl"), hp.log_every, hp.max_steps, device, history)
-    for step in range(start + 1, hp.max_steps + 1):
+    run.begin()
+    losses = LossHistory(("loss", "recon", "kl"), hp.log_every, hp.max_steps, device, run.history)
+    for step in range(run.start + 1, hp.max_steps + 1):
         images = _batch(train_data, order.next_batch(), device)  # (B, 3, H, W)
         reconstructions, posterior = vae(images, noise_generator)
         recon = reconstruction_loss(reconstructions, images)
@@ -261,16 +254,10 @@ def train_vae(
         row = losses.add(step, torch.stack([loss, recon, kl]).detach(), lr)
         last = step == hp.max_steps
         if step % hp.checkpoint_every == 0 or last:
-            extra = {
-                "fingerprint": fingerprint,
-                "data": order.state_dict(),
-                "history": history,
-                "train_seconds": seconds_before + time.perf_counter() - began,
-            }
-            save_checkpoint(checkpoint_dir, step, state, extra, keep=hp.keep_checkpoints)
+            run.save(step)
         if row is not None and on_step is not None:
             on_step(step, hp.max_steps, LossHistory.values(row))
-    train_seconds = seconds_before + time.perf_counter() - began
+    train_seconds = run.train_seconds()
 
     trained = (ema.module if ema is not None else vae).eval()
     mean, std = latent_statistics(
@@ -280,10 +267,10 @@ def train_vae(
     trained.config = config.model_copy(update={"shift_factor": mean, "scaling_factor": 1.0 / std})
     metrics = {
         **reconstruction_metrics(trained, val_data, hp.batch_size),
-        "train_loss_final": history[-1]["loss"],
+        "train_loss_final": run.history[-1]["loss"],
         "latent_mean": mean,
         "latent_std": std,
         "steps": float(hp.max_steps),
         "train_seconds": train_seconds,
     }
-    return VAETrainingResult(trained, metrics, history)
+    return VAETrainingResult(trained, metrics, run.history)
