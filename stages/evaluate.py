@@ -119,16 +119,23 @@ def comparison_grid(generated: torch.Tensor, real: torch.Tensor, count: int):
 
 def generate(
     pipeline: Text2Image, prompts: list[str], sampler: str, steps: int, guidance: float, seed: int, batch_size: int,
-    reporter: Reporter, task: str,
+    reporter: Reporter, task: str, negative_prompt: str | None = None, controls: torch.Tensor | None = None,
+    control_scale: float | None = None,
 ) -> torch.Tensor:
+    """Prompt i drawn with seed `seed + i`, in batches; with its control map when `controls` (N, C, H, W) is
+    given. -> (N, 3, H, W)"""
     pipeline.sampler = sampler
     images = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         seeds = [seed + start + i for i in range(len(chunk))]
-        images.append(pipeline(chunk, steps=steps, guidance_scale=guidance, seed=seeds).cpu())
+        control = {} if controls is None else {
+            "control_image": controls[start : start + batch_size], "control_scale": control_scale,
+        }
+        images.append(pipeline(chunk, negative_prompt=negative_prompt, steps=steps, guidance_scale=guidance,
+                               seed=seeds, **control).cpu())
         reporter.progress(task, start + len(chunk), len(prompts))
-    return torch.cat(images)  # (N, 3, H, W)
+    return torch.cat(images)
 
 
 def run(params: Params, reporter: Reporter) -> StageResult:
@@ -245,13 +252,10 @@ def negative_prompt_effect(
     sampler = section.samplers[0]
     rates = {}
     for key, negative in (("without", None), ("with", color)):
-        pipeline.sampler = sampler.sampler
-        images = torch.cat([
-            pipeline(asking[start:start + section.batch_size], negative_prompt=negative, steps=sampler.steps,
-                     guidance_scale=section.guidance_scale,
-                     seed=[section.seed + start + i for i in range(len(asking[start:start + section.batch_size]))])
-            for start in range(0, len(asking), section.batch_size)
-        ])
+        images = generate(
+            pipeline, asking, sampler.sampler, sampler.steps, section.guidance_scale, section.seed, section.batch_size,
+            reporter, f"{STAGE} negative prompt {key}", negative_prompt=negative,
+        )
         read = classifier.read(images)
         rates[f"{color}_rate_{key}_negative"] = sum(any(o.color == color for o in r) for r in read) / len(read)
     rates["prompts"] = float(len(asking))

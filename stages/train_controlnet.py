@@ -55,7 +55,12 @@ from ldm.latent_cache import LatentCache, LatentCacheError, vae_hash
 from ldm.pipeline import Text2Image
 from ldm.shapes import Scene, ShapeObject, caption_without_positions, render
 from ldm.text_encoder import TextEncoderNotFoundError
-from stages.evaluate import InputError, RealImages, fit_attribute_classifier  # InputError: RealImages raises it
+from stages.evaluate import (  # InputError: RealImages raises it
+    InputError,
+    RealImages,
+    fit_attribute_classifier,
+    generate,
+)
 from stages.params import Params, ParamsError, TrainControlNetParams, resolve_device
 from stages.reporting import Reporter, StageResult, flatten, stage_main, write_csv, write_json
 
@@ -250,7 +255,11 @@ def evaluate_control(
     drawn = {}
     for kind, prompts in (("unplaced", [caption_without_positions(s) for s in scenes]), ("conflicting", captions)):
         for key, control in (("without_control", None), ("with_control", controls)):
-            drawn[kind, key] = generate(pipeline, prompts, control, section, params.seed, reporter, f"{kind} {key}")
+            drawn[kind, key] = generate(
+                pipeline, prompts, pipeline.sampler, pipeline.steps, pipeline.guidance_scale, params.seed,
+                section.batch_size, reporter, f"{STAGE} {kind} {key}", controls=control,
+                control_scale=section.control_scale,
+            )
             r = placement(classifier.read(drawn[kind, key]), scenes, moved)
             results.setdefault(kind, {})[key] = r
             reporter.info(
@@ -264,23 +273,6 @@ def evaluate_control(
     rows = [edges, drawn["unplaced", "without_control"][:cases], drawn["unplaced", "with_control"][:cases]]
     grid = tensor_to_pil(make_grid(torch.cat(rows), nrow=cases, pad_value=0.0))
     return results, grid
-
-
-def generate(
-    pipeline: Text2Image, prompts: list[str], controls: torch.Tensor | None, section: TrainControlNetParams, seed: int,
-    reporter: Reporter, label: str,
-) -> torch.Tensor:
-    """Prompt i drawn with seed `seed + i`, with its control map when `controls` (N, C, H, W) is given. (N, 3, H, W)"""
-    images, step = [], section.batch_size
-    for start in range(0, len(prompts), step):
-        chunk = prompts[start : start + step]
-        control = {} if controls is None else {
-            "control_image": controls[start : start + step], "control_scale": section.control_scale,
-        }
-        seeds = [seed + start + i for i in range(len(chunk))]
-        images.append(pipeline(chunk, seed=seeds, **control).cpu())
-        reporter.progress(f"{STAGE} {label}", start + len(chunk), len(prompts))
-    return torch.cat(images)
 
 
 def placement(read: list[list[ShapeObject]], scenes: list[Scene], moved: list[Scene]) -> dict[str, float]:
