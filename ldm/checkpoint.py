@@ -13,6 +13,10 @@ or a copy can lose bytes that a rename promised.
 Loading restores the objects in place (module weights, optimizer and LR-schedule state, generator states,
 and the global torch / CUDA / Python / NumPy RNGs), so a loop continued from a checkpoint takes the same
 steps as one that was never stopped (same machine, same process layout).
+
+A checkpoint never holds a NaN or an infinity: saving one raises NonFiniteError instead. `ResumableRun` adds
+what a loop needs around that: SIGINT/SIGTERM end the run at a step boundary with a checkpoint, and a step
+whose loss or gradient is not finite stops the run (or is skipped, when the run allows some skips).
 """
 
 from __future__ import annotations
@@ -24,8 +28,10 @@ import os
 import random
 import re
 import shutil
+import signal
+import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +43,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
+
+from ldm.modeling import check_finite, file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -127,14 +135,6 @@ def _set_global_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((kind, keys.numpy().view(np.uint32), position, has_gauss, cached_gauss))
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -200,13 +200,14 @@ def save_checkpoint(
         "generators": {n: _encode(g.get_state(), f"generators/{n}", tensors) for n, g in state.generators.items()},
         "rng": _encode(_global_rng_state(), "rng", tensors),
     }
+    check_finite(tensors, f"the step-{step} checkpoint")
     final = directory / f"step-{step:06d}"
     with atomic_directory(final) as tmp:
         save_file(tensors, str(tmp / TENSORS_NAME), metadata={"format": str(FORMAT_VERSION)})
         record = {
             "format": FORMAT_VERSION,
             "step": step,
-            "sha256": _sha256(tmp / TENSORS_NAME),
+            "sha256": file_sha256(tmp / TENSORS_NAME),
             "extra": dict(extra or {}),
             **objects,
         }
@@ -232,7 +233,7 @@ def _read_verified(path: Path) -> dict[str, Any]:
         raise ValueError(f"{state_file} has format {record.get('format')!r}; this code reads format {FORMAT_VERSION}")
     if not tensors_file.is_file():
         raise ValueError(f"{path} has no {TENSORS_NAME}")
-    actual = _sha256(tensors_file)
+    actual = file_sha256(tensors_file)
     recorded = str(record.get("sha256"))
     if actual != recorded:
         raise ValueError(
@@ -315,48 +316,144 @@ def load_checkpoint(path: str | os.PathLike, state: TrainingState) -> Checkpoint
     return Checkpoint(path=path, step=record["step"], extra=record["extra"])
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped a training run at a step boundary, after a checkpoint of that step was saved.
+
+    A KeyboardInterrupt, so that whatever runs the loop unwinds as it does on Ctrl-C.
+    """
+
+    def __init__(self, message: str, signal_number: int):
+        super().__init__(message)
+        self.signal_number = signal_number
+
+
+class NonFiniteLoss(RuntimeError):
+    """A training step's loss or gradient norm was NaN or infinite, with more such steps than the run allows."""
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 class ResumableRun:
     """A training loop's place in its run, kept across sessions: the step it starts after (the newest
-    checkpoint of the same run, or 0), its loss history and its training time; and the checkpoints it writes.
+    checkpoint of the same run, or 0), its loss history, its skipped steps and its training time; and the
+    checkpoints it writes.
 
         run = ResumableRun(checkpoint_dir, fingerprint, state, order, keep, "UNet", max_steps, log)
-        run.begin()                                   # the training clock starts
-        for step in range(run.start + 1, max_steps + 1):
-            ...
-            run.save(step)                            # state + data position + history + time so far
+        with run.session():                           # the clock runs; SIGINT/SIGTERM are deferred to end_step
+            for step in range(run.start + 1, max_steps + 1):
+                loss.backward(); norm = clip_grad_norm_(...)
+                if not run.finite(step, loss, norm, batch_ids):
+                    continue                          # a skipped step (only when max_skips allows it)
+                optimizer.step(); ...
+                run.end_step(step, checkpoint_due)    # saves when due or when a stop signal came, then stops
         run.train_seconds()                           # over every session of the run
 
     `data` is the batch order: anything with `state_dict()` / `load_state_dict()` of JSON values.
+    `max_skips`: how many steps with a non-finite loss or gradient the run may skip (counted, and reported in
+    `skipped`) before NonFiniteLoss stops it; 0 stops at the first.
     """
 
     def __init__(
         self, checkpoint_dir: str | os.PathLike, fingerprint: str, state: TrainingState, data, keep: int, what: str,
-        max_steps: int, log: Callable[[str], None] = logger.warning,
+        max_steps: int, log: Callable[[str], None] = logger.warning, max_skips: int = 0,
     ):
         self.checkpoint_dir, self.fingerprint, self.state, self.data, self.keep = (
             checkpoint_dir, fingerprint, state, data, keep
         )
-        self.start, self.history, self._seconds_before = 0, [], 0.0
+        self.what, self.max_steps, self.log, self.max_skips = what, max_steps, log, max_skips
+        self.start, self.history, self.skipped, self._seconds_before = 0, [], [], 0.0
+        self.last_checkpoint: Path | None = None
         self._began = time.perf_counter()
+        self._stop_signal: int | None = None
         found = resume_point(checkpoint_dir, fingerprint, log)
         if found is not None:
             self.start = load_checkpoint(found.path, state).step
             data.load_state_dict(found.extra["data"])
             self.history, self._seconds_before = found.extra["history"], found.extra["train_seconds"]
+            # Checkpoints written before steps could be skipped have no record of them.
+            self.skipped = found.extra.get("skipped", [])
+            self.last_checkpoint = found.path
             log(f"resuming {what} training from {found.path} (step {self.start} of {max_steps})")
 
-    def begin(self) -> None:
-        """Start this session's training clock (setup before the loop does not count)."""
+    @contextmanager
+    def session(self) -> Iterator[None]:
+        """This session's training: starts the clock and, in the main thread, defers SIGINT and SIGTERM to the
+        next `end_step`, so that the run stops at a step boundary with a checkpoint rather than mid-update.
+        A second signal acts at once (the previous handlers are back by then)."""
         self._began = time.perf_counter()
+        if threading.current_thread() is not threading.main_thread():
+            # Python delivers signals to the main thread only, and only it may set handlers.
+            yield
+            return
+        previous = {number: signal.getsignal(number) for number in _STOP_SIGNALS}
+
+        def defer(number: int, frame) -> None:
+            self._stop_signal = number
+            for n, handler in previous.items():
+                signal.signal(n, handler)
+
+        for number in _STOP_SIGNALS:
+            signal.signal(number, defer)
+        try:
+            yield
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
 
     def train_seconds(self) -> float:
         return self._seconds_before + time.perf_counter() - self._began
+
+    def finite(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, batch_ids: Sequence[str]) -> bool:
+        """Whether step `step` may update the weights: its loss and gradient norm are finite.
+
+        Otherwise the step is skipped (False) while the run has skips left, and NonFiniteLoss is raised once
+        it has none, naming the step, the rows of its batch and the checkpoint to resume from. Either way the
+        rows go to `nonfinite-step-NNNNNN.json` in the checkpoint folder, to find the data behind it.
+        """
+        values = torch.stack([loss.detach().float().reshape(()), grad_norm.detach().float().reshape(())])
+        if bool(torch.isfinite(values).all()):
+            return True
+        loss_value, norm_value = values.tolist()
+        report = Path(self.checkpoint_dir) / f"nonfinite-step-{step:06d}.json"
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.write_text(json.dumps(
+            {"step": step, "loss": repr(loss_value), "grad_norm": repr(norm_value), "rows": list(batch_ids)}, indent=1
+        ) + "\n")
+        shown = ", ".join(i[:12] for i in list(batch_ids)[:4]) + (", ..." if len(batch_ids) > 4 else "")
+        what = f"step {step}: the {self.what} loss is {loss_value} (gradient norm {norm_value}) on rows {shown}"
+        if len(self.skipped) < self.max_skips:
+            self.skipped.append({"step": step, "loss": repr(loss_value), "rows": str(report)})
+            self.log(f"{what}; skipped ({len(self.skipped)} of at most {self.max_skips}); every row is in {report}")
+            return False
+        resume = (
+            f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint is not None
+            else "no checkpoint was saved yet"
+        )
+        raise NonFiniteLoss(
+            f"{what}; training stopped and nothing non-finite was saved; {resume}. Every row of the batch is in "
+            f"{report}. Lower the learning rate or fix those rows, or allow skipping such steps with the "
+            f"stage's `nonfinite_skips` param (now {self.max_skips}), then run the stage again to resume."
+        )
+
+    def end_step(self, step: int, checkpoint_due: bool) -> None:
+        """Save a checkpoint when one is due or a stop signal came during the step; after a signal, stop."""
+        if checkpoint_due or self._stop_signal is not None:
+            self.save(step)
+        if self._stop_signal is not None:
+            name = signal.Signals(self._stop_signal).name
+            raise TrainingInterrupted(
+                f"{self.what} training stopped by {name} after step {step} of {self.max_steps}; its checkpoint "
+                f"{self.last_checkpoint} is saved, and running the stage again resumes from it",
+                self._stop_signal,
+            )
 
     def save(self, step: int) -> None:
         extra = {
             "fingerprint": self.fingerprint,
             "data": self.data.state_dict(),
             "history": self.history,
+            "skipped": self.skipped,
             "train_seconds": self.train_seconds(),
         }
-        save_checkpoint(self.checkpoint_dir, step, self.state, extra, keep=self.keep)
+        self.last_checkpoint = save_checkpoint(self.checkpoint_dir, step, self.state, extra, keep=self.keep)

@@ -37,7 +37,7 @@ from ldm.vae_training import warmup_cosine
 logger = logging.getLogger(__name__)
 
 # Fields that change neither the weights reached at a step nor the data seen: a run may resume across them.
-_BOOKKEEPING = ("checkpoint_every", "keep_checkpoints", "log_every")
+_BOOKKEEPING = ("checkpoint_every", "keep_checkpoints", "nonfinite_skips", "log_every")
 
 ControlSource = Callable[[list[str]], torch.Tensor]  # row ids -> control maps (B, C, H, W) in [0, 1]
 
@@ -53,6 +53,7 @@ class ControlNetTrainingConfig:
     caption_dropout: float  # probability of training a row on the empty prompt
     checkpoint_every: int
     keep_checkpoints: int
+    nonfinite_skips: int = 0  # steps with a NaN/inf loss or gradient to skip (counted) before stopping
     log_every: int
 
 
@@ -153,10 +154,16 @@ def train_controlnet(
     # Keep every caption's hidden states decoded: batches draw captions from all over the table.
     text = cache.open_text(cache_groups=None)
 
-    run = ResumableRun(checkpoint_dir, fingerprint, state, order, hp.keep_checkpoints, "ControlNet", hp.max_steps, log)
+    run = ResumableRun(
+        checkpoint_dir, fingerprint, state, order, hp.keep_checkpoints, "ControlNet", hp.max_steps, log,
+        hp.nonfinite_skips,
+    )
+
+    step_rows: list[str] = []  # the cache row ids of the step's batch, to name them if its loss blows up
 
     def batch_loss() -> torch.Tensor:
         batch = order.next_batch()
+        step_rows[:] = batch.id
         latents = cache.sample(batch.mean, batch.logvar, noise_generator)  # (B, C, h, w)
         b = len(batch)
         dropped = torch.rand(b, generator=noise_generator) < hp.caption_dropout
@@ -172,23 +179,22 @@ def train_controlnet(
         prediction = unet(noisy, t, context.hidden_states, mask, down_residuals=down, mid_residual=mid)
         return F.mse_loss(prediction.float(), target)
 
-    run.begin()
     losses = LossHistory(("loss",), hp.log_every, hp.max_steps, device, run.history)
-    for step in range(run.start + 1, hp.max_steps + 1):
-        optimizer.zero_grad(set_to_none=True)
-        loss = batch_loss()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(controlnet.parameters(), hp.grad_clip)
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        lr_schedule.step()
-
-        row = losses.add(step, loss.detach(), lr)
-        last = step == hp.max_steps
-        if step % hp.checkpoint_every == 0 or last:
-            run.save(step)
-        if row is not None and on_step is not None:
-            on_step(step, hp.max_steps, LossHistory.values(row))
+    with run.session():
+        for step in range(run.start + 1, hp.max_steps + 1):
+            optimizer.zero_grad(set_to_none=True)
+            loss = batch_loss()
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(controlnet.parameters(), hp.grad_clip)
+            row = None
+            if run.finite(step, loss, grad_norm, step_rows):
+                lr = optimizer.param_groups[0]["lr"]
+                optimizer.step()
+                row = losses.add(step, loss.detach(), lr)
+            lr_schedule.step()
+            run.end_step(step, step % hp.checkpoint_every == 0 or step == hp.max_steps)
+            if row is not None and on_step is not None:
+                on_step(step, hp.max_steps, LossHistory.values(row))
     train_seconds = run.train_seconds()
 
     metrics = {

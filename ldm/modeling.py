@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import ClassVar, Self
@@ -22,6 +23,27 @@ class ModelConfig(BaseModel):
     """A model's architecture: typed, immutable, and rejecting keys it does not know."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class NonFiniteError(ValueError):
+    """Weights (or other saved state) hold NaN or infinite values: saving them would only pass the damage on."""
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], what: str) -> None:
+    """Raise NonFiniteError naming the floating-point tensors of `tensors` that hold a NaN or an infinity."""
+    bad = [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise NonFiniteError(
+            f"{what} would hold NaN or infinite values in {bad[:5]}{' ...' if len(bad) > 5 else ''}; not saved"
+        )
 
 
 @contextmanager
@@ -63,8 +85,9 @@ class PretrainedModel(nn.Module):
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        check_finite(state, f"the {self.kind} saved to {directory}")
+        directory.mkdir(parents=True, exist_ok=True)
         # Weights first, config last: a folder with a config always has its complete weights beside it.
         with atomic_path(directory / WEIGHTS_NAME) as tmp:
             save_file(state, str(tmp), metadata={"kind": self.kind})

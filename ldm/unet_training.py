@@ -46,7 +46,7 @@ from ldm.vae_training import warmup_cosine
 logger = logging.getLogger(__name__)
 
 # Fields that change neither the weights reached at a step nor the data seen: a run may resume across them.
-_BOOKKEEPING = ("checkpoint_every", "keep_checkpoints", "log_every", "validate_every")
+_BOOKKEEPING = ("checkpoint_every", "keep_checkpoints", "nonfinite_skips", "log_every", "validate_every")
 
 StepCallback = Callable[[int, int, dict[str, float]], None]
 ValidationCallback = Callable[[int, Image.Image], None]
@@ -70,6 +70,7 @@ class UNetTrainingConfig:
     bf16: bool  # autocast the forward pass to bfloat16
     checkpoint_every: int
     keep_checkpoints: int
+    nonfinite_skips: int = 0  # steps with a NaN/inf loss or gradient to skip (counted) before stopping
     log_every: int
     validate_every: int  # steps between validation grids (and one at the end)
 
@@ -247,15 +248,20 @@ def train_unet(
     # Keep every caption's hidden states decoded: batches draw captions from all over the table.
     text = cache.open_text(cache_groups=None)
 
-    run = ResumableRun(checkpoint_dir, fingerprint, state, order, hp.keep_checkpoints, "UNet", hp.max_steps, log)
+    run = ResumableRun(
+        checkpoint_dir, fingerprint, state, order, hp.keep_checkpoints, "UNet", hp.max_steps, log, hp.nonfinite_skips
+    )
 
     grid_inputs = None
     if validation is not None:
         prompts = validation_prompts(cache, validation.prompts)
         grid_inputs = (text.lookup([i for _, i in prompts]), text.lookup([text.empty_index]))
 
+    step_rows: list[str] = []  # the cache row ids of the step's micro-batches, to name them if its loss blows up
+
     def micro_batch_loss() -> torch.Tensor:
         batch = order.next_batch()
+        step_rows.extend(batch.id)
         latents = cache.sample(batch.mean, batch.logvar, noise_generator)  # (B, C, h, w)
         b = len(batch)
         dropped = torch.rand(b, generator=noise_generator) < hp.caption_dropout
@@ -287,29 +293,31 @@ def train_unet(
         model.train()
         on_validation(step, grid)
 
-    run.begin()
     losses = LossHistory(("loss",), hp.log_every, hp.max_steps, device, run.history)
-    for step in range(run.start + 1, hp.max_steps + 1):
-        optimizer.zero_grad(set_to_none=True)
-        loss_sum = torch.zeros((), device=device)
-        for _ in range(hp.grad_accumulation):
-            loss = micro_batch_loss() / hp.grad_accumulation
-            loss.backward()
-            loss_sum += loss.detach()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), hp.grad_clip)
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        lr_schedule.step()
-        ema.update_parameters(unet)
-
-        row = losses.add(step, loss_sum, lr)
-        last = step == hp.max_steps
-        if step % hp.checkpoint_every == 0 or last:
-            run.save(step)
-        if row is not None and on_step is not None:
-            on_step(step, hp.max_steps, LossHistory.values(row))
-        if step % hp.validate_every == 0 and not last:
-            emit_validation(step)
+    with run.session():
+        for step in range(run.start + 1, hp.max_steps + 1):
+            optimizer.zero_grad(set_to_none=True)
+            step_rows.clear()
+            loss_sum = torch.zeros((), device=device)
+            for _ in range(hp.grad_accumulation):
+                loss = micro_batch_loss() / hp.grad_accumulation
+                loss.backward()
+                loss_sum += loss.detach()
+            grad_norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), hp.grad_clip)
+            last = step == hp.max_steps
+            if run.finite(step, loss_sum, grad_norm, step_rows):
+                lr = optimizer.param_groups[0]["lr"]
+                optimizer.step()
+                ema.update_parameters(unet)
+                row = losses.add(step, loss_sum, lr)
+            else:
+                row = None
+            lr_schedule.step()
+            run.end_step(step, step % hp.checkpoint_every == 0 or last)
+            if row is not None and on_step is not None:
+                on_step(step, hp.max_steps, LossHistory.values(row))
+            if step % hp.validate_every == 0 and not last:
+                emit_validation(step)
     train_seconds = run.train_seconds()
     emit_validation(hp.max_steps)
 
@@ -321,6 +329,7 @@ def train_unet(
         # Over the whole run, resumed sessions included: a session that resumes at the last step trains none.
         "samples_per_second": hp.max_steps * hp.batch_size * hp.grad_accumulation / train_seconds,
         "train_seconds": train_seconds,
+        "skipped_steps": float(len(run.skipped)),
     }
     return UNetTrainingResult(trained, averaged, metrics, run.history)
 

@@ -47,7 +47,7 @@ RECONSTRUCTION_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Te
 }
 
 # Fields that change neither the weights reached at a step nor the data seen: a run may resume across them.
-_BOOKKEEPING = ("checkpoint_every", "keep_checkpoints", "log_every", "scaling_batches")
+_BOOKKEEPING = ("checkpoint_every", "keep_checkpoints", "nonfinite_skips", "log_every", "scaling_batches")
 
 StepCallback = Callable[[int, int, dict[str, float]], None]
 
@@ -67,6 +67,7 @@ class VAETrainingConfig:
     ema_decay: float | None  # None: no EMA, the trained weights are the model
     checkpoint_every: int
     keep_checkpoints: int
+    nonfinite_skips: int = 0  # steps with a NaN/inf loss or gradient to skip (counted) before stopping
     log_every: int
     scaling_batches: int  # train batches whose latents set the shift and scaling factors
 
@@ -231,32 +232,34 @@ def train_vae(
     )
     reconstruction_loss = RECONSTRUCTION_LOSSES[hp.recon_loss]
 
-    run = ResumableRun(checkpoint_dir, fingerprint, state, order, hp.keep_checkpoints, "VAE", hp.max_steps, log)
+    run = ResumableRun(
+        checkpoint_dir, fingerprint, state, order, hp.keep_checkpoints, "VAE", hp.max_steps, log, hp.nonfinite_skips
+    )
 
-    run.begin()
     losses = LossHistory(("loss", "recon", "kl"), hp.log_every, hp.max_steps, device, run.history)
-    for step in range(run.start + 1, hp.max_steps + 1):
-        images = _batch(train_data, order.next_batch(), device)  # (B, 3, H, W)
-        reconstructions, posterior = vae(images, noise_generator)
-        recon = reconstruction_loss(reconstructions, images)
-        kl = posterior.kl().mean()
-        loss = recon + hp.kl_weight * kl
+    with run.session():
+        for step in range(run.start + 1, hp.max_steps + 1):
+            indices = order.next_batch()
+            images = _batch(train_data, indices, device)  # (B, 3, H, W)
+            reconstructions, posterior = vae(images, noise_generator)
+            recon = reconstruction_loss(reconstructions, images)
+            kl = posterior.kl().mean()
+            loss = recon + hp.kl_weight * kl
 
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), hp.grad_clip)
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        schedule.step()
-        if ema is not None:
-            ema.update_parameters(vae)
-
-        row = losses.add(step, torch.stack([loss, recon, kl]).detach(), lr)
-        last = step == hp.max_steps
-        if step % hp.checkpoint_every == 0 or last:
-            run.save(step)
-        if row is not None and on_step is not None:
-            on_step(step, hp.max_steps, LossHistory.values(row))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(vae.parameters(), hp.grad_clip)
+            row = None
+            if run.finite(step, loss, grad_norm, [train_data.ids[i] for i in indices]):
+                lr = optimizer.param_groups[0]["lr"]
+                optimizer.step()
+                if ema is not None:
+                    ema.update_parameters(vae)
+                row = losses.add(step, torch.stack([loss, recon, kl]).detach(), lr)
+            schedule.step()
+            run.end_step(step, step % hp.checkpoint_every == 0 or step == hp.max_steps)
+            if row is not None and on_step is not None:
+                on_step(step, hp.max_steps, LossHistory.values(row))
     train_seconds = run.train_seconds()
 
     trained = (ema.module if ema is not None else vae).eval()
@@ -272,5 +275,6 @@ def train_vae(
         "latent_std": std,
         "steps": float(hp.max_steps),
         "train_seconds": train_seconds,
+        "skipped_steps": float(len(run.skipped)),
     }
     return VAETrainingResult(trained, metrics, run.history)

@@ -24,7 +24,8 @@ DEFAULT_PARAMS_FILE = "params.yaml"
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # YAML's .inf passes every lower bound (an lr of .inf would train), and no knob means anything at .nan.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Paths(Section):
@@ -102,6 +103,8 @@ class TrainVAEParams(Section):
     ema_decay: float | None = Field(None, gt=0.0, lt=1.0)  # None: no EMA
     checkpoint_every: int = Field(200, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
+    # Steps whose loss or gradient is NaN/inf to skip (counted) before training stops; 0 stops at the first.
+    nonfinite_skips: int = Field(0, ge=0)
     log_every: int = Field(10, ge=1)
     scaling_batches: int = Field(20, ge=1)  # train batches used to measure the latent std
     grid_images: int = Field(8, ge=1)  # val images shown over their reconstructions in reconstructions.png
@@ -177,6 +180,8 @@ class TrainUNetParams(Section):
     bf16: bool = False  # autocast to bfloat16: slower than fp32 on CPUs without AMX
     checkpoint_every: int = Field(200, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
+    # Steps whose loss or gradient is NaN/inf to skip (counted) before training stops; 0 stops at the first.
+    nonfinite_skips: int = Field(0, ge=0)
     log_every: int = Field(10, ge=1)
     sampling: SamplingParams = SamplingParams()  # saved with the model as its defaults; used for validation
     validate_every: int = Field(250, ge=1)  # steps between validation grids (one more at the end)
@@ -251,6 +256,8 @@ class FinetuneLoRAParams(Section):
     caption_dropout: float = Field(0.1, ge=0.0, le=1.0)
     checkpoint_every: int = Field(100, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
+    # Steps whose loss or gradient is NaN/inf to skip (counted) before training stops; 0 stops at the first.
+    nonfinite_skips: int = Field(0, ge=0)
     log_every: int = Field(10, ge=1)
     prior_images: int = Field(512, ge=0)  # base train images trained on beside the concept's (prior preservation)
     eval_prompts: int = Field(100, ge=1)  # concept and base prompts each, drawn before and after fine-tuning
@@ -274,6 +281,8 @@ class TrainControlNetParams(Section):
     caption_dropout: float = Field(0.5, ge=0.0, le=1.0)
     checkpoint_every: int = Field(200, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
+    # Steps whose loss or gradient is NaN/inf to skip (counted) before training stops; 0 stops at the first.
+    nonfinite_skips: int = Field(0, ge=0)
     log_every: int = Field(10, ge=1)
     # Saved with the model as its default. At 1, objects of prompts that name no place landed at the edge
     # map's place 57% of the time; at 2, 90%.
@@ -324,12 +333,38 @@ class ParamsError(ValueError):
     """params.yaml is missing, unreadable or invalid; the message names the key and what is allowed."""
 
 
+_MAX_GIVEN = 200  # characters of a bad value's repr shown in an error message
+
+
 def _describe(error: dict) -> str:
     key = ".".join(str(p) for p in error["loc"]) or "(top level)"
     if error["type"] == "extra_forbidden":
         return f"{key}: unknown key (check its spelling against params.yaml's documented keys)"
-    given = error.get("input")
-    return f"{key}: {error['msg']} (got {given!r})"
+    given = repr(error.get("input"))
+    # A whole pasted file or a megabyte string as the value would bury the message.
+    if len(given) > _MAX_GIVEN:
+        given = given[:_MAX_GIVEN] + "..."
+    return f"{key}: {error['msg']} (got {given})"
+
+
+class _Loader(yaml.SafeLoader):
+    """yaml.SafeLoader, except that a scalar it cannot convert is a YAMLError naming its line.
+
+    SafeLoader raises bare exceptions, without a line, for a date out of range (`2024-13-01`, a ValueError),
+    an integer of over 4300 digits, `!!int abc` or `!!timestamp 99999-01-01` (an AttributeError).
+    """
+
+    def construct_object(self, node, deep=False):
+        try:
+            return super().construct_object(node, deep)
+        except (yaml.YAMLError, RecursionError):
+            raise
+        except Exception as e:  # noqa: BLE001 - see above: what a constructor raises is not documented
+            value = repr(node.value)
+            value = value if len(value) <= _MAX_GIVEN else value[:_MAX_GIVEN] + "..."
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read {value} ({e}); quote it to make it text", node.start_mark
+            ) from None
 
 
 def load_params(path: str | os.PathLike = DEFAULT_PARAMS_FILE) -> Params:
@@ -337,13 +372,19 @@ def load_params(path: str | os.PathLike = DEFAULT_PARAMS_FILE) -> Params:
     if not path.is_file():
         raise ParamsError(f"{path} not found; run from the repository root or pass --params PATH")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        # Bytes, so that YAML itself detects UTF-8/UTF-16 and reports an undecodable file as a YAML error.
+        raw = yaml.load(path.read_bytes(), Loader=_Loader) or {}  # noqa: S506 - _Loader is a SafeLoader
+    except OSError as e:
+        raise ParamsError(f"cannot read {path}: {e.strerror or e}") from None
     except yaml.YAMLError as e:
         raise ParamsError(f"{path} is not valid YAML: {e}") from None
+    except RecursionError:
+        raise ParamsError(f"{path} nests lists or mappings hundreds of levels deep; it is not a params file") from None
     if not isinstance(raw, dict):
         raise ParamsError(f"{path} must be a mapping of sections, got {type(raw).__name__}")
     try:
-        return Params(**raw)
+        # model_validate, not Params(**raw): a YAML key may be a number or null, which ** refuses with a TypeError.
+        return Params.model_validate(raw)
     except ValidationError as e:
         lines = "\n".join(f"  - {_describe(err)}" for err in e.errors())
         raise ParamsError(f"{path} is invalid:\n{lines}") from None

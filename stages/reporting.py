@@ -21,6 +21,7 @@ from typing import Protocol
 from PIL import Image
 from tqdm import tqdm
 
+from ldm.checkpoint import NonFiniteLoss, TrainingInterrupted
 from ldm.modeling import atomic_path
 
 log = logging.getLogger("ldm")
@@ -116,7 +117,9 @@ def stage_main(
     """`python -m stages.<stage> [--params PATH]`: run a stage without Prefect or MLflow.
 
     A user mistake (`user_errors`: a bad param, a missing input, a stage not run yet) prints one line
-    saying what and how to fix it and exits 2, without a traceback.
+    saying what and how to fix it and exits 2, without a traceback. So does a training run that stopped
+    itself: on SIGINT/SIGTERM (exit 128 + the signal, as a shell reports a signal) or on a non-finite loss
+    (exit 1); each message says which checkpoint to resume from.
     """
     from stages.params import DEFAULT_PARAMS_FILE, load_params
 
@@ -129,6 +132,12 @@ def stage_main(
     except user_errors as e:
         print(f"{stage}: error: {e}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as e:
+        print(f"{stage}: {e}", file=sys.stderr)
+        return 128 + e.signal_number
+    except NonFiniteLoss as e:
+        print(f"{stage}: error: {e}", file=sys.stderr)
+        return 1
     print(f"{stage}: {summary(result)}")
     return 0
 
