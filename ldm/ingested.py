@@ -1,6 +1,8 @@
 """The ingested dataset: Parquet shards of training-size PNG images with their captions.
 
 One row per (image, caption) pair; an image with several captions has several rows sharing its `id`.
+`manifest.json` lists the shards with their row counts and sha256: readers check every shard against it,
+so a shard truncated or altered since it was written is reported by name and never read.
 
     id          string   sha256 of the stored PNG bytes (the content hash)
     image       binary   PNG, RGB, image_size x image_size
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +28,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
+
+from ldm.modeling import file_sha256
 
 SCHEMA = pa.schema(
     [
@@ -39,6 +44,12 @@ SCHEMA = pa.schema(
     ]
 )
 REJECTS_NAME = "rejects.jsonl"
+MANIFEST_NAME = "manifest.json"
+REBUILD = "`dvc repro --force ingest`"
+
+
+class IngestedDataError(ValueError):
+    """The ingested dataset's files do not match its manifest: missing, truncated or altered."""
 
 
 def content_id(png: bytes) -> str:
@@ -52,10 +63,31 @@ def split_of(image_id: str, val_fraction: float) -> str:
 
 
 def shard_paths(directory: str | os.PathLike) -> list[Path]:
-    paths = sorted(Path(directory).glob("*.parquet"))
-    if not paths:
-        raise FileNotFoundError(f"no Parquet shards in {directory}; run the ingest stage first (`dvc repro ingest`)")
-    return paths
+    """The shards `manifest.json` lists, each checked against its recorded sha256 (IngestedDataError if not)."""
+    directory = Path(directory)
+    manifest = directory / MANIFEST_NAME
+    if not manifest.is_file():
+        if not any(directory.glob("*.parquet")):
+            raise FileNotFoundError(f"no ingested data in {directory}; run the ingest stage first (`dvc repro ingest`)")
+        raise IngestedDataError(
+            f"{manifest} is missing, so the shards in {directory} cannot be checked; rebuild with {REBUILD}"
+        )
+    try:
+        shards = json.loads(manifest.read_text())["shards"]
+        listed = [(directory / s["file"], s["sha256"]) for s in shards]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise IngestedDataError(f"{manifest} is damaged ({e!r}); rebuild with {REBUILD}") from None
+    for path, recorded in listed:
+        if not path.is_file():
+            raise IngestedDataError(f"{path}, listed in {manifest}, is missing; rebuild with {REBUILD}")
+        if file_sha256(path) != recorded:
+            raise IngestedDataError(
+                f"{path} was truncated or altered since ingest wrote it (its sha256 differs from {manifest}); "
+                f"it was not read. Rebuild with {REBUILD}"
+            )
+    if not listed:
+        raise FileNotFoundError(f"{manifest} lists no shards; run the ingest stage first (`dvc repro ingest`)")
+    return [path for path, _ in listed]
 
 
 def read_table(directory: str | os.PathLike, split: str | None = None, columns: list[str] | None = None) -> pa.Table:
@@ -108,7 +140,8 @@ ROWS_PER_SHARD = 4096
 class ShardWriter:
     """Writes rows (dicts keyed by SCHEMA's names) into `directory` as part-00000.parquet, part-00001.parquet, ...
 
-    `rows_per_shard` rows each. As a context manager it writes the last, partial shard on a clean exit.
+    `rows_per_shard` rows each, then `manifest.json`. As a context manager it writes the last, partial shard
+    and the manifest on a clean exit.
     """
 
     def __init__(self, directory: str | os.PathLike, rows_per_shard: int = ROWS_PER_SHARD):
@@ -116,23 +149,27 @@ class ShardWriter:
         self.rows_per_shard = rows_per_shard
         self.paths: list[Path] = []
         self._rows: list[dict] = []
+        self._shards: list[dict] = []  # the manifest's entries
 
     def write(self, row: dict) -> None:
         self._rows.append(row)
         if len(self._rows) >= self.rows_per_shard:
-            self._flush()
+            self.flush()
 
     def close(self) -> list[Path]:
-        """Write what is buffered; the shard files written, in order."""
-        self._flush()
+        """Write what is buffered, then the manifest; the shard files written, in order."""
+        self.flush()
+        (self.directory / MANIFEST_NAME).write_text(json.dumps({"shards": self._shards}, indent=1) + "\n")
         return self.paths
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
+        """End the current shard: write the rows buffered so far as one file (nothing when none are)."""
         if not self._rows:
             return
         path = self.directory / f"part-{len(self.paths):05d}.parquet"
         pq.write_table(pa.Table.from_pylist(self._rows, schema=SCHEMA), path)
         self.paths.append(path)
+        self._shards.append({"file": path.name, "rows": len(self._rows), "sha256": file_sha256(path)})
         self._rows = []
 
     def __enter__(self) -> ShardWriter:

@@ -56,7 +56,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from ldm.ingested import SCHEMA as INGESTED_SCHEMA
 from ldm.ingested import png_to_tensor, shard_paths
-from ldm.modeling import WEIGHTS_NAME
+from ldm.modeling import WEIGHTS_NAME, file_sha256
 from ldm.text_encoder import TextEmbedding, TextEncoder
 from ldm.vae import VAE, VAEConfig
 
@@ -99,14 +99,6 @@ def text_key(caption: str) -> str:
 
 
 EMPTY_TEXT_KEY = text_key(EMPTY_PROMPT)
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def vae_hash(directory: str | os.PathLike) -> str:

@@ -53,7 +53,7 @@ from ldm.evaluator import (
     retrieval_top1,
     train_contrastive_evaluator,
 )
-from ldm.ingested import IngestedImages, png_to_tensor, read_table, tensor_to_pil
+from ldm.ingested import IngestedDataError, IngestedImages, png_to_tensor, read_table, tensor_to_pil
 from ldm.latent_cache import LatentCache, LatentCacheError, TextTable, text_key
 from ldm.pipeline import Text2Image
 from ldm.shapes import Scene, parse_caption
@@ -85,7 +85,7 @@ class RealImages:
     def __init__(self, directory: str, split: str, limit: int | None, seed: int):
         try:
             table = read_table(directory, split, columns=["image", "caption", "attributes"])
-        except FileNotFoundError as e:
+        except (FileNotFoundError, IngestedDataError) as e:
             raise InputError(str(e)) from None
         if table.num_rows == 0:
             raise InputError(f"the ingested data in {directory} has no {split!r} rows; ingest more data")

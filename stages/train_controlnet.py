@@ -50,7 +50,7 @@ from ldm.checkpoint import atomic_directory
 from ldm.controlnet import CONTROL_CONFIG_NAME, ControlNet, control_map, control_maps_from_pngs
 from ldm.controlnet_training import ControlNetTrainingConfig, train_controlnet
 from ldm.images import image_tensor
-from ldm.ingested import read_table, tensor_to_pil
+from ldm.ingested import IngestedDataError, read_table, tensor_to_pil
 from ldm.latent_cache import LatentCache, LatentCacheError, vae_hash
 from ldm.pipeline import Text2Image
 from ldm.shapes import Scene, ShapeObject, caption_without_positions, render
@@ -89,6 +89,7 @@ def open_inputs(params: Params, device: torch.device) -> tuple[Text2Image, Laten
             vae_hash=vae_hash(vae_dir), text_encoder_name=params.text_encoder.name,
             text_max_length=params.text_encoder.max_length, vae_source=str(vae_dir),
         )
+        cache.verify()  # every shard against its checksum, before hours of training read them
     except (FileNotFoundError, LatentCacheError) as e:
         # `dvc repro train_unet` remakes a stale cache first, then the model trained on it.
         raise InputError(f"{e} (to rebuild the inputs: `dvc repro train_unet`)") from None
@@ -101,7 +102,7 @@ def control_source(params: Params, reporter: Reporter) -> tuple[Callable[[list[s
     section, directory = params.train_controlnet, params.paths.ingested
     try:
         table = read_table(directory, "train", columns=["id", "image"])
-    except FileNotFoundError as e:
+    except (FileNotFoundError, IngestedDataError) as e:
         raise InputError(str(e)) from None
     # One row per caption: an image with several captions appears under one id several times.
     pngs = dict(zip(table.column("id").to_pylist(), table.column("image").to_pylist()))
@@ -197,7 +198,7 @@ def moved_scenes(params: Params) -> tuple[list[str], list[Scene], list[Scene]]:
         raise EvaluationSkipped(f"ingest.shapes.positions lists {positions}: an object needs a second place to move to")
     try:
         table = read_table(params.paths.ingested, "val", columns=["caption", "attributes"])
-    except FileNotFoundError as e:
+    except (FileNotFoundError, IngestedDataError) as e:
         raise InputError(str(e)) from None
     attributes = table.column("attributes").to_pylist()
     if not attributes:

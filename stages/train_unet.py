@@ -48,6 +48,7 @@ def open_inputs(params: Params) -> tuple[LatentCache, VAE]:
             vae_hash=vae_hash(paths.vae), text_encoder_name=params.text_encoder.name,
             text_max_length=params.text_encoder.max_length, vae_source=paths.vae,
         )
+        cache.verify()  # every shard against its checksum, before hours of training read them
     except (FileNotFoundError, LatentCacheError, ValueError) as e:
         raise InputError(f"{e} (to rebuild the inputs: `dvc repro cache_latents`)") from None
     return cache, vae

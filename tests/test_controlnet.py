@@ -5,14 +5,12 @@ import dataclasses
 import io
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 
 from ldm.controlnet import ControlNet, ControlNetConfig, control_map, control_maps_from_pngs
 from ldm.controlnet_training import ControlNetTrainingConfig, batch_controls, train_controlnet
-from ldm.ingested import SCHEMA, content_id
+from ldm.ingested import ShardWriter, content_id
 from ldm.latent_cache import LatentBatch, LatentCache, vae_hash, write_latent_cache
 from ldm.schedule import NoiseSchedule
 from ldm.shapes import Scene, ShapeObject, ShapesConfig, caption, generate, render
@@ -241,7 +239,9 @@ def data(tmp_path_factory):
             "source": "shapes", "split": "val" if i % 8 == 7 else "train", "attributes": None,
         })
     (root / "ingested").mkdir()
-    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), root / "ingested" / "part-00000.parquet")
+    with ShardWriter(root / "ingested") as writer:
+        for row in rows:
+            writer.write(row)
     torch.manual_seed(0)
     VAE(VAEConfig(block_out_channels=(8, 16), norm_num_groups=4, sample_size=SIZE, layers_per_block=1)).save_pretrained(
         root / "vae"

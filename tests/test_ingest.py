@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from ldm.images import ImageRejected, load_image
-from ldm.ingested import REJECTS_NAME, SCHEMA, ShardWriter, content_id, read_table, split_of
+from ldm.ingested import MANIFEST_NAME, REJECTS_NAME, SCHEMA, ShardWriter, content_id, read_table, split_of
 from ldm.shapes import parse_caption
 from stages.ingest import REASONS, SourceError, main, run
 from stages.params import Params, ParamsError
@@ -321,7 +321,7 @@ def test_odd_images_and_captions_are_converted(tmp_path):
 def test_shapes_output_is_the_ingested_format_split_by_hash(tmp_path):
     metrics, rows, rejects = ingest(tmp_path, "shapes", shapes={"num_images": 300, "two_object_fraction": 0.3})
     out = tmp_path / "out" / "ingested"
-    assert sorted(p.name for p in out.iterdir()) == ["part-00000.parquet", REJECTS_NAME]
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST_NAME, "part-00000.parquet", REJECTS_NAME]
     assert pq.read_schema(out / "part-00000.parquet").remove_metadata() == SCHEMA
     assert (out / REJECTS_NAME).read_bytes() == b"" and rejects == []
     assert len(rows) == metrics["inputs"] == metrics["accepted"] == 300

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from ldm import latent_cache
-from ldm.ingested import SCHEMA, content_id, png_to_tensor
+from ldm.ingested import ShardWriter, content_id, png_to_tensor
 from ldm.latent_cache import (
     EMPTY_TEXT_KEY,
     LatentCache,
@@ -68,8 +68,11 @@ def write_ingested(directory: Path, images: int, seed: int = 0, size: int = 16) 
                 }
             )
     half = len(rows) // 2
-    for n, shard in enumerate([rows[:half], rows[half:] + far]):
-        pq.write_table(pa.Table.from_pylist(shard, schema=SCHEMA), directory / f"part-{n:05d}.parquet")
+    with ShardWriter(directory, rows_per_shard=len(rows) + len(far)) as writer:
+        for shard in (rows[:half], rows[half:] + far):
+            for row in shard:
+                writer.write(row)
+            writer.flush()
 
 
 def read_ingested(directory: Path) -> list[dict]:

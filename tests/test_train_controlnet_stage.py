@@ -6,12 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from ldm.controlnet import CONTROL_CONFIG_NAME, ControlNet
-from ldm.ingested import SCHEMA
+from ldm.ingested import ShardWriter
 from stages import train_controlnet as stage
 from stages.params import Params
 from tests.ci_stages import RecordingReporter, ci_params, train_ci_model
@@ -79,6 +77,8 @@ def test_data_without_shapes_attributes_skips_the_position_evaluation(tmp_path):
     ingested.mkdir(parents=True)
     rows = [{"id": f"{i}", "image": b"", "caption": "a photo", "width": 16, "height": 16, "source": "test",
              "split": "val", "attributes": None} for i in range(3)]
-    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), ingested / "part-00000.parquet")
+    with ShardWriter(ingested) as writer:
+        for row in rows:
+            writer.write(row)
     with pytest.raises(stage.EvaluationSkipped, match="no shapes attributes"):
         stage.moved_scenes(params)
