@@ -10,6 +10,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from PIL import Image
+
 from ldm.devices import resolve_device
 from ldm.diffusers_interop import load_diffusers_folder, load_ldm_folder, save_diffusers_folder
 from ldm.images import ImageRejected, image_tensor, load_image, map_tensor
@@ -18,8 +20,10 @@ from ldm.samplers import SAMPLERS
 
 DEFAULT_SAMPLE_MODEL = "models/text2img"  # where the pipeline's train stage writes the trained pipeline
 DEFAULT_CONTROLNET = "models/controlnet"  # where the train_controlnet stage writes its ControlNet
-MAX_INPUT_PIXELS = 50_000_000  # input images above this are refused as decompression bombs
+MAX_INPUT_PIXELS = 50_000_000  # input images above this are refused as decompression bombs, outputs as too large
 URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")  # models:/..., runs:/..., s3://..., file:///...
+# The password of `scheme://user:password@host`, which a tracking URI may carry and no message may show.
+_URI_PASSWORD = re.compile(r"(://[^/\s:@]*):[^/\s@]*@")
 
 
 def _convert_from_diffusers(args: argparse.Namespace) -> str:
@@ -32,6 +36,17 @@ def _convert_to_diffusers(args: argparse.Namespace) -> str:
     model = load_ldm_folder(args.src)
     save_diffusers_folder(model, args.dst)
     return f"converted ldm {model.kind} {args.src} to a diffusers folder in {args.dst}"
+
+
+def _finite(text: str) -> float:
+    """argparse type of the float options: float() also reads "nan" and "inf", which would sample NaN images."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
 
 
 def _device(name: str):
@@ -59,6 +74,12 @@ def _pipeline_in(folder: Path, uri: str) -> Path:
     )
 
 
+def redacted(text: str) -> str:
+    """`text` with the password of every URI in it replaced by ***. Error messages quote the tracking URI, and
+    MLflow's quote the URL of the failed request, both of which may carry credentials."""
+    return _URI_PASSWORD.sub(r"\1:***@", text)
+
+
 def _download_pipeline(uri: str, destination: Path) -> Path:
     """Download an MLflow model URI into `destination` and return the pipeline folder inside it. The store:
     MLFLOW_TRACKING_URI, else the pipeline's default `mlflow.db` in the current directory."""
@@ -78,9 +99,9 @@ def _download_pipeline(uri: str, destination: Path) -> Path:
             artifact_uri=uri, dst_path=str(destination), tracking_uri=tracking, registry_uri=registry
         )
     except MlflowException as e:
-        raise ValueError(f"cannot load {uri} from the MLflow store {tracking}: {e.message}") from None
+        raise ValueError(redacted(f"cannot load {uri} from the MLflow store {tracking}: {e.message}")) from None
     except OSError as e:
-        raise ValueError(f"cannot download {uri} from the MLflow store {tracking}: {e}") from None
+        raise ValueError(redacted(f"cannot download {uri} from the MLflow store {tracking}: {e}")) from None
     return _pipeline_in(Path(local), uri)
 
 
@@ -90,8 +111,9 @@ def _load_sample_pipeline(model: str, device: str, controlnet: Path | None) -> T
             return Text2Image.from_pretrained(_download_pipeline(model, Path(tmp)), device=device, controlnet=controlnet)
     folder = Path(model)
     if not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
         raise FileNotFoundError(
-            f"model folder {folder} does not exist: train the pipeline with `dvc repro` (it writes "
+            f"model folder {folder} {what}: train the pipeline with `dvc repro` (it writes "
             f"{DEFAULT_SAMPLE_MODEL}), or pass --model a pipeline folder or an MLflow model URI such as "
             "models:/ldm-text2img/latest"
         )
@@ -103,11 +125,39 @@ def _read_image(path: Path | None, option: str):
     if path is None:
         return None
     if not path.is_file():
-        raise FileNotFoundError(f"{option} {path} does not exist; give the path of a PNG or JPEG image")
+        what = "is not a file" if path.exists() else "does not exist"
+        raise FileNotFoundError(f"{option} {path} {what}; give the path of a PNG or JPEG image")
     try:
         return load_image(path.read_bytes(), max_pixels=MAX_INPUT_PIXELS)
+    except OSError as e:
+        raise ValueError(f"{option} {path} cannot be read: {e.strerror or e}") from None
     except ImageRejected as e:
         raise ValueError(f"{option} {path}: {e}") from None
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    """Refuse options that would otherwise fail only after the model is loaded and has sampled, or deep inside torch."""
+    for option, value in (("--height", args.height), ("--width", args.width)):
+        # 0 would silently mean "the default", a negative size would reach torch as a negative shape.
+        if value is not None and value < 1:
+            raise ValueError(f"{option} must be a positive number of pixels, got {value}")
+    # The side not given is the model's training size, unknown before loading: 1 here, a lower bound.
+    pixels = (args.height or 1) * (args.width or args.height or 1)
+    if pixels > MAX_INPUT_PIXELS:
+        raise ValueError(
+            f"--height x --width = {pixels} pixels is more than the limit of {MAX_INPUT_PIXELS}; "
+            "ask for a smaller image"
+        )
+    if args.strength is not None and not 0.0 <= args.strength <= 1.0:
+        raise ValueError(f"--strength must be in 0..1 (0 keeps the input, 1 ignores it), got {args.strength}")
+    # Prompt i is drawn with SEED + i, and a torch generator takes 64-bit seeds only.
+    last = args.seed + len(args.prompts) - 1
+    if args.seed < -(2**63) or last >= 2**64:
+        raise ValueError(f"--seed {args.seed} is out of range for {len(args.prompts)} prompt(s); use 0 .. 2**63")
+    if args.output.is_dir():
+        raise ValueError(f"--output {args.output} is a folder; give the image to write, e.g. {args.output / 'a.png'}")
+    if args.output.suffix and args.output.suffix.lower() not in Image.registered_extensions():
+        raise ValueError(f"--output {args.output}: unknown image suffix {args.output.suffix!r}; use .png or .jpg")
 
 
 def _sample(args: argparse.Namespace) -> str:
@@ -124,6 +174,7 @@ def _sample(args: argparse.Namespace) -> str:
         raise ValueError("a prompt is empty; give each prompt some text (use --negative-prompt for what to avoid)")
     from ldm.lora import parse_lora_spec
 
+    _check_options(args)
     loras = [parse_lora_spec(text) for text in args.lora]
     init_image, mask = _read_image(args.init_image, "--init-image"), _read_image(args.mask, "--mask")
     control_image = _read_image(args.control_image, "--control-image")
@@ -194,7 +245,7 @@ def _add_sample_parser(commands) -> None:
         "--sampler", choices=SAMPLERS, default=None, help="sampler; default: the one saved with the pipeline"
     )
     sample.add_argument(
-        "--guidance", type=float, default=None,
+        "--guidance", type=_finite, default=None,
         help="classifier-free guidance scale; 1 or less turns guidance off (default: the model's, saved in training)",
     )
     sample.add_argument(
@@ -208,7 +259,7 @@ def _add_sample_parser(commands) -> None:
         "classifier-free guidance, so guidance steers away from it",
     )
     sample.add_argument(
-        "--guidance-rescale", type=float, default=0.0,
+        "--guidance-rescale", type=_finite, default=0.0,
         help="0..1: pull the guided prediction's spread back to the conditional one's (Lin et al. 2023), "
         "against the over-saturation of high --guidance (default: %(default)s, off)",
     )
@@ -218,7 +269,7 @@ def _add_sample_parser(commands) -> None:
         "otherwise, which it must then match) instead of pure noise",
     )
     sample.add_argument(
-        "--strength", type=float, default=None,
+        "--strength", type=_finite, default=None,
         help="with --init-image, how much of the denoising schedule is re-run, 0..1: 0 returns the image "
         "(through the VAE), 1 ignores it (default: 0.8, or 1 with --mask)",
     )
@@ -242,7 +293,7 @@ def _add_sample_parser(commands) -> None:
         "the output size; needs --controlnet",
     )
     sample.add_argument(
-        "--control-scale", type=float, default=None,
+        "--control-scale", type=_finite, default=None,
         help="how strongly --control-image steers: the ControlNet's residuals are scaled by it, 0 turns it off "
         "(default: the scale saved with the ControlNet in its control.json, else 1)",
     )
@@ -300,8 +351,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         print(args.handler(args))
-    except (FileNotFoundError, ValueError) as e:
-        # A user mistake (wrong folder, unsupported config): say what and how to fix it, without a traceback.
+    except (OSError, ValueError) as e:
+        # A user mistake (wrong folder, unsupported config, an output path that cannot be written): say what
+        # and how to fix it, without a traceback.
         print(f"ldm {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -106,12 +106,15 @@ def _high_depth_to_rgb(image: Image.Image) -> Image.Image:
     # image almost white. 16-bit modes are scaled by their range; 32-bit integer and float images carry
     # no range, so values up to 255 (or 1.0 for float) are taken as 8-bit (or unit) data and larger
     # ones as 16-bit.
+    # NaN pixels of a float image become 0 first: np.nanmax would warn on an image of nothing else. The
+    # infinities stay, and are clipped below (as finite stand-ins they would overflow when scaled).
     values = np.asarray(image, dtype=np.float64)
-    if image.mode == "F" and values.size and np.nanmax(values) <= 1.0:
+    values = np.where(np.isnan(values), 0.0, values)
+    if image.mode == "F" and values.max(initial=0) <= 1.0:
         values = values * 255.0
     elif image.mode != "F" and (image.mode.startswith("I;16") or values.max(initial=0) > 255):
         values = values / 257.0
-    gray = np.clip(np.nan_to_num(values), 0, 255).round().astype(np.uint8)
+    gray = np.clip(values, 0, 255).round().astype(np.uint8)
     return Image.fromarray(gray).convert("RGB")
 
 

@@ -166,6 +166,12 @@ class TextEncoder(torch.nn.Module):
         load only their text tower. `dtype` defaults to float32.
         """
         folder = resolve_folder(name_or_path)
+        if not any(folder.glob("*.safetensors")):
+            raise TextEncoderNotFoundError(
+                f"Text encoder {name_or_path!r} has no safetensors weights in {str(folder)!r}; only safetensors "
+                "are loaded, as reading a pickle-based pytorch_model.bin can run code. Where you trust the files, "
+                "re-save them: `AutoModel.from_pretrained(folder).save_pretrained(folder)` writes model.safetensors."
+            )
         config = AutoConfig.from_pretrained(folder, local_files_only=True)
         # CLIP-like checkpoints hold text and vision configs; the text one picks the text-only class.
         text_config = config.get_text_config()
@@ -173,7 +179,7 @@ class TextEncoder(torch.nn.Module):
         # would also build a decoder; every other model type falls back to its base model.
         auto_class = AutoModelForTextEncoding if type(text_config) in MODEL_FOR_TEXT_ENCODING_MAPPING else AutoModel
         model = auto_class.from_pretrained(
-            folder, config=text_config, dtype=dtype or torch.float32, local_files_only=True
+            folder, config=text_config, dtype=dtype or torch.float32, local_files_only=True, use_safetensors=True
         )
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         return cls(model, tokenizer, name=name_or_path, max_length=max_length).to(device)
@@ -208,6 +214,16 @@ class TextEncoder(torch.nn.Module):
             raise TypeError(f"TextEncoder.encode takes a list of strings, got items of type {not_strings}; pass text.")
         if not prompts:
             raise ValueError('TextEncoder.encode got no prompts; pass at least one (use "" for the empty prompt).')
+        for prompt in prompts:
+            # A lone surrogate (from bytes that are not UTF-8, e.g. on a command line) makes the tokenizer
+            # raise a TypeError that names no prompt.
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(
+                    f"the prompt {prompt[:80]!r} is not valid Unicode text ({e.reason} at character {e.start}); "
+                    "pass UTF-8 text"
+                ) from None
         tokens = self.tokenizer(
             list(prompts),
             padding="longest",

@@ -349,7 +349,9 @@ def _jsonl_rows(name: str, text: str, text_column: str) -> Iterator[_Input]:
         where = f"{name}:{number}"
         try:
             row = json.loads(line)
-        except json.JSONDecodeError as e:
+        # Besides JSONDecodeError: a ValueError for an integer of over 4300 digits, a RecursionError for
+        # arrays nested thousands deep.
+        except (ValueError, RecursionError) as e:
             yield _Input(where, where, problem=_Rejected("bad_metadata", f"not valid JSON ({e})"))
             continue
         if not isinstance(row, dict):
@@ -360,13 +362,27 @@ def _jsonl_rows(name: str, text: str, text_column: str) -> Iterator[_Input]:
 
 def _csv_rows(path: Path, text: str, text_column: str) -> Iterator[_Input]:
     reader = csv.DictReader(io.StringIO(text, newline=""))
-    missing = [c for c in ("file_name", text_column) if c not in (reader.fieldnames or [])]
+    try:
+        fieldnames = reader.fieldnames or []
+    except csv.Error as e:
+        raise SourceError(f"{path}: its header line is not valid CSV ({e})") from None
+    missing = [c for c in ("file_name", text_column) if c not in fieldnames]
     if missing:
         raise SourceError(
-            f"{path} has columns {reader.fieldnames} but needs file_name and {text_column!r} (missing {missing}); "
+            f"{path} has columns {fieldnames} but needs file_name and {text_column!r} (missing {missing}); "
             "rename the columns, or set ingest.text_column to the caption column"
         )
-    for row in reader:
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        # A field over csv.field_size_limit() (128 KiB) spoils its row only: the reader resumes at the next line.
+        except csv.Error as e:
+            # DictReader updates its own line_num only on a good row; its csv.reader counts the bad one too.
+            where = f"{path.name}:{reader.reader.line_num}"
+            yield _Input(where, where, problem=_Rejected("bad_metadata", f"not valid CSV ({e})"))
+            continue
         where = f"{path.name}:{reader.line_num}"
         text_value = row.get(text_column)
         yield _metadata_input(where, row.get("file_name"), _MISSING if text_value is None else text_value)
@@ -417,7 +433,11 @@ def _read_caption_file(root: Path, txt: str) -> list[str]:
 def _parquet_inputs(root: Path, image_column: str, text_column: str) -> tuple[int, Iterator[_Input]]:
     files = [(root, root.name)] if root.is_file() else [(root / rel, rel) for rel in _walk(root, (".parquet",))]
     total = 0
-    for path, _ in files:
+    for path, rel in files:
+        if not root.is_file() and not path.resolve().is_relative_to(root.resolve()):
+            raise SourceError(
+                f"{path} links to {path.resolve()}, outside the dataset folder {root}; copy the file into the folder"
+            )
         try:
             schema, rows = pq.read_schema(path), pq.read_metadata(path).num_rows
         except (pa.ArrowException, OSError) as e:

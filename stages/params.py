@@ -373,7 +373,7 @@ def load_params(path: str | os.PathLike = DEFAULT_PARAMS_FILE) -> Params:
         raise ParamsError(f"{path} not found; run from the repository root or pass --params PATH")
     try:
         # Bytes, so that YAML itself detects UTF-8/UTF-16 and reports an undecodable file as a YAML error.
-        raw = yaml.load(path.read_bytes(), Loader=_Loader) or {}  # noqa: S506 - _Loader is a SafeLoader
+        raw = yaml.load(path.read_bytes(), Loader=_Loader) or {}  # _Loader is a SafeLoader: no arbitrary objects
     except OSError as e:
         raise ParamsError(f"cannot read {path}: {e.strerror or e}") from None
     except yaml.YAMLError as e:
