@@ -1,4 +1,6 @@
-"""`dvc repro` on the ci profile, in a copy of this repo, against real Prefect and MLflow servers."""
+"""`dvc repro` on the ci profile, in a copy of this repo, against real Prefect and MLflow servers: its outputs,
+its runs, its lineage, that it keeps the environment's secrets to itself, and that a training stage killed
+under it loses nothing."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import ruamel.yaml
 import yaml
 from mlflow import MlflowClient
 
@@ -20,6 +23,11 @@ REPO = Path(__file__).resolve().parents[1]
 STAGES = ["ingest", "train_vae", "cache_latents", "train_unet", "evaluate", "sample", "finetune_lora",
           "train_controlnet"]
 STAGES_WITH_METRICS = ["ingest", "train_vae", "cache_latents", "train_unet", "finetune_lora", "train_controlnet"]
+FAULTS = REPO / "tests" / "fault_injection"
+# Credentials a user may well have in the environment; none may reach a log, a tag, a param or an output.
+SECRET = "ldm-test-secret-5f1c9a"
+SECRET_ENV = {"AWS_SECRET_ACCESS_KEY": SECRET, "HF_TOKEN": SECRET, "MLFLOW_TRACKING_USERNAME": "ldm",
+              "MLFLOW_TRACKING_PASSWORD": SECRET}
 
 
 def _copy_repo(dst: Path) -> None:
@@ -56,15 +64,22 @@ def pipeline(tmp_path_factory):
         env = {
             **os.environ, **prefect_env, **mlflow_env,
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-            "DVC_NO_ANALYTICS": "1", "DVC_SITE_CACHE_DIR": str(root / "dvc-site"),
+            "DVC_NO_ANALYTICS": "1", "DVC_SITE_CACHE_DIR": str(root / "dvc-site"), **SECRET_ENV,
         }
+        outputs = []
 
-        def repro():
-            return subprocess.run(["dvc", "repro"], cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+        def repro(*targets: str, fault: str | None = None) -> subprocess.CompletedProcess:
+            """`dvc repro [targets]`; `fault` injects LDM_FAULT (tests/fault_injection) into the stages it runs."""
+            extra = {"PYTHONPATH": str(FAULTS), "LDM_FAULT": fault} if fault else {}
+            done = subprocess.run(
+                ["dvc", "repro", *targets], cwd=repo, env={**env, **extra}, capture_output=True, text=True, timeout=900
+            )
+            outputs.append(done.stdout + done.stderr)
+            return done
 
         first = repro()
         assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
-        yield repo, prefect_env["PREFECT_API_URL"], MlflowClient(mlflow_env["MLFLOW_TRACKING_URI"]), repro
+        yield repo, prefect_env["PREFECT_API_URL"], MlflowClient(mlflow_env["MLFLOW_TRACKING_URI"]), repro, outputs
 
 
 def test_outputs_and_lock(pipeline):
@@ -105,7 +120,7 @@ def test_flow_runs_task_runs_and_logs_in_prefect(pipeline):
 
 
 def test_runs_tags_metrics_and_registry_in_mlflow(pipeline):
-    repo, _, client, _ = pipeline
+    repo, _, client, *_ = pipeline
     experiment = client.get_experiment_by_name("ldm-pipeline")
     runs = {r.data.tags["dvc_stage"]: r for r in client.search_runs([experiment.experiment_id])}
     assert set(runs) == set(STAGES)
@@ -124,7 +139,6 @@ def test_runs_tags_metrics_and_registry_in_mlflow(pipeline):
     assert runs["ingest"].data.metrics["accepted"] > 0
     versions = client.search_model_versions("name='ldm-vae'")
     assert [v.run_id for v in versions] == [train.info.run_id]
-    assert versions[0].tags["git_commit"] == head
     assert "config.json" in {Path(a.path).name for a in client.list_artifacts(train.info.run_id, "model")}
     unet_run = runs["train_unet"]
     assert [v.run_id for v in client.search_model_versions("name='ldm-unet'")] == [unet_run.info.run_id]
@@ -136,8 +150,49 @@ def test_runs_tags_metrics_and_registry_in_mlflow(pipeline):
     assert any("validation+step+15+" in p for p in images), images
 
 
+def test_every_model_version_carries_what_rebuilds_it(pipeline):
+    """The git commit, the dvc.lock hashes of its stage's inputs and its params: `git checkout` + `dvc repro`."""
+    repo, _, client, *_ = pipeline
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+    # YAML 1.2, as DVC writes it: PyYAML would read a float like 1e-06 as a string.
+    lock = ruamel.yaml.YAML(typ="safe").load((repo / "dvc.lock").read_text())["stages"]
+    versions = [v for m in client.search_registered_models() for v in client.search_model_versions(f"name='{m.name}'")]
+    assert {v.name for v in versions} == {"ldm-vae", "ldm-unet", "ldm-text2img", "ldm-lora", "ldm-controlnet"}
+    for version in versions:
+        stage = lock[version.tags["dvc_stage"]]
+        assert version.tags["git_commit"] == head, version.name
+        for dep in stage["deps"]:
+            assert version.tags[f"dvc_dep.{dep['path']}"] == dep["md5"], (version.name, dep["path"])
+        # The tag holds the validated params, defaults filled in: all that params.yaml (and dvc.lock) says, and more.
+        assert _holds(json.loads(version.tags["params"]), stage["params"]["params.yaml"]), version.name
+
+
+def _holds(complete, written) -> bool:
+    if isinstance(written, dict):
+        return isinstance(complete, dict) and all(k in complete and _holds(complete[k], v) for k, v in written.items())
+    return complete == written
+
+
+def test_no_secret_from_the_environment_reaches_logs_tags_params_or_outputs(pipeline):
+    repo, api, client, _, outputs = pipeline
+    experiment = client.get_experiment_by_name("ldm-pipeline")
+    for run in client.search_runs([experiment.experiment_id]):
+        assert SECRET not in json.dumps([run.data.params, run.data.tags]), run.data.tags["dvc_stage"]
+    for model in client.search_registered_models():
+        for version in client.search_model_versions(f"name='{model.name}'"):
+            assert SECRET not in json.dumps(version.tags), model.name
+    logs, offset = [], 0
+    while page := _prefect(api, "logs/filter", {"offset": offset, "limit": 200}):
+        logs += [log["message"] for log in page]
+        offset += len(page)
+    assert logs and not [m for m in logs if SECRET in m]
+    assert not [o for o in outputs if SECRET in o]
+    written = [p for d in ("metrics", "eval", "samples", "models", "plots") for p in (repo / d).rglob("*.json")]
+    assert written and not [p for p in written if SECRET in p.read_text()]
+
+
 def test_text2img_is_registered_and_the_evaluated_version_is_champion(pipeline):
-    repo, _, client, _ = pipeline
+    repo, _, client, *_ = pipeline
     (version,) = client.search_model_versions("name='ldm-text2img'")
     assert version.tags["dvc_stage"] == "train_unet"
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
@@ -149,10 +204,41 @@ def test_text2img_is_registered_and_the_evaluated_version_is_champion(pipeline):
 
 
 def test_second_repro_does_nothing(pipeline):
-    _, _, client, repro = pipeline
+    _, _, client, repro, _ = pipeline
     experiment = client.get_experiment_by_name("ldm-pipeline")
     before = len(client.search_runs([experiment.experiment_id]))
     again = repro()
     assert again.returncode == 0, again.stderr[-3000:]
     assert "Data and pipelines are up to date" in again.stdout
     assert len(client.search_runs([experiment.experiment_id])) == before
+
+
+def test_train_unet_killed_or_stopped_under_dvc_repro_resumes_to_the_same_model(pipeline):
+    """SIGKILL while a checkpoint is being written, then SIGTERM: each `dvc repro` resumes from the last complete
+    checkpoint, and the model it ends with is byte for byte the uninterrupted run's. (Runs last: it re-runs a stage.)"""
+    repo, *_, repro, _ = pipeline
+    model, checkpoints = repo / "models" / "text2img", repo / "checkpoints" / "unet"
+    uninterrupted = {p.relative_to(model): p.read_bytes() for p in model.rglob("*") if p.is_file()}
+
+    def locked_model() -> dict:
+        outs = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["train_unet"]["outs"]
+        return next(out for out in outs if out["path"] == "models/text2img")
+
+    lock_before = locked_model()
+    shutil.rmtree(checkpoints)
+
+    killed = repro("train_unet", fault="kill-in-checkpoint:20")
+    assert killed.returncode != 0
+    assert sorted(p.name for p in checkpoints.iterdir() if not p.name.startswith(".")) == ["step-000010"]
+    assert not model.exists()
+
+    stopped = repro("train_unet", fault="term:23")
+    assert stopped.returncode != 0
+    assert "stopped by SIGTERM after step 23" in stopped.stdout + stopped.stderr
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-000020", "step-000023"]
+
+    resumed = repro()
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resuming UNet training from" in resumed.stdout + resumed.stderr
+    assert {p.relative_to(model): p.read_bytes() for p in model.rglob("*") if p.is_file()} == uninterrupted
+    assert locked_model() == lock_before  # so nothing downstream of it had to run again
