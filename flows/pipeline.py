@@ -41,12 +41,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from mlflow import MlflowClient
 from mlflow.entities import Param
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import get_run_context
 
+from flows.servers import few_prefect_retries, require_servers
 from flows.stage_flow import PIPELINE_FLOW_RUN_ENV  # "LDM_PIPELINE_FLOW_RUN_ID"
 from flows.tracking import (
     EXPERIMENT,
@@ -56,7 +56,7 @@ from flows.tracking import (
     git_commit,
     pipeline_experiment,
     pipeline_stages,
-    tracking_uri,
+    tracking_client,
 )
 from stages.params import DEFAULT_PARAMS_FILE, ParamsError, load_params
 
@@ -213,7 +213,7 @@ def run_dvc(repo: str, command: list[str], env: dict[str, str]) -> list[str]:
 @contextmanager
 def mlflow_parent_run(repo: Path, flow_run_id: str, set_params, targets, force: bool) -> Iterator[str]:
     """The MLflow run "pipeline" that the stages' runs nest under; FINISHED or FAILED with the flow."""
-    client = MlflowClient(tracking_uri(repo))
+    client = tracking_client(repo)
     experiment_id = pipeline_experiment(client, repo)
     params = load_params(repo / DEFAULT_PARAMS_FILE)
     stages = pipeline_stages(repo, params.model_dump(mode="json"))
@@ -229,7 +229,7 @@ def mlflow_parent_run(repo: Path, flow_run_id: str, set_params, targets, force: 
         Param("targets", " ".join(targets or []) or "(all)"),
         Param("force", str(force)),
     ])
-    with closing_run(client, run_id):
+    with closing_run(client, run_id, warn=get_run_logger().warning):
         yield run_id
 
 
@@ -283,8 +283,10 @@ def main() -> None:
             check_overrides(repo, args.set_param)  # fail before Prefect and MLflow spend their start-up time
     except ParamsError as e:
         sys.exit(f"error: {e}")
+    require_servers()
     try:
-        pipeline(set_params=args.set_param or None, targets=args.targets or None, force=args.force, repo=str(repo))
+        with few_prefect_retries():
+            pipeline(set_params=args.set_param or None, targets=args.targets or None, force=args.force, repo=str(repo))
     except (PipelineError, ParamsError) as e:
         sys.exit(f"error: {e}")
 

@@ -2,6 +2,11 @@
 
 A stage flow is: validate params (task) -> run the stage (task, progress and per-step metrics streamed to
 the Prefect log and MLflow) -> record its results (task: metrics, artifacts, registered model).
+
+Servers: a server the environment names that is down stops the stage before any work (flows/servers.py).
+One that goes down once the stage runs costs it its tracking, never its work: MLflow calls wait in a queue
+(flows/tracking.py StageRun), and Prefect, which records task runs without calling its server, fails only
+when it reports the flow run's end; `main` then exits 0 with a warning, the stage's outputs being on disk.
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ from PIL import Image
 from prefect import Flow, Task, get_run_logger, tags, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.tracking import StageRun, dotted_get, pipeline_stages, stage_run
+from flows.servers import few_prefect_retries, no_answer, prefect_api_url, redacted, require_servers
+from flows.tracking import StageRun, dotted_get, pipeline_stages, server_unavailable, stage_outputs, stage_run
+from ldm.checkpoint import NonFiniteLoss, TrainingInterrupted
 from stages.params import DEFAULT_PARAMS_FILE, Params, ParamsError, load_params
 from stages.reporting import ConsoleReporter, Reporter, StageResult
 
@@ -27,6 +34,9 @@ StageFn = Callable[[Params, Reporter], StageResult]
 # Set by flows/pipeline.py for the stage commands DVC runs: the pipeline's flow run, which a stage's flow run
 # then joins as a subflow run (run_as_subflow).
 PIPELINE_FLOW_RUN_ENV = "LDM_PIPELINE_FLOW_RUN_ID"
+# The stages whose work run_stage completed in this process, with their outputs: what lets `main` tell a
+# finished stage whose flow run Prefect could not close (its server gone) from a failed one.
+_finished_stages: dict[str, list[str]] = {}
 
 
 class FlowReporter:
@@ -49,8 +59,8 @@ class FlowReporter:
             self.logger.info("metrics: %s", ", ".join(f"{k}={v:.4g}" for k, v in values.items()))
 
     def image(self, name: str, image: Image.Image, step: int) -> None:
-        self.tracked.log_image(name, image, step)
-        self.logger.info("step %d: %s image logged to MLflow", step, name)
+        if self.tracked.log_image(name, image, step):
+            self.logger.info("step %d: %s image logged to MLflow", step, name)
 
 
 # Stage inputs (params objects, live clients) are not hashable inputs of a cache key, and a stage must
@@ -74,7 +84,8 @@ def record_results(tracked: StageRun, result: StageResult, registered_model: str
         tracked.log_artifact(Path(path))
     if registered_model and result.model_dir is not None:
         version = tracked.register_model(Path(result.model_dir), registered_model)
-        logger.info("registered %s version %s", registered_model, version)
+        if version is not None:  # else it waits for the MLflow server, and the stage's last warning says so
+            logger.info("registered %s version %s", registered_model, version)
 
 
 FinishFn = Callable[[StageRun, Params, StageResult], None]
@@ -92,16 +103,26 @@ def run_stage(
     params = validate_params(params_path)
     stages = pipeline_stages(REPO, params.model_dump(mode="json"))
     logged = stage_params(params, stages.get(stage, {}).get("params", []))
-    with stage_run(REPO, stage, stages, logged, params.profile) as tracked:
+    with stage_run(REPO, stage, stages, logged, params.profile, warn=get_run_logger().warning) as tracked:
         result = task(name=stage, cache_policy=NO_CACHE)(stage_fn)(params, FlowReporter(tracked))
         record_results(tracked, result, registered_model)
         if finish is not None:
-            task(name=finish.__name__.replace("_", " "), cache_policy=NO_CACHE)(finish)(tracked, params, result)
+            name = finish.__name__.replace("_", " ")
+            try:
+                task(name=name, cache_policy=NO_CACHE)(finish)(tracked, params, result)
+            except Exception as e:
+                # Registry work on top of results the MLflow server has not taken: without the server it
+                # cannot be done, and the stage's outputs are not to be lost for it.
+                if not (tracked.unsent or server_unavailable(e)):
+                    raise
+                tracked.not_recorded(f"{name} (not done)")
+    _finished_stages[stage] = stage_outputs(stages, stage)
     return result
 
 
 def main(flow_fn: Callable[[str], StageResult]) -> None:
-    """`python -m flows.<stage> [--params PATH]`: a user mistake exits with one line, not a traceback."""
+    """`python -m flows.<stage> [--params PATH]`: a user mistake, or a server that is down, exits with one line,
+    not a traceback."""
     parser = argparse.ArgumentParser(description=f"Run the {flow_fn.__name__} stage as a Prefect flow.")
     parser.add_argument("--params", default=DEFAULT_PARAMS_FILE, help="params file (default: params.yaml)")
     args = parser.parse_args()
@@ -109,11 +130,44 @@ def main(flow_fn: Callable[[str], StageResult]) -> None:
         load_params(args.params)  # fail before Prefect and MLflow spend their start-up time
     except ParamsError as e:
         sys.exit(f"error: {e}")
+    require_servers()
     pipeline_run = os.environ.get(PIPELINE_FLOW_RUN_ENV)
-    if pipeline_run:
-        run_as_subflow(flow_fn, {"params": args.params}, pipeline_run)
-    else:
-        flow_fn(args.params)
+    try:
+        with few_prefect_retries():
+            if pipeline_run:
+                run_as_subflow(flow_fn, {"params": args.params}, pipeline_run)
+            else:
+                flow_fn(args.params)
+    except TrainingInterrupted as e:
+        # Its checkpoint is saved; 128 + the signal, as a shell reports a process the signal ended.
+        print(f"{flow_fn.name}: {e}", file=sys.stderr)
+        sys.exit(128 + e.signal_number)
+    except NonFiniteLoss as e:
+        sys.exit(f"{flow_fn.name}: error: {e}")
+    except Exception:
+        _exit_if_only_prefect_was_lost()
+        raise
+
+
+def _exit_if_only_prefect_was_lost() -> None:
+    """After a stage flow raised: when its stage had finished and the Prefect server no longer answers (the
+    flow run's end could not be reported), say so and exit 0, so that DVC records the stage's outputs."""
+    api = prefect_api_url()
+    why = no_answer(api.rstrip("/") + "/health") if api and _finished_stages else None
+    if why is None:
+        return
+    for stage, outputs in _finished_stages.items():
+        print(
+            f"warning: the Prefect server at {redacted(api)} stopped answering ({why}) while stage {stage} ran: "
+            f"its work is done and its outputs are on disk ({', '.join(outputs)}), but Prefect could not "
+            "record the flow run's end (it shows it Running) and has not got the log since the server went",
+            file=sys.stderr,
+        )
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Not a normal exit: Prefect's exit handlers would spend minutes trying to deliver the events and log
+    # lines it queued to the dead server; nothing else is left to do (the MLflow run is closed).
+    os._exit(0)
 
 
 def run_as_subflow(flow_fn: Flow, parameters: dict, pipeline_run: str):

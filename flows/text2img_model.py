@@ -266,9 +266,10 @@ def save_text2img_model(pipeline_dir: Path, path: Path, controlnet_dir: Path | N
 
 def log_text2img_model(
     tracked: StageRun, pipeline_dir: Path, name: str = MODEL_NAME, controlnet_dir: Path | None = None
-) -> str:
+) -> str | None:
     """Package the pipeline folder (and a ControlNet) as the pyfunc model, log it into the stage's run (artifact
-    path "text2img") and register it as a new version of `name` with the run's lineage tags; returns the version."""
+    path "text2img") and register it as a new version of `name` with the run's lineage tags; returns the version
+    (None: the registration waits for the MLflow server, StageRun.register_model)."""
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / ARTIFACT_PATH
         save_text2img_model(pipeline_dir, model_dir, controlnet_dir)

@@ -3,19 +3,29 @@ the exact code (git commit), stage (DVC) and inputs (DVC's md5 of each dependenc
 
 Tracking URI: `MLFLOW_TRACKING_URI` when set (a server), else a SQLite store `mlflow.db` in the repo with
 artifacts in `mlartifacts/` (both ignored by git).
+
+A server that stops answering once a stage runs does not stop the stage: what could not be sent waits in a
+queue, is sent again later, and what is still unsent when the stage ends is stated in one warning.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import subprocess
+import sys
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import mlflow
+import requests
 import yaml
 from dvc_data.hashfile.build import build
 from dvc_data.hashfile.db import HashFileDB
@@ -25,16 +35,42 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
 
+from flows.servers import redacted
+
 EXPERIMENT = "ldm-pipeline"
 DVC_FILE = "dvc.yaml"
 TEMPLATE = re.compile(r"\$\{\s*([\w.]+)\s*\}")
 # Set by flows/pipeline.py (`python -m flows.pipeline`, the Prefect deployment) to its MLflow run "pipeline",
 # which each stage's run then nests under.
 MLFLOW_PARENT_RUN_ENV = "LDM_MLFLOW_PARENT_RUN_ID"
+# MLflow's defaults (7 retries, backoff factor 2, 120 s timeout) make each call to a dead server cost minutes;
+# these cost seconds and still ride out a blip. Values the user set win.
+HTTP_RETRY_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
+RETRY_INTERVAL_S = 30  # while the server does not answer, how often a stage's tracking calls try it again
 
 
 def tracking_uri(repo: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(repo / 'mlflow.db').resolve()}"
+
+
+def tracking_client(repo: Path) -> MlflowClient:
+    for name, value in HTTP_RETRY_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+    return MlflowClient(tracking_uri(repo))
+
+
+def server_unavailable(error: Exception) -> bool:
+    """Whether a tracking call failed because the server did not answer (or failed itself: 5xx), rather than
+    because it refused the call. MLflow reports a connection error or a timeout as INTERNAL_ERROR."""
+    if isinstance(error, MlflowException):
+        return error.error_code in ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE")
+    if isinstance(error, requests.HTTPError):  # an artifact upload's status
+        return error.response is not None and error.response.status_code >= 500
+    return isinstance(error, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError))
 
 
 def git_commit(repo: Path, generated: set[str]) -> str:
@@ -91,6 +127,11 @@ def generated_paths(stages: dict[str, dict]) -> set[str]:
     return paths
 
 
+def stage_outputs(stages: dict[str, dict], stage: str) -> list[str]:
+    """What `dvc repro` records of one stage: its outs, metrics and plots."""
+    return sorted(generated_paths({stage: stages[stage]}) - {"dvc.lock"})
+
+
 def dependency_hashes(repo: Path, deps: list[str]) -> dict[str, str]:
     """DVC's md5 of each dependency, computed with DVC's own hashing (what `dvc.lock` records for it:
     the file's md5, or a folder's `.dir` tree hash). Computed here because DVC writes dvc.lock only
@@ -117,44 +158,155 @@ def flatten(section: dict, prefix: str = "") -> dict[str, str]:
     return flat
 
 
+@dataclass
+class Unsent:
+    """A tracking call the server did not answer, waiting to be sent again."""
+
+    send: Callable[[], object]
+    what: str  # for the warning: "image samples (step 40)", "model ldm-unet", ...
+    metric_values: int = 0
+
+
 class StageRun:
     """The MLflow run of one stage execution. Uses the client with an explicit run id rather than
-    MLflow's fluent (thread-local) active run, because Prefect may run tasks on other threads."""
+    MLflow's fluent (thread-local) active run, because Prefect may run tasks on other threads.
+
+    A call the server does not answer (see `server_unavailable`) raises nothing: it joins `unsent`, which is
+    sent again in order before a later call (at most every RETRY_INTERVAL_S) and a last time by `close`."""
 
     def __init__(self, client: MlflowClient, run_id: str, tags: dict[str, str]):
         self.client, self.run_id, self.tags = client, run_id, tags
+        self.unsent: list[Unsent] = []
+        self.not_done: list[str] = []  # see `not_recorded`
+        self.silent_since: str | None = None  # when (and at which step) the server first failed to answer
+        self._step: int | None = None
+        self._last_failure = 0.0
+        self._spool: Path | None = None  # copies of the artifacts in `unsent`, whose originals may be temporary
 
-    def log_metrics(self, values: dict[str, float], step: int | None = None) -> None:
+    def _record(self, call: Unsent) -> bool:
+        """Send `call` (after what waits), or queue it when the server does not answer; True when sent."""
+        if self.unsent and not self.send_unsent(wait=True):
+            self.unsent.append(call)
+            return False
+        try:
+            call.send()
+        except Exception as e:
+            if not server_unavailable(e):
+                raise
+            self._failed()
+            self.unsent.append(call)
+            return False
+        return True
+
+    def _failed(self) -> None:
+        self._last_failure = time.monotonic()
+        if self.silent_since is None:
+            step = f" (step {self._step})" if self._step is not None else ""
+            self.silent_since = time.strftime("%H:%M:%S") + step
+
+    def send_unsent(self, wait: bool = False) -> bool:
+        """Send what waits, in order, until a call fails; True when nothing is left. With `wait`, tries only
+        when RETRY_INTERVAL_S have passed since the last failure: a dead server costs each call nothing."""
+        if wait and time.monotonic() - self._last_failure < RETRY_INTERVAL_S:
+            return False
+        while self.unsent:
+            try:
+                self.unsent[0].send()
+            except Exception:  # noqa: BLE001 - whatever the reason, it stays queued and is reported
+                self._failed()
+                return False
+            self.unsent.pop(0)
+        return True
+
+    def log_metrics(self, values: dict[str, float], step: int | None = None) -> bool:
+        """True when sent, False when queued (as for the other calls)."""
         timestamp = int(1000 * time.time())
         metrics = [Metric(k, float(v), timestamp, step or 0) for k, v in values.items()]
-        self.client.log_batch(self.run_id, metrics=metrics)
+        self._step = step if step is not None else self._step
+        send = partial(self.client.log_batch, self.run_id, metrics=metrics)
+        return self._record(Unsent(send, f"{len(metrics)} metric values", len(metrics)))
 
-    def log_image(self, key: str, image, step: int) -> None:
+    def log_image(self, key: str, image, step: int) -> bool:
         """A PIL image at `step`; the MLflow UI shows a key's images with a step slider."""
-        self.client.log_image(self.run_id, image, key=key, step=step)
+        self._step = step
+        send = partial(self.client.log_image, self.run_id, image, key=key, step=step)
+        return self._record(Unsent(send, f"image {key} (step {step})"))
 
-    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> bool:
+        def upload(source: Path) -> None:
+            if source.is_dir():
+                self.client.log_artifacts(self.run_id, str(source), artifact_path or source.name)
+            else:
+                self.client.log_artifact(self.run_id, str(source), artifact_path)
+
+        what = f"artifact {artifact_path or path.name}" if path.is_dir() else f"artifact {path.name}"
+        if self._record(Unsent(partial(upload, path), what)):
+            return True
+        self.unsent[-1] = Unsent(partial(upload, self._keep(path)), what)
+        return False
+
+    def _keep(self, path: Path) -> Path:
+        if self._spool is None:
+            self._spool = Path(tempfile.mkdtemp(prefix="ldm-unsent-"))
+        kept = Path(tempfile.mkdtemp(dir=self._spool)) / path.name
         if path.is_dir():
-            self.client.log_artifacts(self.run_id, str(path), artifact_path or path.name)
+            shutil.copytree(path, kept)
         else:
-            self.client.log_artifact(self.run_id, str(path), artifact_path)
+            shutil.copy2(path, kept)
+        return kept
 
-    def register_model(self, model_dir: Path, name: str, artifact_path: str = "model") -> str:
+    def register_model(self, model_dir: Path, name: str, artifact_path: str = "model") -> str | None:
         """Log the model folder as the run's artifact `artifact_path` and add it to the registry as a new
-        version of `name`, carrying the run's lineage tags (git commit, stage, dependency hashes); returns
-        the version."""
+        version of `name`, carrying the run's lineage tags (git commit, stage, dependency hashes, the stage's
+        params as JSON): with them, `git checkout <commit>` + `dvc repro <stage>` rebuilds it; returns the
+        version, or None when the registration waits in `unsent`."""
         tags = {k: v for k, v in self.tags.items() if not k.startswith("mlflow.")}
         self.log_artifact(model_dir, artifact_path)
-        try:
-            self.client.create_registered_model(name)
-        except MlflowException as e:
-            if e.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-        artifact_uri = self.client.get_run(self.run_id).info.artifact_uri
-        version = self.client.create_model_version(
-            name, f"{artifact_uri}/{artifact_path}", run_id=self.run_id, tags=tags
+        versions = []
+
+        def create_version() -> None:
+            try:
+                self.client.create_registered_model(name)
+            except MlflowException as e:
+                if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+            artifact_uri = self.client.get_run(self.run_id).info.artifact_uri
+            version = self.client.create_model_version(
+                name, f"{artifact_uri}/{artifact_path}", run_id=self.run_id, tags=tags
+            )
+            versions.append(str(version.version))  # the client gives an int; URIs and the REST API use strings
+
+        self._record(Unsent(create_version, f"registration of model {name}"))
+        return versions[0] if versions else None
+
+    def not_recorded(self, what: str) -> None:
+        """Note tracking work done beside this class (e.g. with `client` itself) that failed for want of the
+        server: it is named in the warning."""
+        self.not_done.append(what)
+        self._failed()
+
+    def close(self, status: str) -> None:
+        """End the run as `status` (FINISHED, FAILED) after a last try to send what waits; what the server
+        still did not take stays in `unsent`."""
+        self.send_unsent()
+        self._record(Unsent(partial(self.client.set_terminated, self.run_id, status), f"run status {status}"))
+        if self._spool is not None:
+            shutil.rmtree(self._spool, ignore_errors=True)
+
+    def incomplete(self, outputs: list[str] | None) -> str | None:
+        """The one warning about what this run lacks (None when nothing): `outputs`, the stage's outputs, are
+        named as complete on disk (None: the stage failed)."""
+        if not self.unsent and not self.not_done:
+            return None
+        metric_values = sum(call.metric_values for call in self.unsent)
+        lost = [f"{metric_values} metric values"] if metric_values else []
+        lost += [call.what for call in self.unsent if not call.metric_values] + self.not_done
+        complete = f"; the stage's outputs on disk are complete: {', '.join(outputs)}" if outputs else ""
+        server = redacted(self.client.tracking_uri)
+        return (
+            f"the MLflow tracking server {server} stopped answering at {self.silent_since}; not recorded in its "
+            f"run {self.run_id}: {', '.join(lost)}{complete}"
         )
-        return str(version.version)  # the client gives an int; URIs and the REST API spell it as a string
 
 
 def pipeline_experiment(client: MlflowClient, repo: Path) -> str:
@@ -167,23 +319,37 @@ def pipeline_experiment(client: MlflowClient, repo: Path) -> str:
     return client.create_experiment(EXPERIMENT, artifact_location=location)
 
 
+def warn_on_stderr(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
 @contextmanager
-def closing_run(client: MlflowClient, run_id: str) -> Iterator[None]:
-    """Mark the run FINISHED when the block completes, FAILED when it raises (or is interrupted)."""
+def closing_run(client: MlflowClient, run_id: str, warn: Callable[[str], object] = warn_on_stderr) -> Iterator[None]:
+    """Mark the run FINISHED when the block completes, FAILED when it raises (or is interrupted). A server that
+    does not answer by then costs a warning, not the block's work."""
+    status = RunStatus.to_string(RunStatus.FAILED)
     try:
         yield
-    except BaseException:
-        client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
-        raise
-    client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+        status = RunStatus.to_string(RunStatus.FINISHED)
+    finally:
+        try:
+            client.set_terminated(run_id, status)
+        except Exception as e:
+            if not server_unavailable(e):
+                raise
+            warn(f"the MLflow tracking server {redacted(client.tracking_uri)} is not answering: run {run_id} "
+                 f"could not be marked {status}")
 
 
 @contextmanager
-def stage_run(repo: Path, stage: str, stages: dict[str, dict], params: dict, profile: str) -> Iterator[StageRun]:
-    """Open the stage's MLflow run with its tags and params; close it FINISHED or FAILED."""
-    uri = tracking_uri(repo)
-    mlflow.set_tracking_uri(uri)
-    client = MlflowClient(uri)
+def stage_run(
+    repo: Path, stage: str, stages: dict[str, dict], params: dict, profile: str,
+    warn: Callable[[str], object] = warn_on_stderr,
+) -> Iterator[StageRun]:
+    """Open the stage's MLflow run with its tags and params; close it FINISHED or FAILED, then `warn` about
+    what the server did not take, if anything (StageRun.incomplete)."""
+    mlflow.set_tracking_uri(tracking_uri(repo))
+    client = tracking_client(repo)
     experiment_id = pipeline_experiment(client, repo)
     if stage not in stages:
         raise KeyError(f"{DVC_FILE} has no stage {stage!r}; stages: {sorted(stages)}")
@@ -195,11 +361,20 @@ def stage_run(repo: Path, stage: str, stages: dict[str, dict], params: dict, pro
         "git_commit": commit,
         "dvc_stage": stage,
         "profile": profile,
+        # The values of the params keys dvc.yaml lists for the stage, as dvc.lock records them.
+        "params": json.dumps(params, sort_keys=True, separators=(",", ":")),
         **{f"dvc_dep.{dep}": md5 for dep, md5 in dependency_hashes(repo, definition.get("deps", [])).items()},
     }
     if parent_run := os.environ.get(MLFLOW_PARENT_RUN_ENV):
         tags["mlflow.parentRunId"] = parent_run
     run = client.create_run(experiment_id, tags=tags, run_name=stage)
     client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in flatten(params).items()])
-    with closing_run(client, run.info.run_id):
-        yield StageRun(client, run.info.run_id, tags)
+    tracked = StageRun(client, run.info.run_id, tags)
+    finished = False
+    try:
+        yield tracked
+        finished = True
+    finally:
+        tracked.close(RunStatus.to_string(RunStatus.FINISHED if finished else RunStatus.FAILED))
+        if report := tracked.incomplete(stage_outputs(stages, stage) if finished else None):
+            warn(report)

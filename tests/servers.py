@@ -68,8 +68,10 @@ def prefect_server(home: Path) -> Iterator[dict[str, str]]:
 
 
 @contextmanager
-def mlflow_server(root: Path) -> Iterator[dict[str, str]]:
-    port = free_port()
+def mlflow_server(root: Path, port: int | None = None) -> Iterator[dict[str, str]]:
+    """Yields the environment that points a process at the server; given the `port` and `root` of an earlier
+    one, it is that server again, with its store."""
+    port = port or free_port()
     root.mkdir(parents=True, exist_ok=True)
     env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
     cmd = [
