@@ -4,14 +4,12 @@ import dataclasses
 import io
 import json
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
 from PIL import Image
 
-from ldm.ingested import SCHEMA, IngestedImages, content_id
+from ldm.ingested import IngestedImages, ShardWriter, content_id
 from ldm.vae import VAE, VAEConfig
 from ldm.vae_training import VAETrainingConfig, reconstruction_metrics, train_vae
 from stages import train_vae as stage
@@ -47,7 +45,9 @@ def write_ingested(directory, num_train=256, num_val=32, seed=0):
             "height": SIZE, "source": "test", "split": "train" if index < num_train else "val", "attributes": None,
         })
     directory.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), directory / "part-0.parquet")
+    with ShardWriter(directory) as writer:
+        for row in rows:
+            writer.write(row)
     return directory
 
 
@@ -214,7 +214,7 @@ def test_main_exits_with_one_line_when_data_is_missing(tmp_path, capsys):
     params_file.write_text(yaml.safe_dump({"paths": {"ingested": str(tmp_path / "nothing")}}))
     assert stage.main(["--params", str(params_file)]) == 2
     message = capsys.readouterr().err
-    assert message.startswith("train_vae: error: paths.ingested: no Parquet shards") and message.count("\n") == 1
+    assert message.startswith("train_vae: error: paths.ingested: no ingested data") and message.count("\n") == 1
 
 
 def test_main_reports_invalid_params(tmp_path, capsys):
