@@ -11,10 +11,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -88,9 +90,15 @@ def test_vae_stage_killed_or_stopped_anywhere_ends_with_the_uninterrupted_weight
     uninterrupted = weights.read_bytes()
     start_over()
 
+    # A step between the checkpoints at 10 and 20, different for each day the suite runs, and named if it fails.
+    step = random.Random(time.strftime("%Y-%m-%d")).randint(11, 19)
+    killed = run_stage("train_vae", params_file, f"kill:{step}")
+    assert killed.returncode == -signal.SIGKILL, step
+    assert step_folders(params.paths.vae_checkpoints) == ["step-000010"], step
+    assert not weights.exists()
+
     killed = run_stage("train_vae", params_file, "kill-in-checkpoint:20")
     assert killed.returncode == -signal.SIGKILL
-    assert not weights.exists()
     # The half-written checkpoint is a hidden temporary folder: never a `step-*` folder that could be loaded.
     assert step_folders(params.paths.vae_checkpoints)[-1] == "step-000010"
     (partial,) = [p for p in Path(params.paths.vae_checkpoints).iterdir() if p.name.startswith(".step-000020.tmp")]
