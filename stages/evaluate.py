@@ -138,6 +138,38 @@ def generate(
     return torch.cat(images)
 
 
+QUALITY_PER_COMPUTE_CSV = "quality_per_compute.csv"
+
+
+def quality_per_compute(
+    pipeline: Text2Image, classifier: AttributeClassifier, prompts: list[str], scenes: list[Scene],
+    section: EvaluateParams, reporter: Reporter,
+) -> tuple[dict, list[dict]]:
+    """Adherence ("all") and seconds per image of every sampler at every step count, on the first prompts.
+
+    -> ({"<sampler>-<steps>": {"adherence", "seconds_per_image"}}, one CSV row per step count with a column
+    of adherence and one of seconds per image per sampler: what `dvc plots show` draws as a line per sampler)
+    """
+    sweep = section.quality_per_compute
+    prompts, scenes = prompts[: sweep.num_prompts], scenes[: sweep.num_prompts]
+    device = next(pipeline.unet.parameters()).device
+    measured, rows = {}, {steps: {"steps": steps} for steps in sweep.steps}
+    for sampler in sweep.samplers:
+        for steps in sweep.steps:
+            key = f"{sampler}-{steps}"
+            began = time.perf_counter()
+            generated = generate(pipeline, prompts, sampler, steps, section.guidance_scale, section.seed,
+                                 section.batch_size, reporter, f"{STAGE} quality per compute {key}")
+            seconds = (time.perf_counter() - began) / len(prompts)
+            all_right = adherence(classifier.read(generated.to(device)), scenes)["all"]
+            measured[key] = {"adherence": all_right, "seconds_per_image": seconds}
+            rows[steps] |= {sampler: all_right, f"{sampler}_seconds_per_image": seconds}
+        reporter.info(f"{STAGE}: {sampler}: adherence " + ", ".join(
+            f"{measured[f'{sampler}-{s}']['adherence']:.1%} at {s} steps" for s in sweep.steps
+        ))
+    return measured, list(rows.values())
+
+
 def run(params: Params, reporter: Reporter) -> StageResult:
     paths, section = params.paths, params.evaluate
     device = resolve_device(params.device)
@@ -217,6 +249,11 @@ def run(params: Params, reporter: Reporter) -> StageResult:
 
     if classifier is not None and section.negative_color is not None:
         metrics["negative_prompt"] = negative_prompt_effect(pipeline, classifier, prompts, scenes, section, reporter)
+    compute_rows = []
+    if classifier is not None and section.quality_per_compute is not None:
+        metrics["quality_per_compute"], compute_rows = quality_per_compute(
+            pipeline, classifier, prompts, scenes, section, reporter
+        )
 
     first = metrics["samplers"][f"{section.samplers[0].sampler}-{section.samplers[0].steps}"]
     # Prompt adherence: the attribute classifier's "all" on shapes data, caption retrieval on any other.
@@ -233,6 +270,8 @@ def run(params: Params, reporter: Reporter) -> StageResult:
         for key, grid in grids.items():
             grid.save(tmp / f"{key}.png", format="PNG")
         write_csv(tmp / "adherence.csv", rows, tuple(dict.fromkeys(k for row in rows for k in row)))
+        if compute_rows:
+            write_csv(tmp / QUALITY_PER_COMPUTE_CSV, compute_rows, tuple(compute_rows[0]))
     write_json(metrics_path, metrics)
     numbers = {k: v for k, v in flatten(metrics).items() if isinstance(v, (int, float))}
     return StageResult(metrics=numbers, artifacts=[metrics_path, out / "plots"])

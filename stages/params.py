@@ -194,6 +194,22 @@ class SamplerRun(Section):
     steps: int = Field(ge=1)
 
 
+class QualityPerComputeParams(Section):
+    """Prompt adherence of each sampler at each step count, on the first `num_prompts` prompts: the cheapest
+    sampler and step count that meet a bar."""
+
+    samplers: list[SamplerName] = list(SAMPLERS)
+    steps: list[int] = Field([10, 20, 50], min_length=1)
+    num_prompts: int = Field(200, ge=1)
+
+    @field_validator("steps")
+    @classmethod
+    def _positive(cls, steps: list[int]) -> list[int]:
+        if min(steps) < 1:
+            raise ValueError(f"steps {steps} must all be at least 1")
+        return steps
+
+
 class EvaluateParams(Section):
     # The first entry is the headline: its prompt adherence picks the registry's `champion`.
     samplers: list[SamplerRun] = [
@@ -211,6 +227,7 @@ class EvaluateParams(Section):
     grid_images: int = Field(16, ge=1)  # generated images per sampler shown in eval/plots
     # The prompts asking for this colour are drawn again with it as the negative prompt; null: skip.
     negative_color: str | None = "red"
+    quality_per_compute: QualityPerComputeParams | None = QualityPerComputeParams()  # null: skip
 
 
 class SampleParams(Section):

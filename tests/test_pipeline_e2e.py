@@ -4,6 +4,7 @@ under it loses nothing."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -95,6 +96,12 @@ def test_outputs_and_lock(pipeline):
     evaluation = json.loads((repo / "eval" / "metrics.json").read_text())
     assert set(evaluation["samplers"]) == {"dpmpp_2m-5", "ddim-5"}
     assert 0.0 <= evaluation["headline"]["prompt_adherence"] <= 1.0
+    assert set(evaluation["quality_per_compute"]) == {"dpmpp_2m-2", "dpmpp_2m-5", "ddim-2", "ddim-5"}
+    with open(repo / "eval" / "plots" / "quality_per_compute.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["steps"] for row in rows] == ["2", "5"]
+    assert {"dpmpp_2m", "ddim", "ddim_seconds_per_image"} <= set(rows[0])
+    assert float(rows[1]["ddim"]) == evaluation["quality_per_compute"]["ddim-5"]["adherence"]
     prompts = json.loads((repo / "samples" / "prompts.json").read_text())["images"]
     assert [p["file"] for p in prompts] == ["000.png", "001.png"] and (repo / "samples" / "grid.png").is_file()
     assert {p.name for p in (repo / "models" / "lora").iterdir()} == {"adapter_model.safetensors", "adapter_config.json"}
