@@ -26,7 +26,7 @@ from flows.servers import few_prefect_retries, no_answer, prefect_api_url, redac
 from flows.tracking import StageRun, dotted_get, pipeline_stages, server_unavailable, stage_outputs, stage_run
 from ldm.checkpoint import NonFiniteLoss, TrainingInterrupted
 from stages.params import DEFAULT_PARAMS_FILE, Params, ParamsError, load_params
-from stages.reporting import ConsoleReporter, Reporter, StageResult
+from stages.reporting import ConsoleReporter, Reporter, StageResult, report_stopped_training
 
 REPO = Path.cwd()  # DVC runs every stage command from the repository root
 
@@ -138,12 +138,8 @@ def main(flow_fn: Callable[[str], StageResult]) -> None:
                 run_as_subflow(flow_fn, {"params": args.params}, pipeline_run)
             else:
                 flow_fn(args.params)
-    except TrainingInterrupted as e:
-        # Its checkpoint is saved; 128 + the signal, as a shell reports a process the signal ended.
-        print(f"{flow_fn.name}: {e}", file=sys.stderr)
-        sys.exit(128 + e.signal_number)
-    except NonFiniteLoss as e:
-        sys.exit(f"{flow_fn.name}: error: {e}")
+    except (TrainingInterrupted, NonFiniteLoss) as e:
+        sys.exit(report_stopped_training(flow_fn.name, e))
     except Exception:
         _exit_if_only_prefect_was_lost()
         raise

@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -334,34 +334,44 @@ class NonFiniteLoss(RuntimeError):
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+class CheckpointPolicy(Protocol):
+    """The training hyperparameters ResumableRun reads (each loop's *TrainingConfig has them)."""
+
+    max_steps: int
+    checkpoint_every: int
+    keep_checkpoints: int
+    nonfinite_skips: int
+
+
 class ResumableRun:
     """A training loop's place in its run, kept across sessions: the step it starts after (the newest
     checkpoint of the same run, or 0), its loss history, its skipped steps and its training time; and the
     checkpoints it writes.
 
-        run = ResumableRun(checkpoint_dir, fingerprint, state, order, keep, "UNet", max_steps, log)
+        run = ResumableRun(checkpoint_dir, fingerprint, state, order, hp, "UNet", log)
         with run.session():                           # the clock runs; SIGINT/SIGTERM are deferred to end_step
-            for step in range(run.start + 1, max_steps + 1):
+            for step in range(run.start + 1, hp.max_steps + 1):
                 loss.backward(); norm = clip_grad_norm_(...)
-                if not run.finite(step, loss, norm, batch_ids):
-                    continue                          # a skipped step (only when max_skips allows it)
-                optimizer.step(); ...
-                run.end_step(step, checkpoint_due)    # saves when due or when a stop signal came, then stops
+                if run.finite(step, loss, norm, batch_ids):   # else the step is skipped, when hp allows it
+                    optimizer.step(); ...
+                lr_schedule.step()
+                run.end_step(step)                    # saves when due or when a stop signal came, then stops
         run.train_seconds()                           # over every session of the run
 
     `data` is the batch order: anything with `state_dict()` / `load_state_dict()` of JSON values.
-    `max_skips`: how many steps with a non-finite loss or gradient the run may skip (counted, and reported in
-    `skipped`) before NonFiniteLoss stops it; 0 stops at the first.
+    `hp` sets the run's length and checkpoints: a checkpoint every `hp.checkpoint_every` steps and at the
+    last, the newest `hp.keep_checkpoints` kept, and up to `hp.nonfinite_skips` steps with a non-finite loss
+    or gradient skipped (counted, and reported in `skipped`) before NonFiniteLoss stops the run.
     """
 
     def __init__(
-        self, checkpoint_dir: str | os.PathLike, fingerprint: str, state: TrainingState, data, keep: int, what: str,
-        max_steps: int, log: Callable[[str], None] = logger.warning, max_skips: int = 0,
+        self, checkpoint_dir: str | os.PathLike, fingerprint: str, state: TrainingState, data, hp: CheckpointPolicy,
+        what: str, log: Callable[[str], None] = logger.warning,
     ):
-        self.checkpoint_dir, self.fingerprint, self.state, self.data, self.keep = (
-            checkpoint_dir, fingerprint, state, data, keep
+        self.checkpoint_dir, self.fingerprint, self.state, self.data, self.hp = (
+            checkpoint_dir, fingerprint, state, data, hp
         )
-        self.what, self.max_steps, self.log, self.max_skips = what, max_steps, log, max_skips
+        self.what, self.log = what, log
         self.start, self.history, self.skipped, self._seconds_before = 0, [], [], 0.0
         self.last_checkpoint: Path | None = None
         self._began = time.perf_counter()
@@ -374,7 +384,7 @@ class ResumableRun:
             # Checkpoints written before steps could be skipped have no record of them.
             self.skipped = found.extra.get("skipped", [])
             self.last_checkpoint = found.path
-            log(f"resuming {what} training from {found.path} (step {self.start} of {max_steps})")
+            log(f"resuming {what} training from {found.path} (step {self.start} of {hp.max_steps})")
 
     @contextmanager
     def session(self) -> Iterator[None]:
@@ -422,9 +432,9 @@ class ResumableRun:
         ) + "\n")
         shown = ", ".join(i[:12] for i in list(batch_ids)[:4]) + (", ..." if len(batch_ids) > 4 else "")
         what = f"step {step}: the {self.what} loss is {loss_value} (gradient norm {norm_value}) on rows {shown}"
-        if len(self.skipped) < self.max_skips:
+        if len(self.skipped) < self.hp.nonfinite_skips:
             self.skipped.append({"step": step, "loss": repr(loss_value), "rows": str(report)})
-            self.log(f"{what}; skipped ({len(self.skipped)} of at most {self.max_skips}); every row is in {report}")
+            self.log(f"{what}; skipped ({len(self.skipped)} of at most {self.hp.nonfinite_skips}); every row is in {report}")
             return False
         resume = (
             f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint is not None
@@ -433,17 +443,17 @@ class ResumableRun:
         raise NonFiniteLoss(
             f"{what}; training stopped and nothing non-finite was saved; {resume}. Every row of the batch is in "
             f"{report}. Lower the learning rate or fix those rows, or allow skipping such steps with the "
-            f"stage's `nonfinite_skips` param (now {self.max_skips}), then run the stage again to resume."
+            f"stage's `nonfinite_skips` param (now {self.hp.nonfinite_skips}), then run the stage again to resume."
         )
 
-    def end_step(self, step: int, checkpoint_due: bool) -> None:
+    def end_step(self, step: int) -> None:
         """Save a checkpoint when one is due or a stop signal came during the step; after a signal, stop."""
-        if checkpoint_due or self._stop_signal is not None:
+        if step % self.hp.checkpoint_every == 0 or step == self.hp.max_steps or self._stop_signal is not None:
             self.save(step)
         if self._stop_signal is not None:
             name = signal.Signals(self._stop_signal).name
             raise TrainingInterrupted(
-                f"{self.what} training stopped by {name} after step {step} of {self.max_steps}; its checkpoint "
+                f"{self.what} training stopped by {name} after step {step} of {self.hp.max_steps}; its checkpoint "
                 f"{self.last_checkpoint} is saved, and running the stage again resumes from it",
                 self._stop_signal,
             )
@@ -456,4 +466,4 @@ class ResumableRun:
             "skipped": self.skipped,
             "train_seconds": self.train_seconds(),
         }
-        self.last_checkpoint = save_checkpoint(self.checkpoint_dir, step, self.state, extra, keep=self.keep)
+        self.last_checkpoint = save_checkpoint(self.checkpoint_dir, step, self.state, extra, keep=self.hp.keep_checkpoints)

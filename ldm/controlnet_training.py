@@ -154,10 +154,7 @@ def train_controlnet(
     # Keep every caption's hidden states decoded: batches draw captions from all over the table.
     text = cache.open_text(cache_groups=None)
 
-    run = ResumableRun(
-        checkpoint_dir, fingerprint, state, order, hp.keep_checkpoints, "ControlNet", hp.max_steps, log,
-        hp.nonfinite_skips,
-    )
+    run = ResumableRun(checkpoint_dir, fingerprint, state, order, hp, "ControlNet", log)
 
     step_rows: list[str] = []  # the cache row ids of the step's batch, to name them if its loss blows up
 
@@ -192,7 +189,7 @@ def train_controlnet(
                 optimizer.step()
                 row = losses.add(step, loss.detach(), lr)
             lr_schedule.step()
-            run.end_step(step, step % hp.checkpoint_every == 0 or step == hp.max_steps)
+            run.end_step(step)
             if row is not None and on_step is not None:
                 on_step(step, hp.max_steps, LossHistory.values(row))
     train_seconds = run.train_seconds()

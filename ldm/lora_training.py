@@ -159,10 +159,7 @@ def finetune_lora(
             schedulers={"lr": lr_schedule},
             generators={"data": data_generator, "noise": noise_generator},
         )
-        run = ResumableRun(
-            checkpoint_dir, fingerprint, state, order, hp.keep_checkpoints, "LoRA", hp.max_steps, log,
-            hp.nonfinite_skips,
-        )
+        run = ResumableRun(checkpoint_dir, fingerprint, state, order, hp, "LoRA", log)
 
         step_rows: list[str] = []  # indices into `latents`: the inputs have no ids of their own
 
@@ -194,7 +191,7 @@ def finetune_lora(
                     optimizer.step()
                     row = losses.add(step, loss.detach(), lr)
                 lr_schedule.step()
-                run.end_step(step, step % hp.checkpoint_every == 0 or step == hp.max_steps)
+                run.end_step(step)
                 if row is not None and on_step is not None:
                     on_step(step, hp.max_steps, LossHistory.values(row))
         train_seconds = run.train_seconds()

@@ -248,9 +248,7 @@ def train_unet(
     # Keep every caption's hidden states decoded: batches draw captions from all over the table.
     text = cache.open_text(cache_groups=None)
 
-    run = ResumableRun(
-        checkpoint_dir, fingerprint, state, order, hp.keep_checkpoints, "UNet", hp.max_steps, log, hp.nonfinite_skips
-    )
+    run = ResumableRun(checkpoint_dir, fingerprint, state, order, hp, "UNet", log)
 
     grid_inputs = None
     if validation is not None:
@@ -304,19 +302,17 @@ def train_unet(
                 loss.backward()
                 loss_sum += loss.detach()
             grad_norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), hp.grad_clip)
-            last = step == hp.max_steps
+            row = None
             if run.finite(step, loss_sum, grad_norm, step_rows):
                 lr = optimizer.param_groups[0]["lr"]
                 optimizer.step()
                 ema.update_parameters(unet)
                 row = losses.add(step, loss_sum, lr)
-            else:
-                row = None
             lr_schedule.step()
-            run.end_step(step, step % hp.checkpoint_every == 0 or last)
+            run.end_step(step)
             if row is not None and on_step is not None:
                 on_step(step, hp.max_steps, LossHistory.values(row))
-            if step % hp.validate_every == 0 and not last:
+            if step % hp.validate_every == 0 and step != hp.max_steps:
                 emit_validation(step)
     train_seconds = run.train_seconds()
     emit_validation(hp.max_steps)

@@ -232,9 +232,7 @@ def train_vae(
     )
     reconstruction_loss = RECONSTRUCTION_LOSSES[hp.recon_loss]
 
-    run = ResumableRun(
-        checkpoint_dir, fingerprint, state, order, hp.keep_checkpoints, "VAE", hp.max_steps, log, hp.nonfinite_skips
-    )
+    run = ResumableRun(checkpoint_dir, fingerprint, state, order, hp, "VAE", log)
 
     losses = LossHistory(("loss", "recon", "kl"), hp.log_every, hp.max_steps, device, run.history)
     with run.session():
@@ -257,7 +255,7 @@ def train_vae(
                     ema.update_parameters(vae)
                 row = losses.add(step, torch.stack([loss, recon, kl]).detach(), lr)
             schedule.step()
-            run.end_step(step, step % hp.checkpoint_every == 0 or step == hp.max_steps)
+            run.end_step(step)
             if row is not None and on_step is not None:
                 on_step(step, hp.max_steps, LossHistory.values(row))
     train_seconds = run.train_seconds()

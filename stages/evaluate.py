@@ -143,7 +143,7 @@ QUALITY_PER_COMPUTE_CSV = "quality_per_compute.csv"
 
 def quality_per_compute(
     pipeline: Text2Image, classifier: AttributeClassifier, prompts: list[str], scenes: list[Scene],
-    section: EvaluateParams, reporter: Reporter,
+    section: EvaluateParams, device: torch.device, reporter: Reporter,
 ) -> tuple[dict, list[dict]]:
     """Adherence ("all") and seconds per image of every sampler at every step count, on the first prompts.
 
@@ -152,7 +152,6 @@ def quality_per_compute(
     """
     sweep = section.quality_per_compute
     prompts, scenes = prompts[: sweep.num_prompts], scenes[: sweep.num_prompts]
-    device = next(pipeline.unet.parameters()).device
     measured, rows = {}, {steps: {"steps": steps} for steps in sweep.steps}
     for sampler in sweep.samplers:
         for steps in sweep.steps:
@@ -252,7 +251,7 @@ def run(params: Params, reporter: Reporter) -> StageResult:
     compute_rows = []
     if classifier is not None and section.quality_per_compute is not None:
         metrics["quality_per_compute"], compute_rows = quality_per_compute(
-            pipeline, classifier, prompts, scenes, section, reporter
+            pipeline, classifier, prompts, scenes, section, device, reporter
         )
 
     first = metrics["samplers"][f"{section.samplers[0].sampler}-{section.samplers[0].steps}"]

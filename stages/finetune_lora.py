@@ -43,7 +43,7 @@ from ldm.text_encoder import TextEmbedding, TextEncoderNotFoundError
 from stages.evaluate import InputError, RealImages, fit_attribute_classifier, generate
 from stages.ingest import SourceError, read_source
 from stages.params import Params, ParamsError, resolve_device
-from stages.reporting import Reporter, StageResult, flatten, stage_main, write_csv, write_json
+from stages.reporting import Reporter, StageResult, flatten, stage_main, training_progress, write_csv, write_json
 
 STAGE = "finetune_lora"
 LOSS_COLUMNS = ("step", "loss", "lr")
@@ -124,10 +124,7 @@ def run(params: Params, reporter: Reporter) -> StageResult:
         f"{hp.batch_size} on {device}"
     )
 
-    def on_step(step: int, total: int, values: dict[str, float]) -> None:
-        reporter.metrics(values, step)
-        reporter.progress(STAGE, step, total)
-
+    on_step = training_progress(reporter, STAGE)
     empty = pipeline.text_encoder.empty_embedding
     adapted, metrics, history = finetune_lora(
         copy.deepcopy(pipeline.unet), latents, contexts, empty, pipeline.schedule, hp, paths.lora_checkpoints,

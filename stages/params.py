@@ -13,7 +13,7 @@ from typing import Literal
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from ldm import devices
 from ldm.samplers import SAMPLERS, SPACINGS
@@ -199,15 +199,8 @@ class QualityPerComputeParams(Section):
     sampler and step count that meet a bar."""
 
     samplers: list[SamplerName] = list(SAMPLERS)
-    steps: list[int] = Field([10, 20, 50], min_length=1)
+    steps: list[PositiveInt] = Field([10, 20, 50], min_length=1)
     num_prompts: int = Field(200, ge=1)
-
-    @field_validator("steps")
-    @classmethod
-    def _positive(cls, steps: list[int]) -> list[int]:
-        if min(steps) < 1:
-            raise ValueError(f"steps {steps} must all be at least 1")
-        return steps
 
 
 class EvaluateParams(Section):

@@ -106,6 +106,26 @@ class StageResult:
     model_dir: Path | None = None
 
 
+def training_progress(reporter: Reporter, stage: str) -> Callable[[int, int, dict[str, float]], None]:
+    """A training loop's `on_step`: the step's metrics to the reporter, and the stage's progress."""
+
+    def on_step(step: int, total: int, values: dict[str, float]) -> None:
+        reporter.metrics(values, step)
+        reporter.progress(stage, step, total)
+
+    return on_step
+
+
+def report_stopped_training(stage: str, error: TrainingInterrupted | NonFiniteLoss) -> int:
+    """Say in one line why training stopped and which checkpoint resumes it; returns the exit status: 128 + the
+    signal for an interruption (as a shell reports a process a signal ended), 1 for a non-finite loss."""
+    if isinstance(error, TrainingInterrupted):
+        print(f"{stage}: {error}", file=sys.stderr)
+        return 128 + error.signal_number
+    print(f"{stage}: error: {error}", file=sys.stderr)
+    return 1
+
+
 def stage_main(
     stage: str,
     description: str,
@@ -132,12 +152,8 @@ def stage_main(
     except user_errors as e:
         print(f"{stage}: error: {e}", file=sys.stderr)
         return 2
-    except TrainingInterrupted as e:
-        print(f"{stage}: {e}", file=sys.stderr)
-        return 128 + e.signal_number
-    except NonFiniteLoss as e:
-        print(f"{stage}: error: {e}", file=sys.stderr)
-        return 1
+    except (TrainingInterrupted, NonFiniteLoss) as e:
+        return report_stopped_training(stage, e)
     print(f"{stage}: {summary(result)}")
     return 0
 

@@ -62,7 +62,7 @@ from stages.evaluate import (  # InputError: RealImages raises it
     generate,
 )
 from stages.params import Params, ParamsError, TrainControlNetParams, resolve_device
-from stages.reporting import Reporter, StageResult, flatten, stage_main, write_csv, write_json
+from stages.reporting import Reporter, StageResult, flatten, stage_main, training_progress, write_csv, write_json
 
 STAGE = "train_controlnet"
 LOSS_COLUMNS = ("step", "loss", "lr")
@@ -148,10 +148,7 @@ def run(params: Params, reporter: Reporter) -> StageResult:
         f"ControlNet of {controlnet.num_parameters():,} parameters, {hp.max_steps} steps of {hp.batch_size} on {device}"
     )
 
-    def on_step(step: int, total: int, values: dict[str, float]) -> None:
-        reporter.metrics(values, step)
-        reporter.progress(STAGE, step, total)
-
+    on_step = training_progress(reporter, STAGE)
     controlnet, metrics, history = train_controlnet(
         pipeline.unet, controlnet, cache, control_of, pipeline.schedule, hp, paths.controlnet_checkpoints, params.seed,
         device, on_step, reporter.info,

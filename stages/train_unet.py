@@ -29,7 +29,7 @@ from ldm.unet import UNetConfig
 from ldm.unet_training import UNetTrainingConfig, Validation, train_unet
 from ldm.vae import VAE
 from stages.params import Params, ParamsError, resolve_device
-from stages.reporting import Reporter, StageResult, stage_main, write_csv, write_json
+from stages.reporting import Reporter, StageResult, stage_main, training_progress, write_csv, write_json
 
 STAGE = "train_unet"
 LOSS_COLUMNS = ("step", "loss", "lr")
@@ -89,10 +89,7 @@ def run(params: Params, reporter: Reporter) -> StageResult:
         f"{section.max_steps} steps of {hp.batch_size * hp.grad_accumulation} on {device}"
     )
 
-    def on_step(step: int, total: int, values: dict[str, float]) -> None:
-        reporter.metrics(values, step)
-        reporter.progress(STAGE, step, total)
-
+    on_step = training_progress(reporter, STAGE)
     grids: list[Image.Image] = []
 
     def on_validation(step: int, grid: Image.Image) -> None:

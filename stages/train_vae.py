@@ -23,7 +23,7 @@ from ldm.ingested import IngestedImages
 from ldm.modeling import atomic_path
 from ldm.vae_training import VAETrainingConfig, reconstruction_grid, train_vae
 from stages.params import Params, ParamsError, resolve_device
-from stages.reporting import Reporter, StageResult, stage_main, write_csv, write_json
+from stages.reporting import Reporter, StageResult, stage_main, training_progress, write_csv, write_json
 
 STAGE = "train_vae"
 LOSS_COLUMNS = ("step", "loss", "recon", "kl", "lr")
@@ -54,10 +54,7 @@ def run(params: Params, reporter: Reporter) -> StageResult:
     hp = VAETrainingConfig(**section.model_dump(exclude={"model", "grid_images"}))
     reporter.info(f"{STAGE}: {len(train)} train and {len(val)} val images, {hp.max_steps} steps on {device}")
 
-    def on_step(step: int, total: int, values: dict[str, float]) -> None:
-        reporter.metrics(values, step)
-        reporter.progress(STAGE, step, total)
-
+    on_step = training_progress(reporter, STAGE)
     vae, metrics, history = train_vae(
         params.vae_config(), train, val, hp, paths.vae_checkpoints, params.seed, device, on_step, reporter.info
     )

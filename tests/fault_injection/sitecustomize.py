@@ -20,10 +20,10 @@ FAULT = os.environ.get("LDM_FAULT")
 def _inject(checkpoint, action: str, step: int) -> None:
     end_step, save_file = checkpoint.ResumableRun.end_step, checkpoint.save_file
 
-    def faulty_end_step(self, at: int, checkpoint_due: bool) -> None:
+    def faulty_end_step(self, at: int) -> None:
         if at == step and action in ("kill", "term"):
             os.kill(os.getpid(), signal.SIGKILL if action == "kill" else signal.SIGTERM)
-        end_step(self, at, checkpoint_due)
+        end_step(self, at)
 
     def faulty_save_file(tensors, filename, metadata=None):
         save_file(tensors, filename, metadata=metadata)
