@@ -289,10 +289,16 @@ def test_batches_have_the_asked_size(built):
     assert dropped == [5] * (cache.num_rows("train") // 5)
 
 
+# Buffers allocated through a proxy pool call back into it when they are freed, and the cache keeps some (open
+# readers) after the measurement: a pool dropped before them crashes the process with a segfault later, anywhere.
+_MEASURING_POOLS: list[pa.MemoryPool] = []
+
+
 def _peak_read_bytes(cache: LatentCache) -> tuple[int, int]:
     """Peak Arrow and Python-heap bytes while streaming every train row once."""
     cache.text  # opened before measuring: its keys are read once, however many latent rows there are
     pool = pa.proxy_memory_pool(pa.default_memory_pool())
+    _MEASURING_POOLS.append(pool)
     previous = pa.default_memory_pool()
     pa.set_memory_pool(pool)
     tracemalloc.start()
