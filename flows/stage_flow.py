@@ -25,6 +25,7 @@ from prefect.cache_policies import NO_CACHE
 from flows.servers import few_prefect_retries, no_answer, prefect_api_url, redacted, require_servers
 from flows.tracking import StageRun, dotted_get, pipeline_stages, server_unavailable, stage_outputs, stage_run
 from ldm.checkpoint import NonFiniteLoss, TrainingInterrupted
+from ldm.distributed import launched_rank
 from stages.params import DEFAULT_PARAMS_FILE, Params, ParamsError, load_params
 from stages.reporting import ConsoleReporter, Reporter, StageResult, report_stopped_training
 
@@ -120,12 +121,19 @@ def run_stage(
     return result
 
 
-def main(flow_fn: Callable[[str], StageResult]) -> None:
+def main(flow_fn: Callable[[str], StageResult], stage_main: Callable[[list[str]], int] | None = None) -> None:
     """`python -m flows.<stage> [--params PATH]`: a user mistake, or a server that is down, exits with one line,
-    not a traceback."""
+    not a traceback.
+
+    Under `torchrun` (stages that train data-parallel pass their `stage_main`), rank 0 runs the flow and its
+    MLflow run; the other ranks run the stage alone, without Prefect or MLflow, and only train."""
     parser = argparse.ArgumentParser(description=f"Run the {flow_fn.__name__} stage as a Prefect flow.")
     parser.add_argument("--params", default=DEFAULT_PARAMS_FILE, help="params file (default: params.yaml)")
     args = parser.parse_args()
+    if launched_rank() > 0:
+        if stage_main is None:
+            sys.exit(f"error: stage {flow_fn.name} does not train data-parallel; run it without torchrun")
+        sys.exit(stage_main(["--params", args.params]))
     try:
         load_params(args.params)  # fail before Prefect and MLflow spend their start-up time
     except ParamsError as e:

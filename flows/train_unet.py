@@ -32,4 +32,4 @@ def train_unet(params: str = "params.yaml"):
 
 
 if __name__ == "__main__":
-    main(train_unet)
+    main(train_unet, stage.main)

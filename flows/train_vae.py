@@ -12,4 +12,4 @@ def train_vae(params: str = "params.yaml"):
 
 
 if __name__ == "__main__":
-    main(train_vae)
+    main(train_vae, stage.main)

@@ -44,6 +44,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
+from ldm.distributed import SINGLE_PROCESS, DataParallel
 from ldm.modeling import check_finite, file_sha256
 
 logger = logging.getLogger(__name__)
@@ -177,6 +178,10 @@ def _step_dirs(directory: Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
+def checkpoint_folder(directory: str | os.PathLike, step: int) -> Path:
+    return Path(directory) / f"step-{step:06d}"
+
+
 def save_checkpoint(
     directory: str | os.PathLike,
     step: int,
@@ -201,7 +206,7 @@ def save_checkpoint(
         "rng": _encode(_global_rng_state(), "rng", tensors),
     }
     check_finite(tensors, f"the step-{step} checkpoint")
-    final = directory / f"step-{step:06d}"
+    final = checkpoint_folder(directory, step)
     with atomic_directory(final) as tmp:
         save_file(tensors, str(tmp / TENSORS_NAME), metadata={"format": str(FORMAT_VERSION)})
         record = {
@@ -366,25 +371,28 @@ class ResumableRun:
 
     def __init__(
         self, checkpoint_dir: str | os.PathLike, fingerprint: str, state: TrainingState, data, hp: CheckpointPolicy,
-        what: str, log: Callable[[str], None] = logger.warning,
+        what: str, log: Callable[[str], None] = logger.warning, ranks: DataParallel = SINGLE_PROCESS,
     ):
         self.checkpoint_dir, self.fingerprint, self.state, self.data, self.hp = (
             checkpoint_dir, fingerprint, state, data, hp
         )
-        self.what, self.log = what, log
+        self.what, self.log, self.ranks = what, log, ranks
         self.start, self.history, self.skipped, self._seconds_before = 0, [], [], 0.0
         self.last_checkpoint: Path | None = None
         self._began = time.perf_counter()
         self._stop_signal: int | None = None
-        found = resume_point(checkpoint_dir, fingerprint, log)
-        if found is not None:
-            self.start = load_checkpoint(found.path, state).step
-            data.load_state_dict(found.extra["data"])
-            self.history, self._seconds_before = found.extra["history"], found.extra["train_seconds"]
+        # Rank 0 alone judges (and clears) the folder; every rank then loads what it chose.
+        found = resume_point(checkpoint_dir, fingerprint, log) if ranks.is_main else None
+        chosen = ranks.from_main(None if found is None else str(found.path))
+        if chosen is not None:
+            loaded = load_checkpoint(chosen, state)
+            self.start = loaded.step
+            data.load_state_dict(loaded.extra["data"])
+            self.history, self._seconds_before = loaded.extra["history"], loaded.extra["train_seconds"]
             # Checkpoints written before steps could be skipped have no record of them.
-            self.skipped = found.extra.get("skipped", [])
-            self.last_checkpoint = found.path
-            log(f"resuming {what} training from {found.path} (step {self.start} of {hp.max_steps})")
+            self.skipped = loaded.extra.get("skipped", [])
+            self.last_checkpoint = loaded.path
+            log(f"resuming {what} training from {loaded.path} (step {self.start} of {hp.max_steps})")
 
     @contextmanager
     def session(self) -> Iterator[None]:
@@ -425,11 +433,14 @@ class ResumableRun:
         if bool(torch.isfinite(values).all()):
             return True
         loss_value, norm_value = values.tolist()
+        batch_ids = self.ranks.gather(batch_ids)
         report = Path(self.checkpoint_dir) / f"nonfinite-step-{step:06d}.json"
-        report.parent.mkdir(parents=True, exist_ok=True)
-        report.write_text(json.dumps(
-            {"step": step, "loss": repr(loss_value), "grad_norm": repr(norm_value), "rows": list(batch_ids)}, indent=1
-        ) + "\n")
+        if self.ranks.is_main:
+            report.parent.mkdir(parents=True, exist_ok=True)
+            report.write_text(json.dumps(
+                {"step": step, "loss": repr(loss_value), "grad_norm": repr(norm_value), "rows": list(batch_ids)},
+                indent=1,
+            ) + "\n")
         shown = ", ".join(i[:12] for i in list(batch_ids)[:4]) + (", ..." if len(batch_ids) > 4 else "")
         what = f"step {step}: the {self.what} loss is {loss_value} (gradient norm {norm_value}) on rows {shown}"
         if len(self.skipped) < self.hp.nonfinite_skips:
@@ -447,15 +458,20 @@ class ResumableRun:
         )
 
     def end_step(self, step: int) -> None:
-        """Save a checkpoint when one is due or a stop signal came during the step; after a signal, stop."""
-        if step % self.hp.checkpoint_every == 0 or step == self.hp.max_steps or self._stop_signal is not None:
+        """Save a checkpoint when one is due or a stop signal came during the step; after a signal, stop.
+
+        In a data-parallel run a signal to any rank stops them all after the same step, once rank 0's
+        checkpoint is complete (a rank that left earlier would have torchrun kill the others mid-save)."""
+        stop_signal = self.ranks.max(self._stop_signal or 0)
+        if step % self.hp.checkpoint_every == 0 or step == self.hp.max_steps or stop_signal:
             self.save(step)
-        if self._stop_signal is not None:
-            name = signal.Signals(self._stop_signal).name
+        if stop_signal:
+            self.ranks.barrier()
+            name = signal.Signals(stop_signal).name
             raise TrainingInterrupted(
                 f"{self.what} training stopped by {name} after step {step} of {self.hp.max_steps}; its checkpoint "
                 f"{self.last_checkpoint} is saved, and running the stage again resumes from it",
-                self._stop_signal,
+                stop_signal,
             )
 
     def save(self, step: int) -> None:
@@ -466,4 +482,9 @@ class ResumableRun:
             "skipped": self.skipped,
             "train_seconds": self.train_seconds(),
         }
-        self.last_checkpoint = save_checkpoint(self.checkpoint_dir, step, self.state, extra, keep=self.hp.keep_checkpoints)
+        if self.ranks.is_main:
+            self.last_checkpoint = save_checkpoint(
+                self.checkpoint_dir, step, self.state, extra, keep=self.hp.keep_checkpoints
+            )
+        else:
+            self.last_checkpoint = checkpoint_folder(self.checkpoint_dir, step)

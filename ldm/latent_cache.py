@@ -111,13 +111,17 @@ def vae_hash(directory: str | os.PathLike) -> str:
     return file_sha256(weights)
 
 
-def sample_latents(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """A draw from the cached posterior, in the VAE's raw latent space: (B, C, h, w)."""
-    # Drawn on the generator's device, as DiagonalGaussian.sample does, so a CPU seed gives the same
-    # latents on any accelerator.
-    device = generator.device if generator is not None else mean.device
-    eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=device).to(mean.device)
-    return mean + torch.exp(0.5 * logvar) * eps
+def sample_latents(
+    mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None, noise: torch.Tensor | None = None
+) -> torch.Tensor:
+    """A draw from the cached posterior, in the VAE's raw latent space: (B, C, h, w). `noise`: the standard
+    normal draw to use (like mean), instead of one drawn from `generator`."""
+    if noise is None:
+        # Drawn on the generator's device, as DiagonalGaussian.sample does, so a CPU seed gives the same
+        # latents on any accelerator.
+        device = generator.device if generator is not None else mean.device
+        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=device)
+    return mean + torch.exp(0.5 * logvar) * noise.to(mean.device)
 
 
 # ----------------------------------------------------------------------------------------------- manifest
@@ -624,6 +628,17 @@ class LatentBatch:
     def __len__(self) -> int:
         return len(self.id)
 
+    @staticmethod
+    def cat(batches: Sequence[LatentBatch]) -> LatentBatch:
+        """The batches' rows, one batch after the other."""
+        if len(batches) == 1:
+            return batches[0]
+        columns = {}
+        for field in fields(LatentBatch):
+            parts = [getattr(b, field.name) for b in batches]
+            columns[field.name] = torch.cat(parts) if isinstance(parts[0], torch.Tensor) else sum(parts, [])
+        return LatentBatch(**columns)
+
 
 @dataclass(frozen=True)
 class _Rows:
@@ -943,7 +958,8 @@ class LatentCache:
         return (z - self.shift_factor) * self.scaling_factor
 
     def sample(
-        self, mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None
+        self, mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Fresh training latents from cached posteriors: (B, C, h, w) in the diffusion model's space."""
-        return self.scale_latents(sample_latents(mean, logvar, generator))
+        return self.scale_latents(sample_latents(mean, logvar, generator, noise))

@@ -33,6 +33,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchvision.utils import make_grid
 
 from ldm.checkpoint import ResumableRun, TrainingState, run_fingerprint
+from ldm.distributed import SINGLE_PROCESS, DataParallel
 from ldm.ingested import tensor_to_pil
 from ldm.latent_cache import LatentBatch, LatentCache, TextTable
 from ldm.loss_history import LossHistory
@@ -73,6 +74,7 @@ class UNetTrainingConfig:
     nonfinite_skips: int = 0  # steps with a NaN/inf loss or gradient to skip (counted) before stopping
     log_every: int
     validate_every: int  # steps between validation grids (and one at the end)
+    data_lanes: int | None = None  # streams a batch is drawn from (CacheOrder); None: one per rank
 
 
 class UNetTrainingResult(NamedTuple):
@@ -99,41 +101,80 @@ def loss_weights(schedule: NoiseSchedule, t: torch.Tensor, min_snr_gamma: float 
     return clipped
 
 
-class CacheOrder:
-    """Batches of the cache's train split, a fresh shuffle per epoch; its position is two JSON numbers.
+def check_lanes(batch_size: int, lanes: int, ranks: DataParallel) -> None:
+    """ValueError unless each of `lanes` takes an equal share of a batch and the ranks an equal share of lanes."""
+    if batch_size % lanes:
+        raise ValueError(
+            f"batch_size {batch_size} does not split into {lanes} data lanes; make batch_size a multiple of data_lanes"
+        )
+    if lanes % ranks.world_size:
+        raise ValueError(
+            f"data_lanes {lanes} does not split over {ranks.world_size} ranks; set data_lanes to a multiple of "
+            f"{ranks.world_size} (or null: one per rank)"
+        )
 
-    Epoch e reads the cache with seed (data_seed + e), so (epoch, batches taken) rebuilds the exact stream.
+
+def data_lanes(hp: UNetTrainingConfig, ranks: DataParallel) -> int:
+    """The lanes a run reads (`CacheOrder`): hp.data_lanes, or one per rank; ValueError when they do not split."""
+    lanes = ranks.world_size if hp.data_lanes is None else hp.data_lanes
+    check_lanes(hp.batch_size, lanes, ranks)
+    return lanes
+
+
+class CacheOrder:
+    """Global batches of the cache's train split, a fresh shuffle per epoch; its position is two JSON numbers.
+
+    The split is read as `lanes` streams of disjoint row groups (`LatentCache.iter_batches` ranks), and a
+    batch is batch_size / lanes rows of each, lane after lane. A rank of a data-parallel run reads only its
+    own lanes, which are its contiguous share of every batch: the batches, and so the run, are the same on
+    any number of ranks that divides `lanes`. Epoch e reads the lanes with seed (data_seed + e), so (epoch,
+    batches taken) rebuilds the exact stream; an epoch ends when its shortest lane does.
     """
 
-    def __init__(self, cache: LatentCache, batch_size: int, data_seed: int):
-        rows = cache.num_rows("train")
-        if rows < batch_size:
-            raise ValueError(f"the cache holds {rows} train rows, fewer than one batch of {batch_size}; lower batch_size")
-        self.cache, self.batch_size, self.data_seed = cache, batch_size, data_seed
+    def __init__(
+        self, cache: LatentCache, batch_size: int, data_seed: int, lanes: int = 1,
+        ranks: DataParallel = SINGLE_PROCESS,
+    ):
+        check_lanes(batch_size, lanes, ranks)
+        self.cache, self.batch_size, self.data_seed, self.lanes = cache, batch_size, data_seed, lanes
+        self.lane_rows = batch_size // lanes
+        self.batches_per_epoch = min(cache.num_rows("train", lane, lanes) for lane in range(lanes)) // self.lane_rows
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"the cache holds {cache.num_rows('train')} train rows, fewer than one batch of {batch_size} "
+                f"(in {lanes} lanes of {self.lane_rows}); lower batch_size or data_lanes"
+            )
+        mine = ranks.share(lanes, "data_lanes")
+        self.my_lanes = range(mine.start, mine.stop)
         self.epoch, self.taken = 0, 0
-        self._batches: Iterator[LatentBatch] | None = None
+        self._lanes: list[Iterator[LatentBatch]] | None = None
 
-    def _open(self) -> Iterator[LatentBatch]:
-        return self.cache.iter_batches("train", self.batch_size, seed=self.data_seed + self.epoch, drop_last=True)
+    def _open(self) -> list[Iterator[LatentBatch]]:
+        return [
+            self.cache.iter_batches(
+                "train", self.lane_rows, rank=lane, world_size=self.lanes, seed=self.data_seed + self.epoch,
+                drop_last=True,
+            )
+            for lane in self.my_lanes
+        ]
 
     def next_batch(self) -> LatentBatch:
-        if self._batches is None:
-            self._batches = self._open()
+        """This rank's rows of the next global batch (all of them in a single process)."""
+        if self.taken == self.batches_per_epoch:
+            self.epoch, self.taken, self._lanes = self.epoch + 1, 0, None
+        if self._lanes is None:
+            self._lanes = self._open()
             for _ in range(self.taken):
-                next(self._batches)
-        batch = next(self._batches, None)
-        if batch is None:
-            self.epoch, self.taken = self.epoch + 1, 0
-            self._batches = self._open()
-            batch = next(self._batches)
+                for lane in self._lanes:
+                    next(lane)
         self.taken += 1
-        return batch
+        return LatentBatch.cat([next(lane) for lane in self._lanes])
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "taken": self.taken}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.taken, self._batches = state["epoch"], state["taken"], None
+        self.epoch, self.taken, self._lanes = state["epoch"], state["taken"], None
 
 
 def validation_prompts(cache: LatentCache, count: int) -> list[tuple[str, int]]:
@@ -200,8 +241,14 @@ def train_unet(
     on_step: StepCallback | None = None,
     on_validation: ValidationCallback | None = None,
     log: Callable[[str], None] = logger.info,
+    ranks: DataParallel = SINGLE_PROCESS,
 ) -> UNetTrainingResult:
     """Train a UNet from `config` on `cache`'s train split, resuming from the newest checkpoint of the same run.
+
+    Data-parallel (`ranks` of a torchrun world): each rank trains on its share of every batch (`CacheOrder`)
+    and draws the whole batch's noise, keeping its own rows, so that with the same `data_lanes` the run is the
+    one a single process makes. Rank 0 alone checkpoints, validates and calls back; on the other ranks the
+    result's metrics are empty.
 
     `on_step(step, max_steps, {"loss", "lr"})` is called every `log_every` steps (and at the last) with the
     means since the previous call, after any checkpoint of that step is written; `on_validation(step, grid)`
@@ -222,10 +269,11 @@ def train_unet(
             f"the cache holds {latent_shape} latents but the UNet takes ({config.in_channels}, {config.sample_size}, "
             f"{config.sample_size}); match in_channels and sample_size to the cache"
         )
+    lanes = data_lanes(hp, ranks)
     fingerprint = run_fingerprint(
         unet=config.model_dump(mode="json"),
         schedule=schedule.to_dict(),
-        training={k: v for k, v in asdict(hp).items() if k not in _BOOKKEEPING},
+        training={k: v for k, v in asdict(hp).items() if k not in _BOOKKEEPING} | {"data_lanes": lanes},
         seed=seed,
         cache=hashlib.sha256("".join(s.sha256 for s in cache.manifest.shards).encode()).hexdigest(),
     )
@@ -234,11 +282,13 @@ def train_unet(
         unet = UNet(config)
     unet.to(device).train()
     ema = AveragedModel(unet, multi_avg_fn=get_ema_multi_avg_fn(hp.ema_decay), use_buffers=True)
+    model = ranks.wrap(unet)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
     lr_schedule = warmup_cosine(optimizer, hp.warmup_steps, hp.max_steps)
     data_seed, noise_seed = torch.randint(2**62, (2,), generator=torch.Generator().manual_seed(seed)).tolist()
     noise_generator = torch.Generator().manual_seed(noise_seed)
-    order = CacheOrder(cache, hp.batch_size, data_seed)
+    order = CacheOrder(cache, hp.batch_size, data_seed, lanes, ranks)
+    mine = ranks.share(hp.batch_size, "batch_size")
     state = TrainingState(
         modules={"model": unet, "ema": ema},
         optimizers={"optimizer": optimizer},
@@ -248,7 +298,7 @@ def train_unet(
     # Keep every caption's hidden states decoded: batches draw captions from all over the table.
     text = cache.open_text(cache_groups=None)
 
-    run = ResumableRun(checkpoint_dir, fingerprint, state, order, hp, "UNet", log)
+    run = ResumableRun(checkpoint_dir, fingerprint, state, order, hp, "UNet", log, ranks)
 
     grid_inputs = None
     if validation is not None:
@@ -260,14 +310,16 @@ def train_unet(
     def micro_batch_loss() -> torch.Tensor:
         batch = order.next_batch()
         step_rows.extend(batch.id)
-        latents = cache.sample(batch.mean, batch.logvar, noise_generator)  # (B, C, h, w)
-        b = len(batch)
-        dropped = torch.rand(b, generator=noise_generator) < hp.caption_dropout
+        # Every rank draws for the whole batch, in one order, and keeps its rows: the draws a single process makes.
+        b, shape = hp.batch_size, (hp.batch_size, *latent_shape)
+        eps = torch.randn(shape, generator=noise_generator)[mine]
+        latents = cache.sample(batch.mean, batch.logvar, noise=eps)  # (B, C, h, w)
+        dropped = (torch.rand(b, generator=noise_generator) < hp.caption_dropout)[mine]
         context = text.lookup(torch.where(dropped, text.empty_index, batch.text_index))
-        t = torch.randint(schedule.num_train_timesteps, (b,), generator=noise_generator)
-        noise = torch.randn(latents.shape, generator=noise_generator)
+        t = torch.randint(schedule.num_train_timesteps, (b,), generator=noise_generator)[mine]
+        noise = torch.randn(shape, generator=noise_generator)[mine]
         if hp.noise_offset:
-            noise = noise + hp.noise_offset * torch.randn(b, latents.shape[1], 1, 1, generator=noise_generator)
+            noise = noise + hp.noise_offset * torch.randn(b, shape[1], 1, 1, generator=noise_generator)[mine]
         noisy = schedule.add_noise(latents, noise, t)
         target = schedule.training_target(latents, noise, t)
         weights = loss_weights(schedule, t, hp.min_snr_gamma)
@@ -275,12 +327,12 @@ def train_unet(
         context = context.to(device)
         mask = None if context.attention_mask.all() else context.attention_mask
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=hp.bf16):
-            prediction = unet(noisy, t, context.hidden_states, mask)
+            prediction = model(noisy, t, context.hidden_states, mask)
         per_sample = F.mse_loss(prediction.float(), target, reduction="none").mean(dim=(1, 2, 3))
         return (weights * per_sample).mean()
 
     def emit_validation(step: int) -> None:
-        if validation is None or on_validation is None:
+        if validation is None or on_validation is None or not ranks.is_main:
             return
         cond, uncond = grid_inputs
         model = ema.module.eval()
@@ -301,6 +353,7 @@ def train_unet(
                 loss = micro_batch_loss() / hp.grad_accumulation
                 loss.backward()
                 loss_sum += loss.detach()
+            loss_sum = ranks.mean(loss_sum)
             grad_norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), hp.grad_clip)
             row = None
             if run.finite(step, loss_sum, grad_norm, step_rows):
@@ -310,7 +363,7 @@ def train_unet(
                 row = losses.add(step, loss_sum, lr)
             lr_schedule.step()
             run.end_step(step)
-            if row is not None and on_step is not None:
+            if row is not None and on_step is not None and ranks.is_main:
                 on_step(step, hp.max_steps, LossHistory.values(row))
             if step % hp.validate_every == 0 and step != hp.max_steps:
                 emit_validation(step)
@@ -318,6 +371,8 @@ def train_unet(
     emit_validation(hp.max_steps)
 
     trained, averaged = unet.eval(), ema.module.eval()
+    if not ranks.is_main:
+        return UNetTrainingResult(trained, averaged, {}, run.history)
     metrics = {
         "train_loss_final": run.history[-1]["loss"] if run.history else float("nan"),
         "val_loss": validation_loss(averaged, cache, text, schedule, hp.batch_size, seed),

@@ -52,11 +52,12 @@ class DiagonalGaussian:
         self.std = torch.exp(0.5 * self.logvar)
         self.var = torch.exp(self.logvar)
 
-    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        # Drawn on the generator's device so a CPU seed gives the same latents on any accelerator.
-        device = generator.device if generator is not None else self.mean.device
-        eps = torch.randn(self.mean.shape, generator=generator, dtype=self.mean.dtype, device=device)
-        return self.mean + self.std * eps.to(self.mean.device)
+    def sample(self, generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+        if noise is None:
+            # Drawn on the generator's device so a CPU seed gives the same latents on any accelerator.
+            device = generator.device if generator is not None else self.mean.device
+            noise = torch.randn(self.mean.shape, generator=generator, dtype=self.mean.dtype, device=device)
+        return self.mean + self.std * noise.to(self.mean.device)
 
     def mode(self) -> torch.Tensor:
         return self.mean
@@ -182,11 +183,12 @@ class VAE(PretrainedModel):
         return x.clamp(-1.0, 1.0) if clamp else x
 
     def forward(
-        self, x: torch.Tensor, generator: torch.Generator | None = None
+        self, x: torch.Tensor, generator: torch.Generator | None = None, noise: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, DiagonalGaussian]:
-        """Training pass: the unclamped reconstruction from a posterior sample, and the posterior."""
+        """Training pass: the unclamped reconstruction from a posterior sample, and the posterior. `noise`: the
+        standard normal draw of the sample (B, L, h, w), instead of one drawn from `generator`."""
         posterior = self.encode(x)
-        return self.decode(posterior.sample(generator), clamp=False), posterior
+        return self.decode(posterior.sample(generator, noise), clamp=False), posterior
 
     def scale_latents(self, z: torch.Tensor) -> torch.Tensor:
         """Raw latents -> the near-unit-variance space the diffusion model works in."""

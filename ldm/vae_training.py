@@ -34,6 +34,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 from torchvision.utils import make_grid
 
 from ldm.checkpoint import ResumableRun, TrainingState, run_fingerprint
+from ldm.distributed import SINGLE_PROCESS, DataParallel
 from ldm.ingested import IngestedImages, tensor_to_pil
 from ldm.loss_history import LossHistory
 from ldm.vae import VAE, VAEConfig
@@ -161,8 +162,11 @@ def reconstruction_metrics(vae: VAE, data: IngestedImages, batch_size: int) -> d
     intensities, so on [-1, 1] it would not be the standard SSIM (PSNR is the same either way).
     """
     device = next(vae.parameters()).device
-    psnr = PeakSignalNoiseRatio(data_range=1.0, reduction="elementwise_mean", dim=(1, 2, 3)).to(device)
-    ssim = StructuralSimilarityIndexMeasure(data_range=1.0).to(device)
+    # One process sees all of `data`: no syncing with the other ranks of a data-parallel run, which have left.
+    psnr = PeakSignalNoiseRatio(
+        data_range=1.0, reduction="elementwise_mean", dim=(1, 2, 3), sync_on_compute=False
+    ).to(device)
+    ssim = StructuralSimilarityIndexMeasure(data_range=1.0, sync_on_compute=False).to(device)
     for _, images in data.iter_batches(batch_size):
         images = images.to(device)
         reconstructions = vae.decode(vae.encode(images).mode())
@@ -194,8 +198,13 @@ def train_vae(
     device: str | torch.device,
     on_step: StepCallback | None = None,
     log: Callable[[str], None] = logger.info,
+    ranks: DataParallel = SINGLE_PROCESS,
 ) -> VAETrainingResult:
     """Train a VAE from `config`, resuming from the newest checkpoint of the same run in `checkpoint_dir`.
+
+    Data-parallel (`ranks` of a torchrun world): every rank walks the same order, encodes its contiguous share
+    of each batch and keeps its rows of the whole batch's posterior noise, so the run is the one a single
+    process makes. Rank 0 alone checkpoints and calls back; on the other ranks the result's metrics are empty.
 
     `on_step(step, max_steps, {"loss", "recon", "kl", "lr"})` is called every `log_every` steps (and at the
     last) with the means since the previous call, after any checkpoint of that step is written.
@@ -214,6 +223,7 @@ def train_vae(
         torch.manual_seed(seed)
         vae = VAE(config)
     vae.to(device).train()
+    model = ranks.wrap(vae)
     ema = None
     if hp.ema_decay is not None:
         ema = AveragedModel(vae, multi_avg_fn=get_ema_multi_avg_fn(hp.ema_decay), use_buffers=True)
@@ -232,20 +242,26 @@ def train_vae(
     )
     reconstruction_loss = RECONSTRUCTION_LOSSES[hp.recon_loss]
 
-    run = ResumableRun(checkpoint_dir, fingerprint, state, order, hp, "VAE", log)
+    run = ResumableRun(checkpoint_dir, fingerprint, state, order, hp, "VAE", log, ranks)
+    mine = ranks.share(hp.batch_size, "batch_size")
+    f = 2 ** (len(config.block_out_channels) - 1)
+    height, width = train_data[0].shape[-2:]
+    noise_shape = (hp.batch_size, config.latent_channels, height // f, width // f)
 
     losses = LossHistory(("loss", "recon", "kl"), hp.log_every, hp.max_steps, device, run.history)
     with run.session():
         for step in range(run.start + 1, hp.max_steps + 1):
-            indices = order.next_batch()
+            indices = order.next_batch()[mine]
             images = _batch(train_data, indices, device)  # (B, 3, H, W)
-            reconstructions, posterior = vae(images, noise_generator)
+            noise = torch.randn(noise_shape, generator=noise_generator)[mine]
+            reconstructions, posterior = model(images, noise=noise)
             recon = reconstruction_loss(reconstructions, images)
             kl = posterior.kl().mean()
             loss = recon + hp.kl_weight * kl
 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            recon, kl, loss = ranks.mean(recon), ranks.mean(kl), ranks.mean(loss)
             grad_norm = torch.nn.utils.clip_grad_norm_(vae.parameters(), hp.grad_clip)
             row = None
             if run.finite(step, loss, grad_norm, [train_data.ids[i] for i in indices]):
@@ -256,9 +272,11 @@ def train_vae(
                 row = losses.add(step, torch.stack([loss, recon, kl]).detach(), lr)
             schedule.step()
             run.end_step(step)
-            if row is not None and on_step is not None:
+            if row is not None and on_step is not None and ranks.is_main:
                 on_step(step, hp.max_steps, LossHistory.values(row))
     train_seconds = run.train_seconds()
+    if not ranks.is_main:
+        return VAETrainingResult((ema.module if ema is not None else vae).eval(), {}, run.history)
 
     trained = (ema.module if ema is not None else vae).eval()
     mean, std = latent_statistics(

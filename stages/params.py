@@ -166,8 +166,11 @@ class SamplingParams(Section):
 class TrainUNetParams(Section):
     model: UNetModelParams = UNetModelParams()
     schedule: ScheduleParams = ScheduleParams()
-    batch_size: int = Field(128, ge=1)  # rows per micro-batch
+    batch_size: int = Field(128, ge=1)  # rows per micro-batch, over all ranks of a data-parallel run
     grad_accumulation: int = Field(1, ge=1)  # micro-batches per optimizer step
+    # Streams of disjoint cache shards each batch draws from; a run is the same on any number of ranks that
+    # divides it. None: one per rank.
+    data_lanes: int | None = Field(None, ge=1)
     max_steps: int = Field(1600, ge=1)
     lr: float = Field(2e-3, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)

@@ -22,6 +22,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ldm.checkpoint import NonFiniteLoss, TrainingInterrupted
+from ldm.distributed import launched_rank
 from ldm.modeling import atomic_path
 
 log = logging.getLogger("ldm")
@@ -154,7 +155,8 @@ def stage_main(
         return 2
     except (TrainingInterrupted, NonFiniteLoss) as e:
         return report_stopped_training(stage, e)
-    print(f"{stage}: {summary(result)}")
+    if launched_rank() == 0:  # in a data-parallel run rank 0 alone has the outputs to sum up
+        print(f"{stage}: {summary(result)}")
     return 0
 
 

@@ -10,6 +10,7 @@ writes: paths.text2img/                     the complete text-to-image model (`T
         paths.unet_checkpoints/             resumable checkpoints; an interrupted run continues from the newest
 
     python -m stages.train_unet [--params params.yaml]
+    torchrun --nproc-per-node N -m stages.train_unet    # data-parallel: each rank reads its own cache shards
 """
 
 from __future__ import annotations
@@ -17,16 +18,18 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import torch
 from PIL import Image
 
 from ldm.checkpoint import atomic_directory
+from ldm.distributed import DataParallel, data_parallel
 from ldm.latent_cache import LatentCache, LatentCacheError, vae_hash
 from ldm.modeling import atomic_path
 from ldm.pipeline import RAW_UNET_FOLDER, Text2Image
 from ldm.schedule import NoiseSchedule
 from ldm.text_encoder import TextEncoder
 from ldm.unet import UNetConfig
-from ldm.unet_training import UNetTrainingConfig, Validation, train_unet
+from ldm.unet_training import UNetTrainingConfig, Validation, data_lanes, train_unet
 from ldm.vae import VAE
 from stages.params import Params, ParamsError, resolve_device
 from stages.reporting import Reporter, StageResult, stage_main, training_progress, write_csv, write_json
@@ -70,14 +73,22 @@ def unet_config(params: Params, cache: LatentCache) -> UNetConfig:
 
 
 def run(params: Params, reporter: Reporter) -> StageResult:
+    with data_parallel(resolve_device(params.device)) as (ranks, device):
+        return _run(params, reporter, ranks, device)
+
+
+def _run(params: Params, reporter: Reporter, ranks: DataParallel, device: torch.device) -> StageResult:
     paths, section = params.paths, params.train_unet
-    device = resolve_device(params.device)
     cache, vae = open_inputs(params)
     config = unet_config(params, cache)
     schedule = NoiseSchedule(**section.schedule.model_dump())
     hp = UNetTrainingConfig(
         **section.model_dump(exclude={"model", "schedule", "sampling", "validation_prompts", "validation_seeds"})
     )
+    try:
+        data_lanes(hp, ranks)
+    except ValueError as e:
+        raise ParamsError(str(e)) from None
     sampling = section.sampling
     validation = Validation(
         vae=vae.to(device), prompts=section.validation_prompts, seeds=tuple(section.validation_seeds),
@@ -87,6 +98,7 @@ def run(params: Params, reporter: Reporter) -> StageResult:
     reporter.info(
         f"{STAGE}: {rows} cached train rows, {len(cache.text)} captions; UNet {list(config.block_out_channels)}, "
         f"{section.max_steps} steps of {hp.batch_size * hp.grad_accumulation} on {device}"
+        + (f" (rank {ranks.rank} of {ranks.world_size})" if ranks.enabled else "")
     )
 
     on_step = training_progress(reporter, STAGE)
@@ -98,8 +110,10 @@ def run(params: Params, reporter: Reporter) -> StageResult:
 
     unet, ema, metrics, history = train_unet(
         config, cache, schedule, hp, paths.unet_checkpoints, params.seed, device, validation, on_step, on_validation,
-        reporter.info,
+        reporter.info, ranks,
     )
+    if not ranks.is_main:  # rank 0 writes the outputs
+        return StageResult()
     metrics["parameters"] = float(unet.num_parameters())
 
     model_dir = Path(paths.text2img)

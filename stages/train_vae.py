@@ -9,6 +9,7 @@ writes: paths.vae/                          config.json + model.safetensors (wit
                                             newest one; checkpoints of other params or data are discarded
 
     python -m stages.train_vae [--params params.yaml]
+    torchrun --nproc-per-node N -m stages.train_vae     # data-parallel: the same run, each rank a share of each batch
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ldm.checkpoint import atomic_directory
+from ldm.distributed import DataParallel, data_parallel
 from ldm.ingested import IngestedImages
 from ldm.modeling import atomic_path
 from ldm.vae_training import VAETrainingConfig, reconstruction_grid, train_vae
@@ -48,16 +50,25 @@ def load_splits(params: Params) -> tuple[IngestedImages, IngestedImages]:
 
 
 def run(params: Params, reporter: Reporter) -> StageResult:
+    with data_parallel(resolve_device(params.device)) as (ranks, device):
+        return _run(params, reporter, ranks, device)
+
+
+def _run(params: Params, reporter: Reporter, ranks: DataParallel, device: torch.device) -> StageResult:
     paths, section = params.paths, params.train_vae
-    device = resolve_device(params.device)
     train, val = load_splits(params)
     hp = VAETrainingConfig(**section.model_dump(exclude={"model", "grid_images"}))
-    reporter.info(f"{STAGE}: {len(train)} train and {len(val)} val images, {hp.max_steps} steps on {device}")
+    reporter.info(
+        f"{STAGE}: {len(train)} train and {len(val)} val images, {hp.max_steps} steps on {device}"
+        + (f" (rank {ranks.rank} of {ranks.world_size})" if ranks.enabled else "")
+    )
 
     on_step = training_progress(reporter, STAGE)
     vae, metrics, history = train_vae(
-        params.vae_config(), train, val, hp, paths.vae_checkpoints, params.seed, device, on_step, reporter.info
+        params.vae_config(), train, val, hp, paths.vae_checkpoints, params.seed, device, on_step, reporter.info, ranks
     )
+    if not ranks.is_main:  # rank 0 writes the outputs
+        return StageResult()
 
     model_dir = Path(paths.vae)
     with atomic_directory(model_dir) as tmp:

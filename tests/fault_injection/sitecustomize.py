@@ -4,6 +4,7 @@ start-up in every process (DVC's too), and `LDM_FAULT` makes the training proces
     LDM_FAULT=kill:N                SIGKILL at the end of step N, before that step's checkpoint could be written
     LDM_FAULT=kill-in-checkpoint:N  SIGKILL while step N's checkpoint is being written (tensors on disk, no state)
     LDM_FAULT=term:N                SIGTERM at the end of step N, as `kill` or a scheduler would send it
+    LDM_FAULT_RANK=R                only in rank R of a torchrun world (default: every process)
 
 The faults go into `ldm.checkpoint` as it is imported, so the stage runs its real code up to the fault.
 """
@@ -55,6 +56,6 @@ class _AfterImport(importlib.abc.MetaPathFinder):
         return spec
 
 
-if FAULT:
+if FAULT and os.environ.get("LDM_FAULT_RANK", os.environ.get("RANK", "0")) == os.environ.get("RANK", "0"):
     _action, _, _step = FAULT.partition(":")
     sys.meta_path.insert(0, _AfterImport(_action, int(_step)))
