@@ -156,7 +156,9 @@ def latent_statistics(
 
 @torch.no_grad()
 def reconstruction_metrics(vae: VAE, data: IngestedImages, batch_size: int) -> dict[str, float]:
-    """PSNR (mean of per-image values, dB) and SSIM of `decode(posterior mode)`, clamped, over all of `data`.
+    """PSNR (mean of per-image values, dB) and SSIM of `decode(posterior mode)`, clamped, over all of `data`;
+    and the posterior's noise over its signal in the noisiest latent channel: the mean posterior std over the
+    std of the posterior means. Above 1 the sampled latents the UNet learns from are mostly noise.
 
     Both on images mapped to [0, 1] with data_range 1: SSIM's stabilising constants assume non-negative
     intensities, so on [-1, 1] it would not be the standard SSIM (PSNR is the same either way).
@@ -167,12 +169,21 @@ def reconstruction_metrics(vae: VAE, data: IngestedImages, batch_size: int) -> d
         data_range=1.0, reduction="elementwise_mean", dim=(1, 2, 3), sync_on_compute=False
     ).to(device)
     ssim = StructuralSimilarityIndexMeasure(data_range=1.0, sync_on_compute=False).to(device)
+    means, stds = [], []
     for _, images in data.iter_batches(batch_size):
         images = images.to(device)
-        reconstructions = vae.decode(vae.encode(images).mode())
+        posterior = vae.encode(images)
+        reconstructions = vae.decode(posterior.mode())
         psnr.update((reconstructions + 1) / 2, (images + 1) / 2)
         ssim.update((reconstructions + 1) / 2, (images + 1) / 2)
-    return {"val_psnr": psnr.compute().item(), "val_ssim": ssim.compute().item()}
+        means.append(posterior.mean.transpose(0, 1).flatten(1).cpu())  # (L, B*h*w)
+        stds.append(posterior.std.transpose(0, 1).flatten(1).cpu())
+    signal, noise = torch.cat(means, dim=1).std(dim=1), torch.cat(stds, dim=1).mean(dim=1)
+    return {
+        "val_psnr": psnr.compute().item(),
+        "val_ssim": ssim.compute().item(),
+        "latent_noise_to_signal": (noise / signal).max().item(),
+    }
 
 
 @torch.no_grad()
@@ -208,8 +219,9 @@ def train_vae(
 
     `on_step(step, max_steps, {"loss", "recon", "kl", "lr"})` is called every `log_every` steps (and at the
     last) with the means since the previous call, after any checkpoint of that step is written.
-    Metrics: val_psnr, val_ssim, train_loss_final (the last logged loss), latent_mean, latent_std (raw
-    latents, before shift and scale), steps, train_seconds (the loop alone, summed over resumed sessions).
+    Metrics: val_psnr, val_ssim, latent_noise_to_signal (`reconstruction_metrics`), train_loss_final (the last
+    logged loss), latent_mean, latent_std (raw latents, before shift and scale), steps, train_seconds (the loop
+    alone, summed over resumed sessions).
     """
     device = torch.device(device)
     fingerprint = run_fingerprint(
