@@ -68,15 +68,17 @@ def prefect_server(home: Path) -> Iterator[dict[str, str]]:
 
 
 @contextmanager
-def mlflow_server(root: Path, port: int | None = None) -> Iterator[dict[str, str]]:
+def mlflow_server(root: Path, port: int | None = None, backend_store_uri: str | None = None) -> Iterator[dict[str, str]]:
     """Yields the environment that points a process at the server; given the `port` and `root` of an earlier
-    one, it is that server again, with its store."""
+    one, it is that server again, with its store. The store is `backend_store_uri`, by default a SQLite file
+    in `root`; artifacts go to `root / "artifacts"`."""
     port = port or free_port()
     root.mkdir(parents=True, exist_ok=True)
     env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
     cmd = [
         str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
+        "--backend-store-uri", backend_store_uri or f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination", str(root / "artifacts"),
     ]
     with _server(cmd, f"http://127.0.0.1:{port}/health", env, root / "server.log", timeout=120):
         yield {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}", "MLFLOW_DISABLE_TELEMETRY": "true"}
