@@ -121,6 +121,31 @@ def data_lanes(hp: UNetTrainingConfig, ranks: DataParallel) -> int:
     return lanes
 
 
+def denoising_loss(
+    model: Callable[..., torch.Tensor],
+    schedule: NoiseSchedule,
+    latents: torch.Tensor,
+    noise: torch.Tensor,
+    t: torch.Tensor,
+    context: TextEmbedding,
+    min_snr_gamma: float | None,
+    bf16: bool,
+    device: torch.device,
+) -> torch.Tensor:
+    """A batch's training loss (the module docstring's): `model(z_t, t, hidden_states, mask)` against the
+    schedule's target, per-sample MSE weighted by `loss_weights`. The inputs may be on the CPU: the noising
+    is done there, the model's call on `device`."""
+    noisy = schedule.add_noise(latents, noise, t).to(device)
+    target = schedule.training_target(latents, noise, t).to(device)
+    weights = loss_weights(schedule, t, min_snr_gamma).to(device)
+    t, context = t.to(device), context.to(device)
+    mask = None if context.attention_mask.all() else context.attention_mask
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        prediction = model(noisy, t, context.hidden_states, mask)
+    per_sample = F.mse_loss(prediction.float(), target, reduction="none").mean(dim=(1, 2, 3))
+    return (weights * per_sample).mean()
+
+
 class CacheOrder:
     """Global batches of the cache's train split, a fresh shuffle per epoch; its position is two JSON numbers.
 
@@ -320,16 +345,7 @@ def train_unet(
         noise = torch.randn(shape, generator=noise_generator)[mine]
         if hp.noise_offset:
             noise = noise + hp.noise_offset * torch.randn(b, shape[1], 1, 1, generator=noise_generator)[mine]
-        noisy = schedule.add_noise(latents, noise, t)
-        target = schedule.training_target(latents, noise, t)
-        weights = loss_weights(schedule, t, hp.min_snr_gamma)
-        noisy, target, weights, t = noisy.to(device), target.to(device), weights.to(device), t.to(device)
-        context = context.to(device)
-        mask = None if context.attention_mask.all() else context.attention_mask
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=hp.bf16):
-            prediction = model(noisy, t, context.hidden_states, mask)
-        per_sample = F.mse_loss(prediction.float(), target, reduction="none").mean(dim=(1, 2, 3))
-        return (weights * per_sample).mean()
+        return denoising_loss(model, schedule, latents, noise, t, context, hp.min_snr_gamma, hp.bf16, device)
 
     def emit_validation(step: int) -> None:
         if validation is None or on_validation is None or not ranks.is_main:
