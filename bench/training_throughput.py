@@ -25,15 +25,14 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
 import torch
 from diffusers import UNet2DConditionModel
+from timing import interleaved_medians
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from ldm.diffusers_interop import to_diffusers
@@ -65,19 +64,6 @@ CPU_ATTENTION_FLOPS = {
         )
     ),
 }
-
-
-def interleaved_medians(fns: dict[str, Callable], repeats: int, warmup: int) -> dict[str, float]:
-    times = {name: [] for name in fns}
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 # ---- the two batch sources -----------------------------------------------------------------------------

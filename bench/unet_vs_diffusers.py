@@ -14,12 +14,12 @@ interleaved repeats; a ratio is diffusers / ours (above 1 means we are faster). 
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from collections.abc import Callable
 
 import torch
 from diffusers import DPMSolverMultistepScheduler, UNet2DConditionModel
+from timing import interleaved_medians
 
 from ldm.diffusers_interop import from_diffusers, unet_config_to_diffusers
 from ldm.pipeline import compile_for_sampling
@@ -29,18 +29,6 @@ from ldm.schedule import NoiseSchedule
 
 TEXT_TOKENS = 10  # a shapes caption under the MiniLM tokenizer
 SD_TEXT_TOKENS = 77  # CLIP's padded context in Stable Diffusion
-
-
-def interleaved_medians(fns: dict[str, Callable], repeats: int) -> dict[str, float]:
-    times = {name: [] for name in fns}
-    for name, fn in fns.items():  # warm-up: allocator, thread pool, first-call dispatch
-        fn()
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def build_pair(preset_name: str) -> tuple[torch.nn.Module, UNet2DConditionModel]:
