@@ -367,6 +367,10 @@ class ResumableRun:
     `hp` sets the run's length and checkpoints: a checkpoint every `hp.checkpoint_every` steps and at the
     last, the newest `hp.keep_checkpoints` kept, and up to `hp.nonfinite_skips` steps with a non-finite loss
     or gradient skipped (counted, and reported in `skipped`) before NonFiniteLoss stops the run.
+
+    `ranks`: this process's place in a data-parallel run (`ldm.distributed`). Rank 0 alone picks, clears and
+    writes checkpoints, and every rank loads the one it picked; the loss given to `finite` must be the mean
+    over the ranks, so that all of them skip or stop together.
     """
 
     def __init__(
