@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +31,7 @@ from pathlib import Path
 import torch
 import transformers
 from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
+from timing import interleaved_medians
 
 from ldm.diffusers_interop import from_diffusers, to_diffusers, unet_config_to_diffusers
 from ldm.pipeline import Text2Image, compile_for_sampling, denoise
@@ -52,13 +52,7 @@ def timed_interleaved(fns: dict[str, Callable], repeats: int) -> tuple[dict[str,
     """Medians of interleaved repeats, and what each function returned on its untimed warm-up call (the
     output that is compared: a second call just for that would cost ~10 s per function at sd15)."""
     outputs = {name: fn() for name, fn in fns.items()}  # warm-up: allocator, thread pool, first-call dispatch
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}, outputs
+    return interleaved_medians(fns, repeats, warmup=0), outputs
 
 
 def report(medians: dict[str, float], outputs: dict[str, torch.Tensor], theirs: str = "diffusers") -> None:
