@@ -256,15 +256,14 @@ def train_vae(
 
     run = ResumableRun(checkpoint_dir, fingerprint, state, order, hp, "VAE", log, ranks)
     mine = ranks.share(hp.batch_size, "batch_size")
-    f = 2 ** (len(config.block_out_channels) - 1)
-    height, width = train_data[0].shape[-2:]
-    noise_shape = (hp.batch_size, config.latent_channels, height // f, width // f)
+    f = vae.downsampling_factor
 
     losses = LossHistory(("loss", "recon", "kl"), hp.log_every, hp.max_steps, device, run.history)
     with run.session():
         for step in range(run.start + 1, hp.max_steps + 1):
             indices = order.next_batch()[mine]
             images = _batch(train_data, indices, device)  # (B, 3, H, W)
+            noise_shape = (hp.batch_size, config.latent_channels, images.shape[-2] // f, images.shape[-1] // f)
             noise = torch.randn(noise_shape, generator=noise_generator)[mine]
             reconstructions, posterior = model(images, noise=noise)
             recon = reconstruction_loss(reconstructions, images)
@@ -273,15 +272,15 @@ def train_vae(
 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            recon, kl, loss = ranks.mean(recon), ranks.mean(kl), ranks.mean(loss)
+            terms = ranks.mean(torch.stack([loss, recon, kl]).detach())  # over all ranks, in one all-reduce
             grad_norm = torch.nn.utils.clip_grad_norm_(vae.parameters(), hp.grad_clip)
             row = None
-            if run.finite(step, loss, grad_norm, [train_data.ids[i] for i in indices]):
+            if run.finite(step, terms[0], grad_norm, [train_data.ids[i] for i in indices]):
                 lr = optimizer.param_groups[0]["lr"]
                 optimizer.step()
                 if ema is not None:
                     ema.update_parameters(vae)
-                row = losses.add(step, torch.stack([loss, recon, kl]).detach(), lr)
+                row = losses.add(step, terms, lr)
             schedule.step()
             run.end_step(step)
             if row is not None and on_step is not None and ranks.is_main:

@@ -20,6 +20,12 @@ def ci_params(root: Path) -> Params:
     return Params(**raw)
 
 
+def write_params(params: Params, path: Path) -> Path:
+    """`params` as a params file a stage's `--params` reads."""
+    path.write_text(yaml.safe_dump(params.model_dump(mode="json")))
+    return path
+
+
 class RecordingReporter:
     """Keeps what a stage reports, so a test can check what it said."""
 

@@ -22,8 +22,7 @@ from ldm.latent_cache import LatentCache
 from ldm.unet_training import CacheOrder, UNetTrainingConfig, data_lanes
 from stages import cache_latents, ingest, train_unet, train_vae
 from stages.params import Params
-from tests.ci_stages import RecordingReporter, ci_params
-from tests.test_faults import write_params
+from tests.ci_stages import RecordingReporter, ci_params, write_params
 
 REPO = Path(__file__).resolve().parents[1]
 FAULTS = REPO / "tests" / "fault_injection"

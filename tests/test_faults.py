@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from ldm.checkpoint import NonFiniteLoss, TrainingInterrupted, TrainingState, latest_checkpoint, save_checkpoint
@@ -35,7 +34,7 @@ from stages import cache_latents, sample, train_vae
 from stages import train_unet as train_unet_stage
 from stages.params import Params
 from stages.train_unet import unet_config
-from tests.ci_stages import RecordingReporter, ci_params, train_ci_model
+from tests.ci_stages import RecordingReporter, ci_params, train_ci_model, write_params
 
 REPO = Path(__file__).resolve().parents[1]
 FAULTS = REPO / "tests" / "fault_injection"
@@ -54,11 +53,6 @@ def scratch_copy(workspace: Path, tmp_path: Path) -> Params:
     root = tmp_path / "ws"
     shutil.copytree(workspace, root)
     return ci_params(root)
-
-
-def write_params(params: Params, path: Path) -> Path:
-    path.write_text(yaml.safe_dump(params.model_dump(mode="json")))
-    return path
 
 
 def run_stage(stage: str, params_file: Path, fault: str | None = None) -> subprocess.CompletedProcess:
