@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,6 +35,26 @@ def _wait_healthy(url: str, process: subprocess.Popen, log: Path, timeout: float
         except OSError:
             time.sleep(0.5)
     raise TimeoutError(f"{url} did not answer within {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+
+
+# What Prefect's own client retries: the server answers 503 while its SQLite database is busy, which happens on
+# a loaded machine while a flow run writes its logs and states.
+_RETRIED_STATUSES = {429, 502, 503}
+
+
+def prefect_api(api: str, route: str, body: dict | None = None, attempts: int = 6):
+    """The JSON answer of the Prefect REST API `api` at `route` (a POST of `body`, or a GET), retried with
+    backoff as Prefect's client retries."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(f"{api}/{route}", data=data, headers={"Content-Type": "application/json"})
+    for attempt in range(attempts):
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            if error.code not in _RETRIED_STATUSES or attempt == attempts - 1:
+                raise
+            time.sleep(2 ** attempt)
 
 
 @contextmanager

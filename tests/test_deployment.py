@@ -4,13 +4,11 @@ and MLflow's records of it."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
@@ -28,7 +26,7 @@ from flows.pipeline import (
 )
 from flows.tracking import pipeline_stages
 from stages.params import ParamsError
-from tests.servers import mlflow_server, prefect_server
+from tests.servers import mlflow_server, prefect_api, prefect_server
 from tests.test_pipeline_e2e import REPO, _copy_repo
 
 DEPLOYMENT = "ldm-pipeline"
@@ -42,18 +40,11 @@ RUN_TIMEOUT = 900  # the ci pipeline takes 2-4 min on 2 busy cores; generous
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
-def _api(api: str, route: str, body: dict | None = None):
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(f"{api}/{route}", data=data, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.loads(response.read())
-
-
 def _logs(api: str, flow_run_id: str) -> list[str]:
     """Every log message of a flow run, oldest first (the API pages at 200)."""
     messages, offset = [], 0
     while True:
-        page = _api(api, "logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "sort": "TIMESTAMP_ASC",
+        page = prefect_api(api, "logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "sort": "TIMESTAMP_ASC",
                                          "offset": offset, "limit": 200})
         messages += [log["message"] for log in page]
         offset += len(page)
@@ -92,11 +83,11 @@ def _wait(condition, timeout: float, what: str, serve: subprocess.Popen, serve_l
 
 
 def _cancel(api: str, flow_run_id: str, timeout: float = 45) -> None:
-    if _api(api, f"flow_runs/{flow_run_id}")["state"]["type"] in TERMINAL:
+    if prefect_api(api, f"flow_runs/{flow_run_id}")["state"]["type"] in TERMINAL:
         return
-    _api(api, f"flow_runs/{flow_run_id}/set_state", {"state": {"type": "CANCELLING"}, "force": True})
+    prefect_api(api, f"flow_runs/{flow_run_id}/set_state", {"state": {"type": "CANCELLING"}, "force": True})
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and _api(api, f"flow_runs/{flow_run_id}")["state"]["type"] not in TERMINAL:
+    while time.monotonic() < deadline and prefect_api(api, f"flow_runs/{flow_run_id}")["state"]["type"] not in TERMINAL:
         time.sleep(1)
 
 
@@ -133,17 +124,17 @@ def deployment_run(tmp_path_factory):
         run = None
         try:
             def deployment():
-                found = _api(api, "deployments/filter", {"deployments": {"name": {"any_": [DEPLOYMENT]}}})
+                found = prefect_api(api, "deployments/filter", {"deployments": {"name": {"any_": [DEPLOYMENT]}}})
                 return found[0] if found else None
 
             deployment = _wait(deployment, 180, "the deployment listed", serve, serve_log)
             assert deployment["parameters"]["repo"] == str(repo.resolve())
             started = time.monotonic()
-            run = _api(api, f"deployments/{deployment['id']}/create_flow_run",
+            run = prefect_api(api, f"deployments/{deployment['id']}/create_flow_run",
                        {"parameters": {"set_params": OVERRIDES, "targets": TARGETS}})
 
             def finished():
-                state = _api(api, f"flow_runs/{run['id']}")["state"]
+                state = prefect_api(api, f"flow_runs/{run['id']}")["state"]
                 return state if state and state["type"] in TERMINAL else None
 
             state = _wait(finished, RUN_TIMEOUT, "the pipeline run finished", serve, serve_log, every=2)
@@ -180,15 +171,15 @@ def test_dvc_ran_every_stage_with_the_overrides(deployment_run):
 def test_each_stage_is_a_subflow_run_with_its_logs(deployment_run):
     repo, api, pipeline_id, _ = deployment_run
     stages = _dvc_stages(repo)
-    flows = {f["id"]: f["name"] for f in _api(api, "flows/filter", {})}
-    children = _api(api, "flow_runs/filter", {"flow_runs": {"parent_flow_run_id": {"any_": [pipeline_id]}}})
+    flows = {f["id"]: f["name"] for f in prefect_api(api, "flows/filter", {})}
+    children = prefect_api(api, "flow_runs/filter", {"flow_runs": {"parent_flow_run_id": {"any_": [pipeline_id]}}})
     by_stage = {flows[r["flow_id"]]: r for r in children}
     assert sorted(by_stage) == sorted(stages)
-    tagged = _api(api, "flow_runs/filter", {"flow_runs": {"tags": {"all_": [f"pipeline-run:{pipeline_id}"]}}})
+    tagged = prefect_api(api, "flow_runs/filter", {"flow_runs": {"tags": {"all_": [f"pipeline-run:{pipeline_id}"]}}})
     assert {r["id"] for r in tagged} == {r["id"] for r in children}
     for stage, run in by_stage.items():
         assert run["state"]["type"] == "COMPLETED", stage
-        tracking = _api(api, f"task_runs/{run['parent_task_run_id']}")
+        tracking = prefect_api(api, f"task_runs/{run['parent_task_run_id']}")
         assert tracking["flow_run_id"] == pipeline_id and tracking["name"] == stage
         assert tracking["state"]["type"] == "COMPLETED"
         assert any(stage in message for message in _logs(api, run["id"])), stage

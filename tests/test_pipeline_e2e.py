@@ -10,7 +10,6 @@ import os
 import shutil
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ import ruamel.yaml
 import yaml
 from mlflow import MlflowClient
 
-from tests.servers import mlflow_server, prefect_server
+from tests.servers import mlflow_server, prefect_api, prefect_server
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ["ingest", "train_vae", "cache_latents", "train_unet", "evaluate", "sample", "finetune_lora",
@@ -45,14 +44,6 @@ def _copy_repo(dst: Path) -> None:
     subprocess.run(["git", "init", "-q"], cwd=dst, check=True)
     subprocess.run(["git", "add", "-A"], cwd=dst, check=True)
     subprocess.run([*git, "commit", "-qm", "ci profile"], cwd=dst, check=True)
-
-
-def _prefect(api: str, route: str, body: dict) -> list[dict]:
-    request = urllib.request.Request(
-        f"{api}/{route}", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.loads(response.read())
 
 
 @pytest.fixture(scope="module")
@@ -110,18 +101,18 @@ def test_outputs_and_lock(pipeline):
 
 def test_flow_runs_task_runs_and_logs_in_prefect(pipeline):
     _, api, *_ = pipeline
-    flows = {f["id"]: f["name"] for f in _prefect(api, "flows/filter", {})}
-    runs = _prefect(api, "flow_runs/filter", {})
+    flows = {f["id"]: f["name"] for f in prefect_api(api, "flows/filter", {})}
+    runs = prefect_api(api, "flow_runs/filter", {})
     by_name = {flows[r["flow_id"]]: r for r in runs}
     assert set(STAGES) <= set(by_name)
     for stage in STAGES:
         run = by_name[stage]
         assert run["state"]["type"] == "COMPLETED"
-        tasks = _prefect(api, "task_runs/filter", {"flow_runs": {"id": {"any_": [run["id"]]}}})
+        tasks = prefect_api(api, "task_runs/filter", {"flow_runs": {"id": {"any_": [run["id"]]}}})
         task_names = {t["name"].rsplit("-", 1)[0] for t in tasks}
         assert {"validate params", stage, "record results"} <= task_names, task_names
         assert all(t["state"]["type"] == "COMPLETED" for t in tasks)
-    logs = _prefect(api, "logs/filter", {"logs": {"flow_run_id": {"any_": [by_name["train_vae"]["id"]]}}})
+    logs = prefect_api(api, "logs/filter", {"logs": {"flow_run_id": {"any_": [by_name["train_vae"]["id"]]}}})
     messages = [log["message"] for log in logs]
     assert any("train_vae: " in m and "%)" in m for m in messages), messages[:20]
 
@@ -189,7 +180,7 @@ def test_no_secret_from_the_environment_reaches_logs_tags_params_or_outputs(pipe
         for version in client.search_model_versions(f"name='{model.name}'"):
             assert SECRET not in json.dumps(version.tags), model.name
     logs, offset = [], 0
-    while page := _prefect(api, "logs/filter", {"offset": offset, "limit": 200}):
+    while page := prefect_api(api, "logs/filter", {"offset": offset, "limit": 200}):
         logs += [log["message"] for log in page]
         offset += len(page)
     assert logs and not [m for m in logs if SECRET in m]
