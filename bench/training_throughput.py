@@ -43,6 +43,7 @@ from ldm.text_encoder import TextEmbedding, TextEncoder
 from ldm.unet import UNet
 from ldm.unet_training import CacheOrder, denoising_loss
 from ldm.vae import VAE
+from ldm.vae_training import adamw
 from stages.params import Params, ParamsError, TrainUNetParams, load_params
 from stages.train_unet import InputError, open_inputs, unet_config
 
@@ -164,7 +165,7 @@ class Trainee:
 
 def make_trainee(model: torch.nn.Module, call: ModelCall, hp: TrainUNetParams, seed: int) -> Trainee:
     parameters = list(model.parameters())
-    optimizer = torch.optim.AdamW(parameters, lr=hp.lr, weight_decay=hp.weight_decay)  # as train_unet builds it
+    optimizer = adamw(parameters, hp.lr, hp.weight_decay)  # as train_unet builds it
     return Trainee(call, parameters, optimizer, torch.Generator().manual_seed(seed))
 
 

@@ -32,7 +32,7 @@ from ldm.loss_history import LossHistory
 from ldm.schedule import NoiseSchedule
 from ldm.unet import UNet
 from ldm.unet_training import CacheOrder, StepCallback
-from ldm.vae_training import warmup_cosine
+from ldm.vae_training import adamw, warmup_cosine
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def train_controlnet(
     )
     unet.to(device).eval().requires_grad_(False)
     controlnet.to(device).train()
-    optimizer = torch.optim.AdamW(controlnet.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+    optimizer = adamw(controlnet.parameters(), hp.lr, hp.weight_decay)
     lr_schedule = warmup_cosine(optimizer, hp.warmup_steps, hp.max_steps)
     data_seed, noise_seed = torch.randint(2**62, (2,), generator=torch.Generator().manual_seed(seed)).tolist()
     noise_generator = torch.Generator().manual_seed(noise_seed)

@@ -32,7 +32,7 @@ from ldm.loss_history import LossHistory
 from ldm.schedule import NoiseSchedule
 from ldm.text_encoder import TextEmbedding
 from ldm.unet import UNet
-from ldm.vae_training import EpochOrder, warmup_cosine
+from ldm.vae_training import EpochOrder, adamw, warmup_cosine
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ def finetune_lora(
             torch.cuda.manual_seed(seed)
         params = add_lora(unet, hp.rank, hp.alpha, hp.dropout)
         unet.to(device).train()
-        optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        optimizer = adamw(params, hp.lr, hp.weight_decay)
         lr_schedule = warmup_cosine(optimizer, hp.warmup_steps, hp.max_steps)
         data_seed, noise_seed = torch.randint(2**62, (2,), generator=torch.Generator().manual_seed(seed)).tolist()
         data_generator = torch.Generator().manual_seed(data_seed)

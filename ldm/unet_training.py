@@ -42,7 +42,7 @@ from ldm.schedule import NoiseSchedule
 from ldm.text_encoder import TextEmbedding
 from ldm.unet import UNet, UNetConfig
 from ldm.vae import VAE
-from ldm.vae_training import warmup_cosine
+from ldm.vae_training import adamw, warmup_cosine
 
 logger = logging.getLogger(__name__)
 
@@ -308,7 +308,7 @@ def train_unet(
     unet.to(device).train()
     ema = AveragedModel(unet, multi_avg_fn=get_ema_multi_avg_fn(hp.ema_decay), use_buffers=True)
     model = ranks.wrap(unet)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+    optimizer = adamw(unet.parameters(), hp.lr, hp.weight_decay)
     lr_schedule = warmup_cosine(optimizer, hp.warmup_steps, hp.max_steps)
     data_seed, noise_seed = torch.randint(2**62, (2,), generator=torch.Generator().manual_seed(seed)).tolist()
     noise_generator = torch.Generator().manual_seed(noise_seed)

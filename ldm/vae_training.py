@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -81,6 +81,15 @@ class VAETrainingResult(NamedTuple):
     vae: VAE  # in eval mode, on the training device, with the measured shift and scaling factors
     metrics: dict[str, float]
     history: list[dict[str, float]]  # one row per logged step: step, loss, recon, kl, lr (kept across resumes)
+
+
+def adamw(parameters: Iterable[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW as every training loop here steps it: the fused kernel, one call over all tensors.
+
+    PyTorch's default on CPUs is a Python loop of about ten small ops per tensor, which took 7% of a default
+    UNet training step (bench/training_throughput.py); fused runs on CPUs and CUDA alike.
+    """
+    return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, fused=True)
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> LambdaLR:
@@ -239,7 +248,7 @@ def train_vae(
     ema = None
     if hp.ema_decay is not None:
         ema = AveragedModel(vae, multi_avg_fn=get_ema_multi_avg_fn(hp.ema_decay), use_buffers=True)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+    optimizer = adamw(vae.parameters(), hp.lr, hp.weight_decay)
     schedule = warmup_cosine(optimizer, hp.warmup_steps, hp.max_steps)
     # CPU generators: their states are portable, and the same seed picks the same data and noise anywhere.
     data_seed, noise_seed = torch.randint(2**62, (2,), generator=torch.Generator().manual_seed(seed)).tolist()
