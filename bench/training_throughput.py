@@ -2,6 +2,7 @@
 
     python bench/training_throughput.py                  # params.yaml's train_unet batch size, 10 timed steps each
     python bench/training_throughput.py --repeats 12 --batch-size 64
+    python bench/training_throughput.py --compile        # also both UNets under torch.compile (about a minute each)
 
 One optimizer step is what `ldm.unet_training.train_unet` does per micro-batch at params.yaml's defaults:
 a batch, the v-prediction loss, backward, gradient-norm clipping and an AdamW step (no EMA, no LR schedule).
@@ -11,11 +12,15 @@ Variants, each training its own copy of the same initial weights on the same row
   2. ours, encoding on the fly   the same rows' ingested PNGs decoded, encoded by the frozen VAE, and their
                                  captions by the text encoder, every step (what the cache saves)
   3. diffusers, from the cache   as 1 with diffusers' UNet2DConditionModel converted from our weights
+  4, 5. with --compile           1 and 3 with the UNet under torch.compile, captions padded to the cache's
+                                 longest so that one graph serves every batch (the compile time is printed)
 
 Every variant's time includes producing its batch. Timings are medians of interleaved steps (the variants
 take turns, so the noise of a shared machine hits them alike), together with a 2048^3 fp32 matmul whose
-rate is the peak the training FLOP/s are compared with. Before timing, ours and diffusers' take one step's
-loss and gradients on the same weights and batch: they must agree, so a speed-up can't come from doing less.
+rate is the peak the training FLOP/s are compared with; a profile of ours then splits the step's time
+between the ops that do its FLOPs (convolutions, matrix multiplies, attention) and all the others. Before
+timing, ours and diffusers' take one step's loss and gradients on the same weights and batch: they must
+agree, so a speed-up can't come from doing less.
 
 Needs the DVC workspace's data (`dvc repro cache_latents` builds it): paths from params.yaml.
 """
@@ -26,13 +31,17 @@ import argparse
 import copy
 import itertools
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
+import pyarrow.parquet as pq
 import torch
+import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from timing import interleaved_medians
+from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from ldm.diffusers_interop import to_diffusers
@@ -49,6 +58,18 @@ from stages.train_unet import InputError, open_inputs, unet_config
 
 WARMUP_STEPS = 2  # per variant, untimed: thread pool, allocator, the first caption-table reads
 MATMUL_SIZE = 2048
+PROFILED_STEPS = 3
+# The aten ops that do a UNet step's FLOPs on a CPU, under the names FlopCounterMode and the profiler give them
+# (the profiler's for a convolution's own time is the oneDNN kernel's).
+FLOP_OPS = {
+    "convolutions": ("convolution", "_convolution", "mkldnn_convolution", "convolution_backward"),
+    "matrix multiplies": ("mm", "addmm", "bmm"),
+    "attention": (
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_flash_attention_for_cpu_backward",
+    ),
+}
+CLASS_OF_OP = {op: op_class for op_class, ops in FLOP_OPS.items() for op in ops}
 
 Batch = tuple[torch.Tensor, TextEmbedding]  # latents in the diffusion model's space (B, C, h, w), context
 BatchSource = Callable[[], Batch]
@@ -145,6 +166,21 @@ def diffusers_call(unet: UNet2DConditionModel) -> ModelCall:
     return call
 
 
+def padded_call(call: ModelCall, length: int) -> ModelCall:
+    """`call` with every batch's captions padded to `length` tokens (masked), so torch.compile sees one shape."""
+
+    def padded(noisy: torch.Tensor, t: torch.Tensor, hidden_states: torch.Tensor, mask: torch.Tensor | None):
+        pad = length - hidden_states.shape[1]
+        return call(noisy, t, F.pad(hidden_states, (0, 0, 0, pad)), F.pad(mask, (0, pad)))
+
+    return padded
+
+
+def longest_caption(text: TextTable) -> int:
+    """The most tokens of any caption in the cache's text table."""
+    return int(pq.read_table(text.path, columns=["length"]).column("length").to_numpy().max())
+
+
 def diffusers_twin(unet: UNet) -> UNet2DConditionModel:
     """diffusers' UNet2DConditionModel holding our UNet's weights (strict load: every parameter is carried)."""
     config, state = to_diffusers(unet)
@@ -213,16 +249,29 @@ def ours_vs_diffusers(
     return losses[0], losses[1], largest_diff / largest
 
 
-def step_flops(step: Callable[[], None]) -> int:
+def step_breakdown(step: Callable[[], None]) -> dict[str | None, tuple[float, int]]:
+    """Seconds per step and FLOPs per step of each FLOP_OPS class (None: every other op), from a profile of
+    PROFILED_STEPS steps; times are the ops' own (self) CPU time."""
     with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
         step()
-    return counter.get_total_flops()
+    flops: dict[str | None, int] = {}
+    for op, count in counter.get_flop_counts()["Global"].items():  # op: aten.mm, ...
+        op_class = CLASS_OF_OP.get(str(op).removeprefix("aten."))
+        flops[op_class] = flops.get(op_class, 0) + count
+    with profile(activities=[ProfilerActivity.CPU]) as profiled:
+        for _ in range(PROFILED_STEPS):
+            step()
+    seconds: dict[str | None, float] = {}
+    for event in profiled.key_averages():
+        op_class = CLASS_OF_OP.get(event.key.removeprefix("aten::"))  # key: aten::mm, ...
+        seconds[op_class] = seconds.get(op_class, 0.0) + event.self_cpu_time_total / 1e6 / PROFILED_STEPS
+    return {op_class: (seconds.get(op_class, 0.0), flops.get(op_class, 0)) for op_class in (*FLOP_OPS, None)}
 
 
 # ---- the run ---------------------------------------------------------------------------------------------
 
 
-def run(params: Params, batch_size: int, repeats: int) -> None:
+def run(params: Params, batch_size: int, repeats: int, compile: bool) -> None:
     hp = params.train_unet
     cache, vae = open_inputs(params)
     vae.eval().requires_grad_(False)
@@ -256,10 +305,11 @@ def run(params: Params, batch_size: int, repeats: int) -> None:
         f"(rel. diff {abs(ours_loss - theirs_loss) / abs(theirs_loss):.1e}); gradients rel. diff {grad_diff:.1e}"
     )
 
-    # Counted on a copy of its own: the counter's dispatch would slow a timed step, and the variants below
-    # all start from the initial weights and the first batch.
+    # Counted and profiled on a copy of its own: the counter's and the profiler's dispatch would slow a timed
+    # step, and the variants below all start from the initial weights and the first batch.
     counted = copy.deepcopy(ours)
-    flops = step_flops(step_of(counted, counted, from_cache()))
+    breakdown = step_breakdown(step_of(counted, counted, from_cache()))
+    flops = sum(class_flops for _, class_flops in breakdown.values())
 
     plan = planned_rows(cache, images, batch_size, seed, WARMUP_STEPS + repeats)
     on_the_fly = encoded_batches(plan, images, vae, text_encoder, hp.caption_dropout, seed)
@@ -268,6 +318,15 @@ def run(params: Params, batch_size: int, repeats: int) -> None:
         "ours, encoding on the fly": step_of(ours_on_the_fly, ours_on_the_fly, on_the_fly),
         "diffusers, from the cache": step_of(theirs, diffusers_call(theirs), from_cache()),
     }
+    if compile:
+        length = longest_caption(text)
+        for name, model, call in (("ours", ours, lambda m: m), ("diffusers", theirs, diffusers_call)):
+            twin = copy.deepcopy(model)
+            step = step_of(twin, padded_call(call(torch.compile(twin, dynamic=False)), length), from_cache())
+            start = time.perf_counter()
+            step()
+            print(f"torch.compile of {name}' UNet, its first step: {time.perf_counter() - start:.1f} s")
+            steps[f"{name}, compiled, from the cache"] = step
 
     a, b = torch.randn(MATMUL_SIZE, MATMUL_SIZE), torch.randn(MATMUL_SIZE, MATMUL_SIZE)
     product = torch.empty(MATMUL_SIZE, MATMUL_SIZE)
@@ -276,10 +335,18 @@ def run(params: Params, batch_size: int, repeats: int) -> None:
 
     print(f"medians of {repeats} interleaved steps each, after {WARMUP_STEPS} warm-up steps:")
     for name in steps:
-        print(f"    {name:27s} {medians[name] * 1e3:8.1f} ms/step  {batch_size / medians[name]:7.0f} samples/s")
-    cached_s, on_the_fly_s, diffusers_s = (medians[name] for name in steps)
+        print(f"    {name:35s} {medians[name] * 1e3:8.1f} ms/step  {batch_size / medians[name]:7.0f} samples/s")
+    cached_s, on_the_fly_s, diffusers_s = (medians[name] for name in list(steps)[:3])
     print(f"    cache / on the fly:  {on_the_fly_s / cached_s:5.2f}x faster from the cache (target >= 3x)")
     print(f"    ours / diffusers:    {diffusers_s / cached_s:5.2f}x faster than diffusers (target >= 1.2x)")
+    if compile:
+        ours_compiled = medians["ours, compiled, from the cache"]
+        theirs_compiled = medians["diffusers, compiled, from the cache"]
+        print(
+            f"    compiled:            ours {cached_s / ours_compiled:.2f}x and diffusers "
+            f"{diffusers_s / theirs_compiled:.2f}x their eager step; ours / diffusers compiled "
+            f"{theirs_compiled / ours_compiled:.2f}x"
+        )
     peak = 2 * MATMUL_SIZE**3 / medians[matmul]
     achieved = flops / cached_s
     print(
@@ -287,6 +354,13 @@ def run(params: Params, batch_size: int, repeats: int) -> None:
         f"{achieved / 1e9:.1f} GFLOP/s = {achieved / peak:.1%} of this machine's fp32 matmul peak "
         f"({peak / 1e9:.1f} GFLOP/s, {matmul}: {medians[matmul] * 1e3:.1f} ms)"
     )
+    profiled_s = sum(seconds for seconds, _ in breakdown.values())
+    print(f"where a step of ours goes (profiled over {PROFILED_STEPS} steps: {profiled_s * 1e3:.0f} ms per step):")
+    for op_class, (seconds, class_flops) in breakdown.items():
+        rate = class_flops / seconds
+        rate_note = f"{rate / 1e9:6.1f} GFLOP/s = {rate / peak:4.0%} of peak" if class_flops else ""
+        share = seconds / profiled_s
+        print(f"    {op_class or 'every other op':18s} {seconds * 1e3:6.1f} ms {share:4.0%}  {rate_note}")
 
 
 def main() -> int:
@@ -294,10 +368,11 @@ def main() -> int:
     parser.add_argument("--params", default="params.yaml", help="the params file (paths and the train_unet section)")
     parser.add_argument("--repeats", type=int, default=10, help="timed steps per variant (median reported)")
     parser.add_argument("--batch-size", type=int, help="rows per step (default: params' train_unet.batch_size)")
+    parser.add_argument("--compile", action="store_true", help="also time both UNets under torch.compile")
     args = parser.parse_args()
     try:
         params = load_params(args.params)
-        run(params, args.batch_size or params.train_unet.batch_size, args.repeats)
+        run(params, args.batch_size or params.train_unet.batch_size, args.repeats, args.compile)
     except (ParamsError, InputError, IngestedDataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
