@@ -42,6 +42,11 @@ class DataParallel:
     def enabled(self) -> bool:
         return self.world_size > 1
 
+    @property
+    def label(self) -> str:
+        """The suffix ' (rank r of n)' of a stage's log lines in a data-parallel run; empty in a single process."""
+        return f" (rank {self.rank} of {self.world_size})" if self.enabled else ""
+
     def share(self, total: int, what: str) -> slice:
         """This rank's contiguous part of `total` rows of a global batch; `total` must split evenly."""
         if total % self.world_size:

@@ -58,7 +58,7 @@ from ldm.ingested import SCHEMA as INGESTED_SCHEMA
 from ldm.ingested import png_to_tensor, shard_paths
 from ldm.modeling import WEIGHTS_NAME, file_sha256
 from ldm.text_encoder import TextEmbedding, TextEncoder
-from ldm.vae import VAE, VAEConfig
+from ldm.vae import VAE, VAEConfig, standard_normal
 
 FORMAT = "ldm-latent-cache"
 FORMAT_VERSION = 1
@@ -117,10 +117,7 @@ def sample_latents(
     """A draw from the cached posterior, in the VAE's raw latent space: (B, C, h, w). `noise`: the standard
     normal draw to use (like mean), instead of one drawn from `generator`."""
     if noise is None:
-        # Drawn on the generator's device, as DiagonalGaussian.sample does, so a CPU seed gives the same
-        # latents on any accelerator.
-        device = generator.device if generator is not None else mean.device
-        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=device)
+        noise = standard_normal(mean, generator)
     return mean + torch.exp(0.5 * logvar) * noise.to(mean.device)
 
 

@@ -42,6 +42,15 @@ class VAEConfig(ModelConfig):
         return self
 
 
+def standard_normal(like: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A standard normal draw of `like`'s shape and dtype, on its device.
+
+    Drawn on the generator's device, then moved: a CPU seed gives the same draws on any accelerator.
+    """
+    device = generator.device if generator is not None else like.device
+    return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=device).to(like.device)
+
+
 class DiagonalGaussian:
     """The encoder's posterior q(z|x): independent Gaussians per latent element."""
 
@@ -54,9 +63,7 @@ class DiagonalGaussian:
 
     def sample(self, generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
         if noise is None:
-            # Drawn on the generator's device so a CPU seed gives the same latents on any accelerator.
-            device = generator.device if generator is not None else self.mean.device
-            noise = torch.randn(self.mean.shape, generator=generator, dtype=self.mean.dtype, device=device)
+            noise = standard_normal(self.mean, generator)
         return self.mean + self.std * noise.to(self.mean.device)
 
     def mode(self) -> torch.Tensor:

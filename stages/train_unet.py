@@ -98,7 +98,7 @@ def _run(params: Params, reporter: Reporter, ranks: DataParallel, device: torch.
     reporter.info(
         f"{STAGE}: {rows} cached train rows, {len(cache.text)} captions; UNet {list(config.block_out_channels)}, "
         f"{section.max_steps} steps of {hp.batch_size * hp.grad_accumulation} on {device}"
-        + (f" (rank {ranks.rank} of {ranks.world_size})" if ranks.enabled else "")
+        + ranks.label
     )
 
     on_step = training_progress(reporter, STAGE)

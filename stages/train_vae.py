@@ -60,7 +60,7 @@ def _run(params: Params, reporter: Reporter, ranks: DataParallel, device: torch.
     hp = VAETrainingConfig(**section.model_dump(exclude={"model", "grid_images"}))
     reporter.info(
         f"{STAGE}: {len(train)} train and {len(val)} val images, {hp.max_steps} steps on {device}"
-        + (f" (rank {ranks.rank} of {ranks.world_size})" if ranks.enabled else "")
+        + ranks.label
     )
 
     on_step = training_progress(reporter, STAGE)
