@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from ldm.latent_cache import (
+from ldm.data.latent_cache import (
     EMPTY_PROMPT,
     EMPTY_TEXT_KEY,
     FORMAT,
@@ -43,9 +43,9 @@ from ldm.latent_cache import (
 )
 
 # The writer's internals, so the synthetic files have exactly the layout write_latent_cache gives.
-from ldm.latent_cache import _TEXT_SCHEMA, _fixed_binary, _GroupedWriter, _latent_schema  # isort: skip
-from ldm.modeling import file_sha256
-from ldm.vae import VAEConfig
+from ldm.data.latent_cache import _TEXT_SCHEMA, _fixed_binary, _GroupedWriter, _latent_schema  # isort: skip
+from ldm.models.modeling import file_sha256
+from ldm.models.vae import VAEConfig
 
 LATENT_SHAPE = (4, 8, 8)
 CAPTIONS = 11_500  # distinct captions, as in the cpu profile's cache

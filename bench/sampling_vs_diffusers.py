@@ -33,12 +33,12 @@ import transformers
 from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
 from timing import interleaved_medians
 
-from ldm.diffusers_interop import from_diffusers, to_diffusers, unet_config_to_diffusers
-from ldm.pipeline import Text2Image, compile_for_sampling, denoise
-from ldm.presets import preset
-from ldm.schedule import NoiseSchedule
-from ldm.shapes import ShapesConfig, caption, sample_scene
-from ldm.text_encoder import SD_CONTEXT_LENGTH, TextEmbedding
+from ldm.data.shapes import ShapesConfig, caption, sample_scene
+from ldm.diffusion.pipeline import Text2Image, compile_for_sampling, denoise
+from ldm.diffusion.schedule import NoiseSchedule
+from ldm.interop.diffusers import from_diffusers, to_diffusers, unet_config_to_diffusers
+from ldm.models.presets import preset
+from ldm.models.text_encoder import SD_CONTEXT_LENGTH, TextEmbedding
 
 DEFAULT_MODEL = Path("models/text2img")
 # Captions as the default model was trained on, half of them of two objects: lengths differ, so a batch is

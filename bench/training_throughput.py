@@ -4,7 +4,7 @@
     python bench/training_throughput.py --repeats 12 --batch-size 64
     python bench/training_throughput.py --compile        # also both UNets under torch.compile (about a minute each)
 
-One optimizer step is what `ldm.unet_training.train_unet` does per micro-batch at params.yaml's defaults:
+One optimizer step is what `ldm.training.unet.train_unet` does per micro-batch at params.yaml's defaults:
 a batch, the v-prediction loss, backward, gradient-norm clipping and an AdamW step (no EMA, no LR schedule).
 Variants, each training its own copy of the same initial weights on the same rows in the same order:
 
@@ -44,15 +44,16 @@ from timing import interleaved_medians
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from ldm.diffusers_interop import to_diffusers
-from ldm.ingested import IngestedDataError, IngestedImages
-from ldm.latent_cache import LatentCache, TextTable
-from ldm.schedule import NoiseSchedule
-from ldm.text_encoder import TextEmbedding, TextEncoder
-from ldm.unet import UNet
-from ldm.unet_training import CacheOrder, denoising_loss
-from ldm.vae import VAE
-from ldm.vae_training import adamw
+from ldm.data.ingested import IngestedDataError, IngestedImages
+from ldm.data.latent_cache import LatentCache, TextTable
+from ldm.data.order import CacheOrder
+from ldm.diffusion.schedule import NoiseSchedule
+from ldm.interop.diffusers import to_diffusers
+from ldm.models.text_encoder import TextEmbedding, TextEncoder
+from ldm.models.unet import UNet
+from ldm.models.vae import VAE
+from ldm.training.optim import adamw
+from ldm.training.unet import denoising_loss
 from stages.params import Params, ParamsError, TrainUNetParams, load_params
 from stages.train_unet import InputError, open_inputs, unet_config
 

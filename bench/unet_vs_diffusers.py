@@ -4,7 +4,7 @@
     python bench/unet_vs_diffusers.py --only cpu
 
 For each preset: the UNet forward alone, and (cpu) a 25-step DPM-Solver++ text-to-latent loop with
-classifier-free guidance (ours: `ldm.samplers.sample`; theirs: `UNet2DConditionModel` +
+classifier-free guidance (ours: `ldm.diffusion.samplers.sample`; theirs: `UNet2DConditionModel` +
 `DPMSolverMultistepScheduler`). Ours runs eager and, at the cpu preset, also compiled the way
 `Text2Image(compile=True)` compiles it (its one-off compile time is printed). Timings are medians of
 interleaved repeats; a ratio is diffusers / ours (above 1 means we are faster). Outputs are compared too
@@ -21,11 +21,11 @@ import torch
 from diffusers import DPMSolverMultistepScheduler, UNet2DConditionModel
 from timing import interleaved_medians
 
-from ldm.diffusers_interop import from_diffusers, unet_config_to_diffusers
-from ldm.pipeline import compile_for_sampling
-from ldm.presets import preset
-from ldm.samplers import sample
-from ldm.schedule import NoiseSchedule
+from ldm.diffusion.pipeline import compile_for_sampling
+from ldm.diffusion.samplers import sample
+from ldm.diffusion.schedule import NoiseSchedule
+from ldm.interop.diffusers import from_diffusers, unet_config_to_diffusers
+from ldm.models.presets import preset
 
 TEXT_TOKENS = 10  # a shapes caption under the MiniLM tokenizer
 SD_TEXT_TOKENS = 77  # CLIP's padded context in Stable Diffusion

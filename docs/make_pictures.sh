@@ -11,8 +11,8 @@ mkdir -p "$out"
 python - <<'PY'
 import random
 from PIL import Image
-from ldm.controlnet import control_map
-from ldm.shapes import Scene, ShapeObject, render
+from ldm.models.controlnet import control_map
+from ldm.data.shapes import Scene, ShapeObject, render
 from torchvision.transforms.functional import to_pil_image
 
 mask = Image.new("L", (32, 32), 0)

@@ -24,8 +24,8 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.servers import few_prefect_retries, no_answer, prefect_api_url, redacted, require_servers
 from flows.tracking import StageRun, dotted_get, pipeline_stages, server_unavailable, stage_outputs, stage_run
-from ldm.checkpoint import NonFiniteLoss, TrainingInterrupted
-from ldm.distributed import launched_rank
+from ldm.training.checkpoint import NonFiniteLoss, TrainingInterrupted
+from ldm.training.distributed import launched_rank
 from stages.params import DEFAULT_PARAMS_FILE, Params, ParamsError, load_params
 from stages.reporting import ConsoleReporter, Reporter, StageResult, report_stopped_training
 

@@ -104,10 +104,10 @@ def _text(value: Any) -> str | None:
 
 
 def _decode_image(name: str, data: str):
-    """A base64 image param, decoded safely (`ldm.images.load_image`) into a PIL image."""
+    """A base64 image param, decoded safely (`ldm.data.images.load_image`) into a PIL image."""
     import binascii
 
-    from ldm.images import ImageRejected, load_image
+    from ldm.data.images import ImageRejected, load_image
 
     try:
         return load_image(base64.b64decode(data, validate=True), max_pixels=MAX_REQUEST_PIXELS)
@@ -117,8 +117,7 @@ def _decode_image(name: str, data: str):
 
 
 def _png_base64(image) -> str:
-    from ldm.images import to_png
-    from ldm.ingested import tensor_to_pil
+    from ldm.data.images import tensor_to_pil, to_png
 
     return base64.b64encode(to_png(tensor_to_pil(image))).decode("ascii")
 
@@ -130,7 +129,7 @@ class Text2ImageModel(PythonModel):
         """Load the pipeline onto the device the module docstring describes (model config, LDM_DEVICE, auto)."""
         import torch
 
-        from ldm.pipeline import Text2Image
+        from ldm.diffusion.pipeline import Text2Image
 
         device = (context.model_config or {}).get("device") or os.environ.get("LDM_DEVICE") or "auto"
         if device == "auto":
@@ -146,7 +145,7 @@ class Text2ImageModel(PythonModel):
         drawn from seed + i (as `ldm sample` and the sample stage draw prompt i), so with a deterministic
         sampler a row's image does not depend on the request it came in. Returns a DataFrame: `prompt`,
         `image` (base64 PNG string)."""
-        from ldm.samplers import SAMPLERS
+        from ldm.diffusion.samplers import SAMPLERS
 
         if not isinstance(model_input, pd.DataFrame):
             model_input = pd.DataFrame(model_input)
@@ -202,8 +201,8 @@ class Text2ImageModel(PythonModel):
     def _conditioning(settings: dict[str, Any], pipeline) -> dict[str, Any]:
         """The request's img2img, inpainting, ControlNet and guidance-rescale arguments of the pipeline call;
         LoRAs are merged into a copy of the UNet, so they never touch the shared one."""
-        from ldm.images import image_tensor, map_tensor
-        from ldm.lora import parse_lora_spec
+        from ldm.data.images import image_tensor, map_tensor
+        from ldm.models.lora import parse_lora_spec
 
         if settings["lora"]:
             pipeline.unet = copy.deepcopy(pipeline.unet)

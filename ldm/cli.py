@@ -12,11 +12,11 @@ from pathlib import Path
 
 from PIL import Image
 
+from ldm.data.images import ImageRejected, image_tensor, load_image, map_tensor
 from ldm.devices import resolve_device
-from ldm.diffusers_interop import load_diffusers_folder, load_ldm_folder, save_diffusers_folder
-from ldm.images import ImageRejected, image_tensor, load_image, map_tensor
-from ldm.pipeline import PIPELINE_CONFIG_NAME, Text2Image
-from ldm.samplers import SAMPLERS
+from ldm.diffusion.pipeline import PIPELINE_CONFIG_NAME, Text2Image
+from ldm.diffusion.samplers import SAMPLERS
+from ldm.interop.diffusers import load_diffusers_folder, load_ldm_folder, save_diffusers_folder
 
 DEFAULT_SAMPLE_MODEL = "models/text2img"  # where the pipeline's train stage writes the trained pipeline
 DEFAULT_CONTROLNET = "models/controlnet"  # where the train_controlnet stage writes its ControlNet
@@ -121,7 +121,7 @@ def _load_sample_pipeline(model: str, device: str, controlnet: Path | None) -> T
 
 
 def _read_image(path: Path | None, option: str):
-    """The image file an option names, decoded safely (`ldm.images.load_image`), or None without one."""
+    """The image file an option names, decoded safely (`ldm.data.images.load_image`), or None without one."""
     if path is None:
         return None
     if not path.is_file():
@@ -164,7 +164,7 @@ def _sample(args: argparse.Namespace) -> str:
     import torch
     from torchvision.utils import make_grid
 
-    from ldm.ingested import tensor_to_pil
+    from ldm.data.images import tensor_to_pil
 
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be at least 1, got {args.steps}")
@@ -172,7 +172,7 @@ def _sample(args: argparse.Namespace) -> str:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     if any(not prompt.strip() for prompt in args.prompts):
         raise ValueError("a prompt is empty; give each prompt some text (use --negative-prompt for what to avoid)")
-    from ldm.lora import parse_lora_spec
+    from ldm.models.lora import parse_lora_spec
 
     _check_options(args)
     loras = [parse_lora_spec(text) for text in args.lora]

@@ -1,5 +1,5 @@
 """Stage `cache_latents`: encode every ingested image with the trained VAE and every distinct caption with the
-text encoder, once, into the Parquet latent cache that UNet training streams (ldm.latent_cache).
+text encoder, once, into the Parquet latent cache that UNet training streams (ldm.data.latent_cache).
 
 Reads `paths.ingested` and `paths.vae`; params `device`, `text_encoder`, `cache_latents`; writes
 `paths.latents/` (shards, text_embeddings.parquet, manifest.json) and `paths.metrics/cache_latents.json`.
@@ -13,11 +13,11 @@ import sys
 import time
 from pathlib import Path
 
-from ldm.ingested import shard_paths
-from ldm.latent_cache import MANIFEST_NAME, vae_hash, write_latent_cache
-from ldm.modeling import CONFIG_NAME, WEIGHTS_NAME
-from ldm.text_encoder import TextEncoder
-from ldm.vae import VAE
+from ldm.data.ingested import shard_paths
+from ldm.data.latent_cache import MANIFEST_NAME, vae_hash, write_latent_cache
+from ldm.models.modeling import CONFIG_NAME, WEIGHTS_NAME
+from ldm.models.text_encoder import TextEncoder
+from ldm.models.vae import VAE
 from stages.params import Params, resolve_device
 from stages.reporting import Reporter, StageResult, stage_main, write_json
 

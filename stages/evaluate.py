@@ -12,9 +12,9 @@ in `samplers` with seed `evaluate.seed + i`.
 
 - Prompt adherence (data with shapes attributes): an attribute classifier trained here on the real train
   images (its accuracy on real val images is reported: the reading is only as good as it is) reads every
-  generated image; `ldm.attributes.adherence` compares that with the prompt's scene.
+  generated image; `ldm.evaluation.attributes.adherence` compares that with the prompt's scene.
 - For any data: a small image encoder trained contrastively against the frozen text encoder on the real
-  train images (`ldm.evaluator`) gives a Fréchet distance between real val and generated images in its
+  train images (`ldm.evaluation.evaluator`) gives a Fréchet distance between real val and generated images in its
   feature space, an image-text score and caption retrieval top-1 among the prompts' distinct captions.
   Inception FID through torchmetrics when its weights are on this machine; otherwise the reason it was
   skipped is recorded.
@@ -28,24 +28,24 @@ shapes data, caption retrieval top-1 on other data) is what picks the registry's
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torchvision.utils import make_grid
 
-from ldm.attributes import (
+from ldm.data.images import tensor_to_pil
+from ldm.data.ingested import IngestedImages
+from ldm.data.latent_cache import LatentCache, LatentCacheError, TextTable, text_key
+from ldm.data.shapes import Scene, parse_caption
+from ldm.diffusion.pipeline import Text2Image
+from ldm.evaluation.attributes import (
     AttributeClassifier,
-    AttributeClassifierConfig,
     adherence,
     scene_accuracy,
-    train_attribute_classifier,
 )
-from ldm.checkpoint import atomic_directory
-from ldm.evaluator import (
+from ldm.evaluation.evaluator import (
     ContrastiveEvaluatorConfig,
     frechet_distance,
     image_text_score,
@@ -53,20 +53,14 @@ from ldm.evaluator import (
     retrieval_top1,
     train_contrastive_evaluator,
 )
-from ldm.ingested import IngestedDataError, IngestedImages, png_to_tensor, read_table, tensor_to_pil
-from ldm.latent_cache import LatentCache, LatentCacheError, TextTable, text_key
-from ldm.pipeline import Text2Image
-from ldm.shapes import Scene, parse_caption
-from ldm.text_encoder import TextEmbedding, TextEncoderNotFoundError
-from ldm.vae_training import reconstruction_metrics
+from ldm.evaluation.reconstruction import reconstruction_metrics
+from ldm.models.text_encoder import TextEmbedding, TextEncoderNotFoundError
+from ldm.training.checkpoint import atomic_directory
+from stages.evaluation import InputError, RealImages, fit_attribute_classifier, generate
 from stages.params import EvaluateParams, Params, ParamsError, resolve_device
 from stages.reporting import Reporter, StageResult, flatten, stage_main, write_csv, write_json
 
 STAGE = "evaluate"
-
-
-class InputError(RuntimeError):
-    """A declared input of the stage is missing or unusable; the message says which and what to do."""
 
 
 def open_text_table(directory: str, params: Params) -> TextTable:
@@ -77,30 +71,6 @@ def open_text_table(directory: str, params: Params) -> TextTable:
     except (FileNotFoundError, LatentCacheError) as e:
         raise InputError(f"{e} (to rebuild it: `dvc repro cache_latents`)") from None
     return cache.open_text(cache_groups=None)
-
-
-class RealImages:
-    """Decoded images of one ingested split with their captions and, for shapes data, their scenes."""
-
-    def __init__(self, directory: str, split: str, limit: int | None, seed: int):
-        try:
-            table = read_table(directory, split, columns=["image", "caption", "attributes"])
-        except (FileNotFoundError, IngestedDataError) as e:
-            raise InputError(str(e)) from None
-        if table.num_rows == 0:
-            raise InputError(f"the ingested data in {directory} has no {split!r} rows; ingest more data")
-        self.all_captions = set(table.column("caption").to_pylist())  # the whole split's, before `limit`
-        order = np.random.default_rng(seed).permutation(table.num_rows)[:limit]
-        table = table.take(order)
-        self.images = torch.stack([png_to_tensor(png) for png in table.column("image").to_pylist()])  # (N, 3, H, W)
-        self.captions: list[str] = table.column("caption").to_pylist()
-        attributes = table.column("attributes").to_pylist()
-        self.scenes: list[Scene] | None = (
-            [Scene.from_dict(json.loads(a)) for a in attributes] if all(a is not None for a in attributes) else None
-        )
-
-    def __len__(self) -> int:
-        return len(self.captions)
 
 
 def caption_table(text: TextTable, captions: list[str]) -> tuple[TextEmbedding, torch.Tensor]:
@@ -115,27 +85,6 @@ def caption_table(text: TextTable, captions: list[str]) -> tuple[TextEmbedding, 
 def comparison_grid(generated: torch.Tensor, real: torch.Tensor, count: int):
     """`count` generated images (top row) over the real val images of the same prompts (bottom row)."""
     return tensor_to_pil(make_grid(torch.cat([generated[:count], real[:count]]), nrow=count, pad_value=0.0))
-
-
-def generate(
-    pipeline: Text2Image, prompts: list[str], sampler: str, steps: int, guidance: float, seed: int, batch_size: int,
-    reporter: Reporter, task: str, negative_prompt: str | None = None, controls: torch.Tensor | None = None,
-    control_scale: float | None = None,
-) -> torch.Tensor:
-    """Prompt i drawn with seed `seed + i`, in batches; with its control map when `controls` (N, C, H, W) is
-    given. -> (N, 3, H, W)"""
-    pipeline.sampler = sampler
-    images = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        seeds = [seed + start + i for i in range(len(chunk))]
-        control = {} if controls is None else {
-            "control_image": controls[start : start + batch_size], "control_scale": control_scale,
-        }
-        images.append(pipeline(chunk, negative_prompt=negative_prompt, steps=steps, guidance_scale=guidance,
-                               seed=seeds, **control).cpu())
-        reporter.progress(task, start + len(chunk), len(prompts))
-    return torch.cat(images)
 
 
 QUALITY_PER_COMPUTE_CSV = "quality_per_compute.csv"
@@ -311,27 +260,6 @@ def _scenes(val: RealImages, prompts: list[str]) -> list[Scene] | None:
         return [parse_caption(p) for p in prompts]
     except ValueError:
         return None
-
-
-def fit_attribute_classifier(
-    images: torch.Tensor, scenes: list[Scene], other_scenes: list[Scene], steps: int, seed: int,
-    device: torch.device, reporter: Reporter,
-) -> AttributeClassifier:
-    """The attribute classifier learnt from real `images` (N, 3, H, W) of `scenes`, reading every shape, colour
-    and size that these or `other_scenes` (the prompts it will be asked about) name."""
-    config = AttributeClassifierConfig(**_vocabulary(scenes + other_scenes), image_size=images.shape[-1])
-    return train_attribute_classifier(
-        images, scenes, config, steps=steps, batch_size=128, lr=3e-3, seed=seed, device=device, log=reporter.info
-    )
-
-
-def _vocabulary(scenes: list[Scene]) -> dict[str, tuple[str, ...]]:
-    objects = [o for s in scenes for o in s.objects]
-    return {
-        "shapes": tuple(sorted({o.shape for o in objects})),
-        "colors": tuple(sorted({o.color for o in objects})),
-        "sizes": tuple(sorted({o.size for o in objects})),
-    }
 
 
 def _summary(result: dict) -> str:

@@ -12,7 +12,7 @@ writes: paths.lora                          the adapter only: adapter_model.safe
                                              real concept images (bottom)
 
 The concept's images are encoded once (VAE posterior mean, text encoder) and the LoRA trains on the
-attention projections of the frozen UNet (`ldm.lora_training`). Its effect is measured on held-out concept
+attention projections of the frozen UNet (`ldm.training.lora`). Its effect is measured on held-out concept
 captions (the concept's val split) and on one-object captions of the base data, each drawn with the base
 model and with the LoRA at scale 1, and read by an attribute classifier learnt from real base and concept
 images: the concept's adherence should rise from near zero and the base prompts' should hold.
@@ -31,19 +31,19 @@ from pathlib import Path
 import torch
 from torchvision.utils import make_grid
 
-from ldm.attributes import adherence
-from ldm.checkpoint import atomic_directory
-from ldm.ingested import png_to_tensor, tensor_to_pil
-from ldm.lora import LoraSpec, save_lora
-from ldm.lora_training import LoraTrainingConfig, finetune_lora
-from ldm.modeling import atomic_path
-from ldm.pipeline import Text2Image
-from ldm.shapes import Scene
-from ldm.text_encoder import TextEmbedding, TextEncoderNotFoundError
-from stages.evaluate import InputError, RealImages, fit_attribute_classifier, generate
-from stages.ingest import SourceError, read_source
+from ldm.data.images import png_to_tensor, tensor_to_pil
+from ldm.data.shapes import Scene
+from ldm.diffusion.pipeline import Text2Image
+from ldm.evaluation.attributes import adherence
+from ldm.models.lora import LoraSpec, save_lora
+from ldm.models.modeling import atomic_path
+from ldm.models.text_encoder import TextEmbedding, TextEncoderNotFoundError
+from ldm.training.checkpoint import atomic_directory
+from ldm.training.lora import LoraTrainingConfig, finetune_lora
+from stages.evaluation import InputError, RealImages, fit_attribute_classifier, generate
 from stages.params import Params, ParamsError, resolve_device
 from stages.reporting import Reporter, StageResult, flatten, stage_main, training_progress, write_csv, write_json
+from stages.sources import SourceError, read_source
 
 STAGE = "finetune_lora"
 LOSS_COLUMNS = ("step", "loss", "lr")

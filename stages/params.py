@@ -16,9 +16,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from ldm import devices
-from ldm.samplers import SAMPLERS, SPACINGS
-from ldm.schedule import BETA_SCHEDULES, PREDICTION_TYPES
-from ldm.vae import VAEConfig
+from ldm.diffusion.samplers import SAMPLERS, SPACINGS
+from ldm.diffusion.schedule import BETA_SCHEDULES, PREDICTION_TYPES
+from ldm.models.vae import VAEConfig
 
 DEFAULT_PARAMS_FILE = "params.yaml"
 

@@ -21,9 +21,9 @@ from typing import Protocol
 from PIL import Image
 from tqdm import tqdm
 
-from ldm.checkpoint import NonFiniteLoss, TrainingInterrupted
-from ldm.distributed import launched_rank
-from ldm.modeling import atomic_path
+from ldm.models.modeling import atomic_path
+from ldm.training.checkpoint import NonFiniteLoss, TrainingInterrupted
+from ldm.training.distributed import launched_rank
 
 log = logging.getLogger("ldm")
 

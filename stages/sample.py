@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from ldm.checkpoint import atomic_directory
-from ldm.ingested import tensor_to_pil
-from ldm.pipeline import Text2Image
-from ldm.text_encoder import TextEncoderNotFoundError
+from ldm.data.images import tensor_to_pil
+from ldm.diffusion.pipeline import Text2Image
+from ldm.models.text_encoder import TextEncoderNotFoundError
+from ldm.training.checkpoint import atomic_directory
 from stages.params import Params, ParamsError, resolve_device
 from stages.reporting import Reporter, StageResult, stage_main
 

@@ -45,17 +45,18 @@ import torch
 from PIL import Image
 from torchvision.utils import make_grid
 
-from ldm.attributes import scene_accuracy
-from ldm.checkpoint import atomic_directory
-from ldm.controlnet import CONTROL_CONFIG_NAME, ControlNet, control_map, control_maps_from_pngs
-from ldm.controlnet_training import ControlNetTrainingConfig, train_controlnet
-from ldm.images import image_tensor
-from ldm.ingested import IngestedDataError, read_table, tensor_to_pil
-from ldm.latent_cache import LatentCache, LatentCacheError, vae_hash
-from ldm.pipeline import Text2Image
-from ldm.shapes import Scene, ShapeObject, caption_without_positions, render
-from ldm.text_encoder import TextEncoderNotFoundError
-from stages.evaluate import (  # InputError: RealImages raises it
+from ldm.data.control_maps import control_map, control_maps_from_pngs
+from ldm.data.images import image_tensor, tensor_to_pil
+from ldm.data.ingested import IngestedDataError, read_table
+from ldm.data.latent_cache import LatentCache, LatentCacheError, vae_hash
+from ldm.data.shapes import Scene, ShapeObject, caption_without_positions, render
+from ldm.diffusion.pipeline import Text2Image
+from ldm.evaluation.attributes import scene_accuracy
+from ldm.models.controlnet import CONTROL_CONFIG_NAME, ControlNet
+from ldm.models.text_encoder import TextEncoderNotFoundError
+from ldm.training.checkpoint import atomic_directory
+from ldm.training.controlnet import ControlNetTrainingConfig, train_controlnet
+from stages.evaluation import (  # InputError: RealImages raises it
     InputError,
     RealImages,
     fit_attribute_classifier,

@@ -21,16 +21,16 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ldm.checkpoint import atomic_directory
-from ldm.distributed import DataParallel, data_parallel
-from ldm.latent_cache import LatentCache, LatentCacheError, vae_hash
-from ldm.modeling import atomic_path
-from ldm.pipeline import RAW_UNET_FOLDER, Text2Image
-from ldm.schedule import NoiseSchedule
-from ldm.text_encoder import TextEncoder
-from ldm.unet import UNetConfig
-from ldm.unet_training import UNetTrainingConfig, Validation, data_lanes, train_unet
-from ldm.vae import VAE
+from ldm.data.latent_cache import LatentCache, LatentCacheError, vae_hash
+from ldm.diffusion.pipeline import RAW_UNET_FOLDER, Text2Image
+from ldm.diffusion.schedule import NoiseSchedule
+from ldm.models.modeling import atomic_path
+from ldm.models.text_encoder import TextEncoder
+from ldm.models.unet import UNetConfig
+from ldm.models.vae import VAE
+from ldm.training.checkpoint import atomic_directory
+from ldm.training.distributed import DataParallel, data_parallel
+from ldm.training.unet import UNetTrainingConfig, Validation, data_lanes, train_unet
 from stages.params import Params, ParamsError, resolve_device
 from stages.reporting import Reporter, StageResult, stage_main, training_progress, write_csv, write_json
 

@@ -19,11 +19,12 @@ from pathlib import Path
 
 import torch
 
-from ldm.checkpoint import atomic_directory
-from ldm.distributed import DataParallel, data_parallel
-from ldm.ingested import IngestedImages
-from ldm.modeling import atomic_path
-from ldm.vae_training import VAETrainingConfig, reconstruction_grid, train_vae
+from ldm.data.ingested import IngestedImages
+from ldm.evaluation.reconstruction import reconstruction_grid
+from ldm.models.modeling import atomic_path
+from ldm.training.checkpoint import atomic_directory
+from ldm.training.distributed import DataParallel, data_parallel
+from ldm.training.vae import VAETrainingConfig, train_vae
 from stages.params import Params, ParamsError, resolve_device
 from stages.reporting import Reporter, StageResult, stage_main, training_progress, write_csv, write_json
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 
 from ldm import Text2Image, UNet
-from ldm.controlnet import ControlNet
-from ldm.lora import add_lora, save_lora
+from ldm.models.controlnet import ControlNet
+from ldm.models.lora import add_lora, save_lora
 
 
 def save_random_lora(unet_folder: Path, directory: Path) -> Path:

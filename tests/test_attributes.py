@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from ldm.attributes import (
+from ldm.data.shapes import Scene, ShapeObject, ShapesConfig, generate, render
+from ldm.evaluation.attributes import (
     AttributeClassifier,
     AttributeClassifierConfig,
     adherence,
@@ -13,7 +14,6 @@ from ldm.attributes import (
     scene_targets,
     train_attribute_classifier,
 )
-from ldm.shapes import Scene, ShapeObject, ShapesConfig, generate, render
 
 # 16 px keeps training to seconds; two shapes that stay distinct at that size (a small object is ~4 px wide).
 DATA = ShapesConfig(shapes=("square", "triangle"), image_size=16, two_object_fraction=0.5)

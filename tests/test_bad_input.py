@@ -28,18 +28,18 @@ from PIL import Image
 
 from ldm import Text2Image, cli
 from stages import cache_latents, evaluate, finetune_lora, ingest, sample, train_controlnet, train_unet, train_vae
-from stages.ingest import (
-    REASONS,
+from stages.ingest import REASONS
+from stages.params import IngestParams, Params, ParamsError, load_params, resolve_device
+from stages.sources import (
+    Rejected,
     _captions,
     _csv_rows,
     _image,
     _Input,
     _jsonl_rows,
     _read_caption_file,
-    _Rejected,
     normalize_caption,
 )
-from stages.params import IngestParams, Params, ParamsError, load_params, resolve_device
 
 REPO = Path(__file__).resolve().parents[1]
 CI = yaml.safe_load((REPO / "configs" / "ci.yaml").read_text())
@@ -302,10 +302,10 @@ def test_normalize_caption_is_idempotent_and_one_line(text):
 
 
 def check_captions(value):
-    """_captions(value) gives the captions (normalized, non-empty, UTF-8) or a _Rejected with a known reason."""
+    """_captions(value) gives the captions (normalized, non-empty, UTF-8) or a Rejected with a known reason."""
     try:
         captions = _captions(value)
-    except _Rejected as e:
+    except Rejected as e:
         assert e.reason in REASONS and e.detail and len(e.detail) < 300
         return e
     assert captions and all(isinstance(c, str) and c and is_normalized(c) for c in captions)
@@ -390,7 +390,7 @@ def test_caption_files_are_read_or_rejected(scratch, data):
     (scratch / "caption.txt").write_bytes(data)
     try:
         lines = _read_caption_file(scratch, "caption.txt")
-    except _Rejected as e:
+    except Rejected as e:
         assert e.reason == "invalid_caption" and "caption.txt" in e.detail
         return
     assert lines == data.decode("utf-8-sig").splitlines()
@@ -422,9 +422,9 @@ KNOBS = IngestParams(min_image_size=4, max_image_pixels=1_000_000)
 
 
 def check_image(data: bytes):
-    """ingest's _image on bytes: a SIZE x SIZE RGB PNG and the original size, or a _Rejected with a reason."""
+    """ingest's _image on bytes: a SIZE x SIZE RGB PNG and the original size, or a Rejected with a reason."""
     outcome = _image(None, _Input("fuzz", "fuzz", data=data), KNOBS, SIZE)
-    if isinstance(outcome, _Rejected):
+    if isinstance(outcome, Rejected):
         assert outcome.reason in REASONS and outcome.detail
         return outcome
     png, width, height = outcome

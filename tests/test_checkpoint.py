@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from ldm.checkpoint import (
+from ldm.training.checkpoint import (
     STATE_NAME,
     TENSORS_NAME,
     TrainingState,
@@ -18,7 +18,7 @@ from ldm.checkpoint import (
     run_fingerprint,
     save_checkpoint,
 )
-from ldm.vae_training import warmup_cosine
+from ldm.training.optim import warmup_cosine
 
 
 def make_state(seed: int = 0) -> TrainingState:

@@ -9,11 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ldm.attributes import AttributeClassifierConfig, adherence, train_attribute_classifier
-from ldm.images import to_png
-from ldm.ingested import png_to_tensor
-from ldm.pipeline import Text2Image
-from ldm.shapes import POSITIONS, Scene, ShapeObject, ShapesConfig, caption, generate
+from ldm.data.images import png_to_tensor, to_png
+from ldm.data.shapes import POSITIONS, Scene, ShapeObject, ShapesConfig, caption, generate
+from ldm.diffusion.pipeline import Text2Image
+from ldm.evaluation.attributes import AttributeClassifierConfig, adherence, train_attribute_classifier
 from tests.fixtures import TEXT2IMG
 
 COLORS = ("red", "green", "blue", "yellow", "purple", "orange", "cyan", "black")

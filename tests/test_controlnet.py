@@ -8,15 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from ldm.controlnet import ControlNet, ControlNetConfig, control_map, control_maps_from_pngs
-from ldm.controlnet_training import ControlNetTrainingConfig, batch_controls, train_controlnet
-from ldm.ingested import ShardWriter, content_id
-from ldm.latent_cache import LatentBatch, LatentCache, vae_hash, write_latent_cache
-from ldm.schedule import NoiseSchedule
-from ldm.shapes import Scene, ShapeObject, ShapesConfig, caption, generate, render
-from ldm.text_encoder import TextEncoder
-from ldm.unet import UNet, UNetConfig
-from ldm.vae import VAE, VAEConfig
+from ldm.data.control_maps import control_map, control_maps_from_pngs
+from ldm.data.ingested import ShardWriter, content_id
+from ldm.data.latent_cache import LatentBatch, LatentCache, vae_hash, write_latent_cache
+from ldm.data.shapes import Scene, ShapeObject, ShapesConfig, caption, generate, render
+from ldm.diffusion.schedule import NoiseSchedule
+from ldm.models.controlnet import ControlNet, ControlNetConfig
+from ldm.models.text_encoder import TextEncoder
+from ldm.models.unet import UNet, UNetConfig
+from ldm.models.vae import VAE, VAEConfig
+from ldm.training.controlnet import ControlNetTrainingConfig, batch_controls, train_controlnet
 
 SIZE = 16  # pixels; the test VAE halves it to 8x8 latents
 TWO_LEVELS = UNetConfig(

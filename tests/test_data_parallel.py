@@ -17,9 +17,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ldm.distributed import DataParallel
-from ldm.latent_cache import LatentCache
-from ldm.unet_training import CacheOrder, UNetTrainingConfig, data_lanes
+from ldm.data.latent_cache import LatentCache
+from ldm.data.order import CacheOrder
+from ldm.training.distributed import DataParallel
+from ldm.training.unet import UNetTrainingConfig, data_lanes
 from stages import cache_latents, ingest, train_unet, train_vae
 from stages.params import Params
 from tests.ci_stages import RecordingReporter, ci_params, write_params

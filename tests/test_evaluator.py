@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ldm.evaluator import (
+from ldm.data.shapes import ShapesConfig, caption, generate
+from ldm.evaluation.evaluator import (
     INCEPTION_WEIGHTS_NAME,
     ContrastiveEvaluator,
     ContrastiveEvaluatorConfig,
@@ -20,8 +21,7 @@ from ldm.evaluator import (
     soft_target_clip_loss,
     train_contrastive_evaluator,
 )
-from ldm.shapes import ShapesConfig, caption, generate
-from ldm.text_encoder import TextEncoder
+from ldm.models.text_encoder import TextEncoder
 
 # One object, large only: 4 shapes x 4 colours x 5 positions = 80 captions, readable at 16 x 16.
 SHAPES = ShapesConfig(image_size=16, colors=("red", "green", "blue", "yellow"), sizes=("large",))

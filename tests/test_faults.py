@@ -23,13 +23,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ldm.checkpoint import NonFiniteLoss, TrainingInterrupted, TrainingState, latest_checkpoint, save_checkpoint
-from ldm.latent_cache import LatentCache
-from ldm.modeling import NonFiniteError
-from ldm.schedule import NoiseSchedule
-from ldm.unet import UNet
-from ldm.unet_training import UNetTrainingConfig, train_unet
-from ldm.vae import VAE, VAEConfig
+from ldm.data.latent_cache import LatentCache
+from ldm.diffusion.schedule import NoiseSchedule
+from ldm.models.modeling import NonFiniteError
+from ldm.models.unet import UNet
+from ldm.models.vae import VAE, VAEConfig
+from ldm.training.checkpoint import (
+    NonFiniteLoss,
+    TrainingInterrupted,
+    TrainingState,
+    latest_checkpoint,
+    save_checkpoint,
+)
+from ldm.training.unet import UNetTrainingConfig, train_unet
 from stages import cache_latents, sample, train_vae
 from stages import train_unet as train_unet_stage
 from stages.params import Params

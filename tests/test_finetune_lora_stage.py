@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ldm.lora import LoraSpec, lora_metadata
-from ldm.pipeline import Text2Image
+from ldm.diffusion.pipeline import Text2Image
+from ldm.models.lora import LoraSpec, lora_metadata
 from stages import finetune_lora
-from stages.evaluate import InputError
+from stages.evaluation import InputError
 from tests.ci_stages import RecordingReporter, ci_params, train_ci_model
 
 

@@ -18,11 +18,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from ldm.images import ImageRejected, load_image
-from ldm.ingested import MANIFEST_NAME, REJECTS_NAME, SCHEMA, ShardWriter, content_id, read_table, split_of
-from ldm.shapes import parse_caption
-from stages.ingest import REASONS, SourceError, main, run
+from ldm.data.images import ImageRejected, load_image
+from ldm.data.ingested import MANIFEST_NAME, REJECTS_NAME, SCHEMA, ShardWriter, content_id, read_table, split_of
+from ldm.data.shapes import parse_caption
+from stages.ingest import REASONS, main, run
 from stages.params import Params, ParamsError
+from stages.sources import SourceError
 
 REPO = Path(__file__).resolve().parents[1]
 

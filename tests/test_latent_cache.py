@@ -19,9 +19,10 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm import latent_cache
-from ldm.ingested import ShardWriter, content_id, png_to_tensor
-from ldm.latent_cache import (
+from ldm.data import latent_cache
+from ldm.data.images import png_to_tensor
+from ldm.data.ingested import ShardWriter, content_id
+from ldm.data.latent_cache import (
     EMPTY_TEXT_KEY,
     LatentCache,
     LatentCacheCorruptError,
@@ -30,8 +31,8 @@ from ldm.latent_cache import (
     vae_hash,
     write_latent_cache,
 )
-from ldm.text_encoder import TextEncoder
-from ldm.vae import VAE, VAEConfig
+from ldm.models.text_encoder import TextEncoder
+from ldm.models.vae import VAE, VAEConfig
 from stages import cache_latents
 from stages.params import CacheLatentsParams, Params, Paths
 

@@ -12,7 +12,8 @@ from peft import PeftConfig
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
 
-from ldm.lora import (
+from ldm.diffusion.schedule import NoiseSchedule
+from ldm.models.lora import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     LoraSpec,
@@ -22,11 +23,10 @@ from ldm.lora import (
     parse_lora_spec,
     save_lora,
 )
-from ldm.lora_training import LoraTrainingConfig, finetune_lora
-from ldm.presets import preset
-from ldm.schedule import NoiseSchedule
-from ldm.text_encoder import TextEmbedding
-from ldm.unet import UNet
+from ldm.models.presets import preset
+from ldm.models.text_encoder import TextEmbedding
+from ldm.models.unet import UNet
+from ldm.training.lora import LoraTrainingConfig, finetune_lora
 
 CONFIG = preset("tiny").unet  # 16/32 channels, one transformer per block: 7 transformer blocks
 WIDTH = CONFIG.cross_attention_dim

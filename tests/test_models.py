@@ -5,10 +5,10 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from ldm import VAE, UNet
-from ldm.diffusers_interop import from_diffusers, to_diffusers
-from ldm.presets import PRESETS, preset
-from ldm.unet import UNetConfig
-from ldm.vae import VAEConfig
+from ldm.interop.diffusers import from_diffusers, to_diffusers
+from ldm.models.presets import PRESETS, preset
+from ldm.models.unet import UNetConfig
+from ldm.models.vae import VAEConfig
 
 UNET_CONFIGS = {
     "two-levels-attn-both": dict(
@@ -167,7 +167,7 @@ def test_presets_parameter_counts_on_meta_device():
 
 
 def test_posterior_statistics():
-    from ldm.vae import DiagonalGaussian
+    from ldm.models.vae import DiagonalGaussian
 
     mean, logvar = torch.full((1, 2, 16, 16), 1.5), torch.full((1, 2, 16, 16), -1.0)
     q = DiagonalGaussian(torch.cat([mean, logvar], dim=1))

@@ -11,11 +11,11 @@ from diffusers import (
 )
 
 from ldm import Text2Image, TextEncoder, UNet
-from ldm.controlnet import ControlNet
-from ldm.diffusers_interop import from_diffusers, unet_config_to_diffusers, vae_config_to_diffusers
-from ldm.pipeline import InitLatents, denoise, rescale_guidance
-from ldm.presets import preset
-from ldm.schedule import NoiseSchedule
+from ldm.diffusion.pipeline import InitLatents, denoise, rescale_guidance
+from ldm.diffusion.schedule import NoiseSchedule
+from ldm.interop.diffusers import from_diffusers, unet_config_to_diffusers, vae_config_to_diffusers
+from ldm.models.controlnet import ControlNet
+from ldm.models.presets import preset
 
 SCHEDULERS = {
     "dpmpp_2m": DPMSolverMultistepScheduler,

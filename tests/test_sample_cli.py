@@ -12,10 +12,9 @@ from PIL import Image
 
 from ldm import Text2Image
 from ldm.cli import main
-from ldm.images import image_tensor, map_tensor
-from ldm.ingested import tensor_to_pil
-from ldm.lora import LoraSpec
-from ldm.samplers import SAMPLERS
+from ldm.data.images import image_tensor, map_tensor, tensor_to_pil
+from ldm.diffusion.samplers import SAMPLERS
+from ldm.models.lora import LoraSpec
 from tests.adapters import save_random_controlnet, save_random_lora
 from tests.test_text2img_model import registered_store, tiny_pipeline
 

@@ -1,6 +1,6 @@
-"""ldm.samplers against diffusers' schedulers as the oracle.
+"""ldm.diffusion.samplers against diffusers' schedulers as the oracle.
 
-Each case runs the same stand-in network from the same seeded noise through `ldm.samplers.sample` and through
+Each case runs the same stand-in network from the same seeded noise through `ldm.diffusion.samplers.sample` and through
 a diffusers loop over the matching scheduler, with one generator feeding the initial noise and then every
 stochastic step (as the text-to-image pipeline does). Compared: every network input (the whole trajectory
 in the network's VP variables, and the timesteps), the final latents, and the generator state afterwards
@@ -26,7 +26,7 @@ from diffusers import (
     PNDMScheduler,
 )
 
-from ldm.samplers import (
+from ldm.diffusion.samplers import (
     KARRAS_SAMPLERS,
     SAMPLERS,
     SPACINGS,
@@ -36,7 +36,7 @@ from ldm.samplers import (
     sample,
     spaced_timesteps,
 )
-from ldm.schedule import NoiseSchedule
+from ldm.diffusion.schedule import NoiseSchedule
 
 # diffusers' schedulers call np.array on torch tensors, which numpy 2 flags on every call.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")

@@ -1,4 +1,4 @@
-"""ldm.schedule: the forward process, against diffusers' betas and against its closed form."""
+"""ldm.diffusion.schedule: the forward process, against diffusers' betas and against its closed form."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from ldm.schedule import BETA_SCHEDULES, PREDICTION_TYPES, NoiseSchedule
+from ldm.diffusion.schedule import BETA_SCHEDULES, PREDICTION_TYPES, NoiseSchedule
 
 T = 1000
 

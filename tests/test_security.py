@@ -21,20 +21,20 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
-from ldm.checkpoint import STATE_NAME, TENSORS_NAME, TrainingState, latest_checkpoint, load_checkpoint
 from ldm.cli import main as ldm_main
 from ldm.cli import redacted
-from ldm.controlnet import ControlNet
-from ldm.diffusers_interop import load_diffusers_folder, load_ldm_folder, save_diffusers_folder
-from ldm.lora import LoraSpec, load_loras, lora_metadata
-from ldm.modeling import WEIGHTS_NAME
-from ldm.pipeline import Text2Image
-from ldm.presets import preset
-from ldm.text_encoder import TextEncoder, TextEncoderNotFoundError, resolve_folder
-from ldm.unet import UNet
-from ldm.vae import VAE
-from stages.ingest import SourceError, _inside, _Rejected
+from ldm.diffusion.pipeline import Text2Image
+from ldm.interop.diffusers import load_diffusers_folder, load_ldm_folder, save_diffusers_folder
+from ldm.models.controlnet import ControlNet
+from ldm.models.lora import LoraSpec, load_loras, lora_metadata
+from ldm.models.modeling import WEIGHTS_NAME
+from ldm.models.presets import preset
+from ldm.models.text_encoder import TextEncoder, TextEncoderNotFoundError, resolve_folder
+from ldm.models.unet import UNet
+from ldm.models.vae import VAE
+from ldm.training.checkpoint import STATE_NAME, TENSORS_NAME, TrainingState, latest_checkpoint, load_checkpoint
 from stages.params import Params
+from stages.sources import Rejected, SourceError, _inside
 from tests.test_ingest import RED, decoded, ingest, solid, write
 
 REPO = Path(__file__).resolve().parents[1]
@@ -509,7 +509,7 @@ def test_inside_agrees_with_the_file_system_on_any_relative_path(maze, segments)
         opened = None
     try:
         path = _inside(maze, name)
-    except _Rejected as e:
+    except Rejected as e:
         assert e.reason == "outside_dataset" if opened == b"outside" else e.reason in ("outside_dataset", "missing_file")
         assert opened in (None, b"outside")  # a file inside the folder is never refused
         return

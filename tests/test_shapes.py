@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from ldm.images import to_png
-from ldm.shapes import (
+from ldm.data.images import to_png
+from ldm.data.shapes import (
     COLORS,
     POSITIONS,
     SHAPES,

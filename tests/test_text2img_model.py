@@ -23,10 +23,9 @@ from PIL import Image
 from flows.text2img_model import log_text2img_model, save_text2img_model
 from flows.tracking import StageRun
 from ldm import VAE, Text2Image, TextEncoder, UNet
-from ldm.images import image_tensor, map_tensor
-from ldm.ingested import tensor_to_pil
-from ldm.lora import LoraSpec
-from ldm.presets import preset
+from ldm.data.images import image_tensor, map_tensor, tensor_to_pil
+from ldm.models.lora import LoraSpec
+from ldm.models.presets import preset
 from tests.adapters import save_random_controlnet, save_random_lora
 from tests.servers import BIN, _server, free_port
 
@@ -92,7 +91,7 @@ def test_registered_version_carries_lineage_and_no_pickle(store):
         k: LINEAGE[k] for k in ("git_commit", "dvc_stage", "dvc_dep.data/latents")}
     local = Path(mlflow.artifacts.download_artifacts("models:/ldm-text2img/1", dst_path=str(store["root"] / "dl")))
     files = {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()}
-    assert {"MLmodel", "text2img_model.py", "code/ldm/pipeline.py", "artifacts/pipeline/pipeline.json",
+    assert {"MLmodel", "text2img_model.py", "code/ldm/diffusion/pipeline.py", "artifacts/pipeline/pipeline.json",
             "artifacts/pipeline/unet/model.safetensors", "artifacts/pipeline/vae/model.safetensors"} <= files
     assert not [f for f in files if f.endswith((".pkl", ".pt", ".pth"))], files
     requirements = (local / "requirements.txt").read_text()

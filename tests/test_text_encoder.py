@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig
 
-from ldm.text_encoder import (
+from ldm.models.text_encoder import (
     DEFAULT_TEXT_ENCODER,
     TextEmbedding,
     TextEncoder,

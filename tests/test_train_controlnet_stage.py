@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from ldm.controlnet import CONTROL_CONFIG_NAME, ControlNet
-from ldm.ingested import ShardWriter
+from ldm.data.ingested import ShardWriter
+from ldm.models.controlnet import CONTROL_CONFIG_NAME, ControlNet
 from stages import train_controlnet as stage
 from stages.params import Params
 from tests.ci_stages import RecordingReporter, ci_params, train_ci_model

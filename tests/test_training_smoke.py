@@ -3,8 +3,8 @@
 import torch
 
 from ldm import UNet
-from ldm.presets import preset
-from ldm.schedule import NoiseSchedule
+from ldm.diffusion.schedule import NoiseSchedule
+from ldm.models.presets import preset
 
 
 def test_tiny_unet_overfits_one_batch():

@@ -8,13 +8,14 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm.latent_cache import LatentCache, vae_hash, write_latent_cache
-from ldm.pipeline import Text2Image
-from ldm.schedule import NoiseSchedule
-from ldm.text_encoder import TextEncoder
-from ldm.unet import UNetConfig
-from ldm.unet_training import CacheOrder, UNetTrainingConfig, loss_weights, train_unet
-from ldm.vae import VAE, VAEConfig
+from ldm.data.latent_cache import LatentCache, vae_hash, write_latent_cache
+from ldm.data.order import CacheOrder
+from ldm.diffusion.pipeline import Text2Image
+from ldm.diffusion.schedule import NoiseSchedule
+from ldm.models.text_encoder import TextEncoder
+from ldm.models.unet import UNetConfig
+from ldm.models.vae import VAE, VAEConfig
+from ldm.training.unet import UNetTrainingConfig, loss_weights, train_unet
 from stages import train_unet as stage
 from stages.params import Params
 from tests.test_latent_cache import write_ingested

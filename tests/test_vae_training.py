@@ -9,9 +9,10 @@ import torch
 import yaml
 from PIL import Image
 
-from ldm.ingested import IngestedImages, ShardWriter, content_id
-from ldm.vae import VAE, VAEConfig
-from ldm.vae_training import VAETrainingConfig, reconstruction_metrics, train_vae
+from ldm.data.ingested import IngestedImages, ShardWriter, content_id
+from ldm.evaluation.reconstruction import reconstruction_metrics
+from ldm.models.vae import VAE, VAEConfig
+from ldm.training.vae import VAETrainingConfig, train_vae
 from stages import train_vae as stage
 from stages.params import Params
 from stages.reporting import StageResult

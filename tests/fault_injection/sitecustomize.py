@@ -6,7 +6,7 @@ start-up in every process (DVC's too), and `LDM_FAULT` makes the training proces
     LDM_FAULT=term:N                SIGTERM at the end of step N, as `kill` or a scheduler would send it
     LDM_FAULT_RANK=R                only in rank R of a torchrun world (default: every process)
 
-The faults go into `ldm.checkpoint` as it is imported, so the stage runs its real code up to the fault.
+The faults go into `ldm.training.checkpoint` as it is imported, so the stage runs its real code up to the fault.
 """
 
 import importlib.abc
@@ -36,13 +36,13 @@ def _inject(checkpoint, action: str, step: int) -> None:
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):
-    """Runs `_inject` on `ldm.checkpoint` right after the module's own code, once."""
+    """Runs `_inject` on `ldm.training.checkpoint` right after the module's own code, once."""
 
     def __init__(self, action: str, step: int):
         self.action, self.step = action, step
 
     def find_spec(self, name, path, target=None):
-        if name != "ldm.checkpoint":
+        if name != "ldm.training.checkpoint":
             return None
         sys.meta_path.remove(self)
         spec = importlib.util.find_spec(name)

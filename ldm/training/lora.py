@@ -7,7 +7,7 @@ Each step, for a batch of rows of the (small) training set:
     context = the row's text embedding, or the empty prompt's with probability caption_dropout
     loss    = mean((unet(z_t, t, context) - target)^2)                 target: as the schedule predicts
 
-the same loss as `ldm.unet_training`, with gradients only for the LoRA matrices (`ldm.lora.add_lora`). AdamW
+the same loss as `ldm.training.unet`, with gradients only for the LoRA matrices (`ldm.models.lora.add_lora`). AdamW
 with linear warmup and cosine decay, gradient-norm clipping. Batches come from a fresh seeded permutation
 each epoch. Checkpoints hold what a bit-for-bit resume needs and nothing of the base: the LoRA weights,
 optimizer, LR schedule, generator states and the data position.
@@ -26,13 +26,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.checkpoint import ResumableRun, TrainingState, run_fingerprint
-from ldm.lora import add_lora
-from ldm.loss_history import LossHistory
-from ldm.schedule import NoiseSchedule
-from ldm.text_encoder import TextEmbedding
-from ldm.unet import UNet
-from ldm.vae_training import EpochOrder, adamw, warmup_cosine
+from ldm.data.order import EpochOrder
+from ldm.diffusion.schedule import NoiseSchedule
+from ldm.models.lora import add_lora
+from ldm.models.text_encoder import TextEmbedding
+from ldm.models.unet import UNet
+from ldm.training.checkpoint import ResumableRun, TrainingState, run_fingerprint
+from ldm.training.loss_history import LossHistory
+from ldm.training.optim import adamw, warmup_cosine
 
 logger = logging.getLogger(__name__)
 

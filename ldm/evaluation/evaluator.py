@@ -44,9 +44,10 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from ldm.modeling import ModelConfig, PretrainedModel
-from ldm.text_encoder import TextEmbedding
-from ldm.vae_training import EpochOrder, warmup_cosine
+from ldm.data.order import EpochOrder
+from ldm.models.modeling import ModelConfig, PretrainedModel
+from ldm.models.text_encoder import TextEmbedding
+from ldm.training.optim import warmup_cosine
 
 logger = logging.getLogger(__name__)
 

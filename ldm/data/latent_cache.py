@@ -5,7 +5,7 @@ A cache is a folder:
 
     latents-00000.parquet ...   one row per (image, caption) row of the ingested data, plus one per row
                                 with the horizontally flipped image's latents when built with flip=True
-        id          string   the image's content hash (ldm.ingested)
+        id          string   the image's content hash (ldm.data.ingested)
         caption     string
         split       string   one split per shard, so a reader of one split reads none of another's rows
         flipped     bool
@@ -54,11 +54,12 @@ import pyarrow.parquet as pq
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-from ldm.ingested import SCHEMA as INGESTED_SCHEMA
-from ldm.ingested import png_to_tensor, shard_paths
-from ldm.modeling import WEIGHTS_NAME, file_sha256
-from ldm.text_encoder import TextEmbedding, TextEncoder
-from ldm.vae import VAE, VAEConfig, standard_normal
+from ldm.data.images import png_to_tensor
+from ldm.data.ingested import SCHEMA as INGESTED_SCHEMA
+from ldm.data.ingested import shard_paths
+from ldm.models.modeling import WEIGHTS_NAME, file_sha256
+from ldm.models.text_encoder import TextEmbedding, TextEncoder
+from ldm.models.vae import VAE, VAEConfig, standard_normal
 
 FORMAT = "ldm-latent-cache"
 FORMAT_VERSION = 1

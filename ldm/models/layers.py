@@ -3,7 +3,7 @@
 The pieces are those of Stable Diffusion (residual blocks with GroupNorm + SiLU, multi-head attention,
 GEGLU feed-forward, sinusoidal timestep embedding). Attention projections are fused (one matmul for
 q, k, v in self-attention; one for k, v in cross-attention): fewer, larger matmuls are faster on a CPU,
-and `ldm.diffusers_interop` splits them back into diffusers' separate projections.
+and `ldm.interop.diffusers` splits them back into diffusers' separate projections.
 """
 
 from __future__ import annotations

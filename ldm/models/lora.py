@@ -37,8 +37,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ldm.modeling import atomic_path
-from ldm.unet import UNet
+from ldm.models.modeling import atomic_path
+from ldm.models.unet import UNet
 
 LORA_TARGETS = ("to_qkv", "to_q", "to_kv", "to_out")
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -181,7 +181,7 @@ def _lora_files(directory: Path) -> tuple[Path, Path]:
         if not path.is_file():
             raise FileNotFoundError(
                 f"{directory} is not a LoRA folder: {path.name} is missing. A LoRA folder holds {WEIGHTS_NAME} and "
-                f"{CONFIG_NAME}, as ldm.lora.save_lora (or peft's save_pretrained) writes them."
+                f"{CONFIG_NAME}, as ldm.models.lora.save_lora (or peft's save_pretrained) writes them."
             )
     return weights, config
 

@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from ldm.schedule import NoiseSchedule, x0_from_output
+from ldm.diffusion.schedule import NoiseSchedule, x0_from_output
 
 SAMPLERS: tuple[str, ...] = ("ddpm", "ddim", "pndm", "euler", "euler_ancestral", "heun", "dpmpp_2m")
 SPACINGS: tuple[str, ...] = ("leading", "trailing", "linspace")

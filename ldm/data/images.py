@@ -147,3 +147,15 @@ def map_tensor(image: Image.Image, channels: int) -> torch.Tensor:
     array = np.asarray(image.convert("L" if channels == 1 else "RGB"), dtype=np.float32) / 255.0
     tensor = torch.from_numpy(array)
     return tensor[None, None] if channels == 1 else tensor.permute(2, 0, 1)[None]
+
+
+def png_to_tensor(png: bytes) -> torch.Tensor:
+    """PNG bytes -> (3, H, W) float in [-1, 1]."""
+    array = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+
+def tensor_to_pil(image: torch.Tensor) -> Image.Image:
+    """(3, H, W) in [-1, 1] -> an RGB PIL image."""
+    array = image.detach().clamp(-1, 1).add(1).mul(127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array)

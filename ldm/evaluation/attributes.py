@@ -1,6 +1,6 @@
 """An attribute classifier for the shapes dataset: it reads which objects an image shows, to score prompt adherence.
 
-A shapes image is a 3 x 3 grid of cells (`ldm.shapes.POSITIONS`) and each object fills one cell, so reading an
+A shapes image is a 3 x 3 grid of cells (`ldm.data.shapes.POSITIONS`) and each object fills one cell, so reading an
 image is nine small classifications. For every cell the classifier predicts
 
     shape  over ("empty", *shapes)    the cell holds nothing, or an object of that shape
@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from pydantic import model_validator
 from torch import Tensor, nn
 
-from ldm.modeling import ModelConfig, PretrainedModel
-from ldm.shapes import POSITIONS, Scene, ShapeObject
+from ldm.data.shapes import POSITIONS, Scene, ShapeObject
+from ldm.models.modeling import ModelConfig, PretrainedModel
 
 logger = logging.getLogger(__name__)
 

@@ -19,18 +19,14 @@ from __future__ import annotations
 
 import math
 
-import cv2
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from pydantic import model_validator
 from torch import nn
 
-from ldm.ingested import png_to_tensor, tensor_to_pil
-from ldm.layers import TimestepMLP, timestep_embedding
-from ldm.modeling import ModelConfig, PretrainedModel
-from ldm.unet import DownLevel, MidBlock, UNet, UNetConfig
+from ldm.models.layers import TimestepMLP, timestep_embedding
+from ldm.models.modeling import ModelConfig, PretrainedModel
+from ldm.models.unet import DownLevel, MidBlock, UNet, UNetConfig
 
 # Beside a trained ControlNet's config.json: how its control maps were made and the scale to sample with.
 CONTROL_CONFIG_NAME = "control.json"
@@ -186,53 +182,3 @@ class ControlNet(PretrainedModel):
 
         down = [conv(skip) * scale for conv, skip in zip(self.controlnet_down_blocks, skips)]
         return down, self.controlnet_mid_block(h) * scale
-
-
-# -------------------------------------------------------------------------------------------- control maps
-
-CONTROL_MAPS = ("canny",)
-# The shapes images are 16-32 px with antialiased edges; the dimmest edge, yellow on white, is a grey step of
-# about 50 whose Sobel response (up to 4x the step, less where antialiasing spreads it) is near the usual
-# 100/200: a 16 px yellow ring gets no edge at all there. At 50/100 every shape, colour and size of
-# ldm.shapes on white has its outline, and flat regions (zero gradient) stay empty.
-DEFAULT_LOW_THRESHOLD = 50
-DEFAULT_HIGH_THRESHOLD = 100
-
-
-def _check_kind(kind: str) -> None:
-    if kind not in CONTROL_MAPS:
-        raise ValueError(f"unknown control map kind {kind!r}; supported kinds: {', '.join(CONTROL_MAPS)}")
-
-
-def control_map(
-    kind: str,
-    image: Image.Image,
-    low_threshold: int = DEFAULT_LOW_THRESHOLD,
-    high_threshold: int = DEFAULT_HIGH_THRESHOLD,
-) -> torch.Tensor:
-    """The control map of `image`: (C, H, W) float in [0, 1]. "canny": (1, H, W), 1 on edges, 0 elsewhere.
-
-    Canny's hysteresis thresholds are on the Sobel gradient of the grayscale image (0-255 scale).
-    """
-    _check_kind(kind)
-    if not 0 <= low_threshold <= high_threshold:
-        raise ValueError(f"canny thresholds low={low_threshold}, high={high_threshold}: need 0 <= low <= high")
-    gray = cv2.cvtColor(np.asarray(image.convert("RGB")), cv2.COLOR_RGB2GRAY)
-    edges = cv2.Canny(gray, low_threshold, high_threshold)  # (H, W) uint8, 255 on edges
-    return torch.from_numpy(edges).float().div(255.0)[None]
-
-
-def control_maps_from_pngs(
-    kind: str,
-    pngs: list[bytes],
-    low_threshold: int = DEFAULT_LOW_THRESHOLD,
-    high_threshold: int = DEFAULT_HIGH_THRESHOLD,
-) -> torch.Tensor:
-    """Control maps of ingested PNG images (the dataset's `image` column): (N, C, H, W) float in [0, 1]."""
-    _check_kind(kind)
-    # Decoded as training decodes them (RGB, via png_to_tensor); the [-1, 1] round trip is exact for uint8.
-    maps = [control_map(kind, tensor_to_pil(png_to_tensor(png)), low_threshold, high_threshold) for png in pngs]
-    sizes = sorted({tuple(m.shape[1:]) for m in maps})
-    if len(sizes) > 1:
-        raise ValueError(f"the PNGs have several sizes {sizes}; control maps of one batch need one size")
-    return torch.stack(maps)

@@ -15,16 +15,16 @@ import torch
 import torch._inductor.config
 import torch.nn.functional as F
 
-from ldm.modeling import atomic_path
-from ldm.samplers import SAMPLERS, sample
-from ldm.schedule import NoiseSchedule
-from ldm.text_encoder import TextEmbedding, TextEncoder
-from ldm.unet import UNet
-from ldm.vae import VAE
+from ldm.diffusion.samplers import SAMPLERS, sample
+from ldm.diffusion.schedule import NoiseSchedule
+from ldm.models.modeling import atomic_path
+from ldm.models.text_encoder import TextEmbedding, TextEncoder
+from ldm.models.unet import UNet
+from ldm.models.vae import VAE
 
 if TYPE_CHECKING:
-    from ldm.controlnet import ControlNet
-    from ldm.lora import LoraSpec
+    from ldm.models.controlnet import ControlNet
+    from ldm.models.lora import LoraSpec
 
 PIPELINE_CONFIG_NAME = "pipeline.json"
 # A trained model's folder keeps the raw UNet weights here, beside the EMA weights in `unet/` that sampling uses.
@@ -50,7 +50,7 @@ def compile_for_sampling(unet: UNet) -> Callable:
 @dataclass(frozen=True)
 class InitLatents:
     """Where img2img and inpainting start. latents: (B, C, h, w) the input image's clean latents in the
-    diffusion space; strength: how much of the schedule is re-run (see `ldm.samplers.sample`); mask:
+    diffusion space; strength: how much of the schedule is re-run (see `ldm.diffusion.samplers.sample`); mask:
     (B, 1, h, w), 1 where the image is regenerated and 0 where the input is kept, or None for img2img."""
 
     latents: torch.Tensor
@@ -217,9 +217,9 @@ class Text2Image:
         self.denoise = compile_for_sampling(unet) if compile else unet
 
     def load_loras(self, loras: Sequence[LoraSpec], merge: bool = False) -> None:
-        """Apply LoRA adapters to the UNet, each at its scale (`ldm.lora.load_loras`); `merge` folds them into
+        """Apply LoRA adapters to the UNet, each at its scale (`ldm.models.lora.load_loras`); `merge` folds them into
         the weights, which samples at the base model's speed but cannot be undone."""
-        from ldm.lora import load_loras
+        from ldm.models.lora import load_loras
 
         self.unet = load_loras(self.unet, loras, merge=merge)
         self.denoise = compile_for_sampling(self.unet) if self.compile else self.unet
@@ -275,7 +275,7 @@ class Text2Image:
         `strength` of the schedule (default 0.8): 0 returns it through the VAE, 1 is plain text-to-image.
         Inpainting: with `mask` (1 or B, 1, H, W) in [0, 1] too, only where the mask is 1 (a latent pixel is
         regenerated when at least half of its image pixels are) and from the start by default (strength 1).
-        ControlNet: `control_image` (1 or B, C, H, W) in [0, 1], e.g. an edge map (`ldm.controlnet.control_map`),
+        ControlNet: `control_image` (1 or B, C, H, W) in [0, 1], e.g. an edge map (`ldm.models.controlnet.control_map`),
         at the output size, its residuals scaled by `control_scale` (default: the pipeline's, which a trained
         ControlNet's control.json sets). An image or mask of one row applies to all.
         """
@@ -381,7 +381,7 @@ class Text2Image:
 
 
 def _load_controlnet(folder: str | os.PathLike, device: str | torch.device | None) -> ControlNet:
-    from ldm.controlnet import ControlNet
+    from ldm.models.controlnet import ControlNet
 
     if not Path(folder).is_dir():
         raise FileNotFoundError(
@@ -393,7 +393,7 @@ def _load_controlnet(folder: str | os.PathLike, device: str | torch.device | Non
 
 def _control_scale(folder: str | os.PathLike) -> float:
     """The scale a trained ControlNet's control.json recommends; 1 for a folder without one."""
-    from ldm.controlnet import CONTROL_CONFIG_NAME
+    from ldm.models.controlnet import CONTROL_CONFIG_NAME
 
     path = Path(folder) / CONTROL_CONFIG_NAME
     return float(json.loads(path.read_text()).get("control_scale", 1.0)) if path.is_file() else 1.0

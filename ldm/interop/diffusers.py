@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ldm.modeling import CONFIG_NAME, PretrainedModel, atomic_path, read_config_json
-from ldm.unet import UNet, UNetConfig
-from ldm.vae import VAE, VAEConfig
+from ldm.models.modeling import CONFIG_NAME, PretrainedModel, atomic_path, read_config_json
+from ldm.models.unet import UNet, UNetConfig
+from ldm.models.vae import VAE, VAEConfig
 
 DIFFUSERS_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 DIFFUSERS_VERSION = "0.42.1"  # the version this mapping is tested against

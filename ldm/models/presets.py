@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ldm.unet import UNetConfig
-from ldm.vae import VAEConfig
+from ldm.models.unet import UNetConfig
+from ldm.models.vae import VAEConfig
 
 MINILM_WIDTH = 384  # hidden size of the default offline text encoder
 

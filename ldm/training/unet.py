@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
@@ -32,17 +32,18 @@ from PIL import Image
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchvision.utils import make_grid
 
-from ldm.checkpoint import ResumableRun, TrainingState, run_fingerprint
-from ldm.distributed import SINGLE_PROCESS, DataParallel
-from ldm.ingested import tensor_to_pil
-from ldm.latent_cache import LatentBatch, LatentCache, TextTable
-from ldm.loss_history import LossHistory
-from ldm.pipeline import denoise
-from ldm.schedule import NoiseSchedule
-from ldm.text_encoder import TextEmbedding
-from ldm.unet import UNet, UNetConfig
-from ldm.vae import VAE
-from ldm.vae_training import adamw, warmup_cosine
+from ldm.data.images import tensor_to_pil
+from ldm.data.latent_cache import LatentCache, TextTable
+from ldm.data.order import CacheOrder, check_lanes
+from ldm.diffusion.pipeline import denoise
+from ldm.diffusion.schedule import NoiseSchedule
+from ldm.models.text_encoder import TextEmbedding
+from ldm.models.unet import UNet, UNetConfig
+from ldm.models.vae import VAE
+from ldm.training.checkpoint import ResumableRun, TrainingState, run_fingerprint
+from ldm.training.distributed import SINGLE_PROCESS, DataParallel
+from ldm.training.loss_history import LossHistory
+from ldm.training.optim import adamw, warmup_cosine
 
 logger = logging.getLogger(__name__)
 
@@ -101,19 +102,6 @@ def loss_weights(schedule: NoiseSchedule, t: torch.Tensor, min_snr_gamma: float 
     return clipped
 
 
-def check_lanes(batch_size: int, lanes: int, ranks: DataParallel) -> None:
-    """ValueError unless each of `lanes` takes an equal share of a batch and the ranks an equal share of lanes."""
-    if batch_size % lanes:
-        raise ValueError(
-            f"batch_size {batch_size} does not split into {lanes} data lanes; make batch_size a multiple of data_lanes"
-        )
-    if lanes % ranks.world_size:
-        raise ValueError(
-            f"data_lanes {lanes} does not split over {ranks.world_size} ranks; set data_lanes to a multiple of "
-            f"{ranks.world_size} (or null: one per rank)"
-        )
-
-
 def data_lanes(hp: UNetTrainingConfig, ranks: DataParallel) -> int:
     """The lanes a run reads (`CacheOrder`): hp.data_lanes, or one per rank; ValueError when they do not split."""
     lanes = ranks.world_size if hp.data_lanes is None else hp.data_lanes
@@ -144,62 +132,6 @@ def denoising_loss(
         prediction = model(noisy, t, context.hidden_states, mask)
     per_sample = F.mse_loss(prediction.float(), target, reduction="none").mean(dim=(1, 2, 3))
     return (weights * per_sample).mean()
-
-
-class CacheOrder:
-    """Global batches of the cache's train split, a fresh shuffle per epoch; its position is two JSON numbers.
-
-    The split is read as `lanes` streams of disjoint row groups (`LatentCache.iter_batches` ranks), and a
-    batch is batch_size / lanes rows of each, lane after lane. A rank of a data-parallel run reads only its
-    own lanes, which are its contiguous share of every batch: the batches, and so the run, are the same on
-    any number of ranks that divides `lanes`. Epoch e reads the lanes with seed (data_seed + e), so (epoch,
-    batches taken) rebuilds the exact stream; an epoch ends when its shortest lane does.
-    """
-
-    def __init__(
-        self, cache: LatentCache, batch_size: int, data_seed: int, lanes: int = 1,
-        ranks: DataParallel = SINGLE_PROCESS,
-    ):
-        check_lanes(batch_size, lanes, ranks)
-        self.cache, self.batch_size, self.data_seed, self.lanes = cache, batch_size, data_seed, lanes
-        self.lane_rows = batch_size // lanes
-        self.batches_per_epoch = min(cache.num_rows("train", lane, lanes) for lane in range(lanes)) // self.lane_rows
-        if self.batches_per_epoch == 0:
-            raise ValueError(
-                f"the cache holds {cache.num_rows('train')} train rows, fewer than one batch of {batch_size} "
-                f"(in {lanes} lanes of {self.lane_rows}); lower batch_size or data_lanes"
-            )
-        mine = ranks.share(lanes, "data_lanes")
-        self.my_lanes = range(mine.start, mine.stop)
-        self.epoch, self.taken = 0, 0
-        self._lanes: list[Iterator[LatentBatch]] | None = None
-
-    def _open(self) -> list[Iterator[LatentBatch]]:
-        return [
-            self.cache.iter_batches(
-                "train", self.lane_rows, rank=lane, world_size=self.lanes, seed=self.data_seed + self.epoch,
-                drop_last=True,
-            )
-            for lane in self.my_lanes
-        ]
-
-    def next_batch(self) -> LatentBatch:
-        """This rank's rows of the next global batch (all of them in a single process)."""
-        if self.taken == self.batches_per_epoch:
-            self.epoch, self.taken, self._lanes = self.epoch + 1, 0, None
-        if self._lanes is None:
-            self._lanes = self._open()
-            for _ in range(self.taken):
-                for lane in self._lanes:
-                    next(lane)
-        self.taken += 1
-        return LatentBatch.cat([next(lane) for lane in self._lanes])
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "taken": self.taken}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.taken, self._lanes = state["epoch"], state["taken"], None
 
 
 def validation_prompts(cache: LatentCache, count: int) -> list[tuple[str, int]]:

@@ -17,19 +17,17 @@ so a shard truncated or altered since it was written is reported by name and nev
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from PIL import Image
 
-from ldm.modeling import file_sha256
+from ldm.data.images import png_to_tensor
+from ldm.models.modeling import file_sha256
 
 SCHEMA = pa.schema(
     [
@@ -94,18 +92,6 @@ def read_table(directory: str | os.PathLike, split: str | None = None, columns: 
     """All rows (or one split's) of the ingested dataset, as one Arrow table."""
     filters = None if split is None else [("split", "=", split)]
     return pq.read_table([str(p) for p in shard_paths(directory)], columns=columns, filters=filters, schema=SCHEMA)
-
-
-def png_to_tensor(png: bytes) -> torch.Tensor:
-    """PNG bytes -> (3, H, W) float in [-1, 1]."""
-    array = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.uint8)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div(127.5).sub(1.0)
-
-
-def tensor_to_pil(image: torch.Tensor) -> Image.Image:
-    """(3, H, W) in [-1, 1] -> an RGB PIL image."""
-    array = image.detach().clamp(-1, 1).add(1).mul(127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(array)
 
 
 class IngestedImages(torch.utils.data.Dataset):

@@ -166,7 +166,7 @@ def _pick(rng: random.Random, options):
 
 
 def _rng(seed: int, index: int) -> random.Random:
-    return random.Random(f"ldm.shapes:{seed}:{index}")
+    return random.Random(f"ldm.data.shapes:{seed}:{index}")
 
 
 def sample_scene(config: ShapesConfig, rng: random.Random) -> Scene:

@@ -1,6 +1,6 @@
 """Training a ControlNet beside a frozen UNet, from the latent cache and a control map per cached image.
 
-Each step is `train_unet`'s (ldm.unet_training), with the ControlNet's residuals added to the frozen UNet:
+Each step is `train_unet`'s (ldm.training.unet), with the ControlNet's residuals added to the frozen UNet:
 
     z0      = a fresh posterior sample of the cached latents, in diffusion space
     t       ~ U{0, T-1};  noise ~ N(0, I);  z_t = sqrt(abar_t) * z0 + sqrt(1 - abar_t) * noise
@@ -25,14 +25,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.checkpoint import ResumableRun, TrainingState, run_fingerprint
-from ldm.controlnet import ControlNet
-from ldm.latent_cache import LatentBatch, LatentCache
-from ldm.loss_history import LossHistory
-from ldm.schedule import NoiseSchedule
-from ldm.unet import UNet
-from ldm.unet_training import CacheOrder, StepCallback
-from ldm.vae_training import adamw, warmup_cosine
+from ldm.data.latent_cache import LatentBatch, LatentCache
+from ldm.data.order import CacheOrder
+from ldm.diffusion.schedule import NoiseSchedule
+from ldm.models.controlnet import ControlNet
+from ldm.models.unet import UNet
+from ldm.training.checkpoint import ResumableRun, TrainingState, run_fingerprint
+from ldm.training.loss_history import LossHistory
+from ldm.training.optim import adamw, warmup_cosine
+from ldm.training.unet import StepCallback
 
 logger = logging.getLogger(__name__)
 

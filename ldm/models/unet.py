@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from pydantic import model_validator
 from torch import nn
 
-from ldm.layers import Downsample, ResnetBlock, SpatialTransformer, TimestepMLP, Upsample, timestep_embedding
-from ldm.modeling import ModelConfig, PretrainedModel
+from ldm.models.layers import Downsample, ResnetBlock, SpatialTransformer, TimestepMLP, Upsample, timestep_embedding
+from ldm.models.modeling import ModelConfig, PretrainedModel
 
 
 class UNetConfig(ModelConfig):

@@ -44,8 +44,8 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from ldm.distributed import SINGLE_PROCESS, DataParallel
-from ldm.modeling import check_finite, file_sha256
+from ldm.models.modeling import check_finite, file_sha256
+from ldm.training.distributed import SINGLE_PROCESS, DataParallel
 
 logger = logging.getLogger(__name__)
 
@@ -368,7 +368,7 @@ class ResumableRun:
     last, the newest `hp.keep_checkpoints` kept, and up to `hp.nonfinite_skips` steps with a non-finite loss
     or gradient skipped (counted, and reported in `skipped`) before NonFiniteLoss stops the run.
 
-    `ranks`: this process's place in a data-parallel run (`ldm.distributed`). Rank 0 alone picks, clears and
+    `ranks`: this process's place in a data-parallel run (`ldm.training.distributed`). Rank 0 alone picks, clears and
     writes checkpoints, and every rank loads the one it picked; the loss given to `finite` must be the mean
     over the ranks, so that all of them skip or stop together.
     """

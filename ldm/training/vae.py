@@ -19,25 +19,23 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
-from torch.optim.lr_scheduler import LambdaLR
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
-from torchvision.utils import make_grid
 
-from ldm.checkpoint import ResumableRun, TrainingState, run_fingerprint
-from ldm.distributed import SINGLE_PROCESS, DataParallel
-from ldm.ingested import IngestedImages, tensor_to_pil
-from ldm.loss_history import LossHistory
-from ldm.vae import VAE, VAEConfig
+from ldm.data.ingested import IngestedImages
+from ldm.data.order import EpochOrder
+from ldm.evaluation.reconstruction import reconstruction_metrics
+from ldm.models.vae import VAE, VAEConfig
+from ldm.training.checkpoint import ResumableRun, TrainingState, run_fingerprint
+from ldm.training.distributed import SINGLE_PROCESS, DataParallel
+from ldm.training.loss_history import LossHistory
+from ldm.training.optim import adamw, warmup_cosine
 
 logger = logging.getLogger(__name__)
 
@@ -83,63 +81,6 @@ class VAETrainingResult(NamedTuple):
     history: list[dict[str, float]]  # one row per logged step: step, loss, recon, kl, lr (kept across resumes)
 
 
-def adamw(parameters: Iterable[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW as every training loop here steps it: the fused kernel, one call over all tensors.
-
-    PyTorch's default on CPUs is a Python loop of about ten small ops per tensor, which took 7% of a default
-    UNet training step (bench/training_throughput.py); fused runs on CPUs and CUDA alike.
-    """
-    return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, fused=True)
-
-
-def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> LambdaLR:
-    """Linear warmup to the optimizer's lr over `warmup_steps`, then cosine decay towards zero at `total_steps`."""
-
-    def factor(done: int) -> float:  # done: optimizer steps taken before this one
-        if done < warmup_steps:
-            return (done + 1) / warmup_steps
-        progress = (done - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-    return LambdaLR(optimizer, factor)
-
-
-class EpochOrder:
-    """Batches of dataset indices from a new permutation each epoch; its position is three JSON numbers.
-
-    Each epoch's permutation comes from an order seed drawn from `generator`, so restoring the generator
-    state and (epoch, position, order_seed) rebuilds the exact remaining order.
-    """
-
-    def __init__(self, size: int, batch_size: int, generator: torch.Generator):
-        if batch_size > size:
-            raise ValueError(f"the dataset has {size} images, fewer than one batch of {batch_size}; lower batch_size")
-        self.size, self.batch_size, self.generator = size, batch_size, generator
-        # Positioned at the end of an empty epoch -1, so the first batch starts epoch 0.
-        self.epoch, self.position, self.order_seed = -1, size, 0
-        self.order = torch.empty(0, dtype=torch.long)
-
-    def _permutation(self) -> torch.Tensor:
-        return torch.randperm(self.size, generator=torch.Generator().manual_seed(self.order_seed))
-
-    def next_batch(self) -> list[int]:
-        if self.position + self.batch_size > self.size:
-            self.epoch, self.position = self.epoch + 1, 0
-            self.order_seed = int(torch.randint(2**62, (1,), generator=self.generator))
-            self.order = self._permutation()
-        batch = self.order[self.position : self.position + self.batch_size]
-        self.position += self.batch_size
-        return batch.tolist()
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position, "order_seed": self.order_seed}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.position, self.order_seed = state["epoch"], state["position"], state["order_seed"]
-        if self.epoch >= 0:
-            self.order = self._permutation()
-
-
 def _batch(data: IngestedImages, indices: list[int], device: torch.device) -> torch.Tensor:  # (B, 3, H, W)
     return torch.stack([data[i] for i in indices]).to(device)
 
@@ -161,51 +102,6 @@ def latent_statistics(
     ]
     std, mean = torch.std_mean(torch.cat(samples))
     return mean.item(), std.item()
-
-
-@torch.no_grad()
-def reconstruction_metrics(vae: VAE, data: IngestedImages, batch_size: int) -> dict[str, float]:
-    """PSNR (mean of per-image values, dB) and SSIM of `decode(posterior mode)`, clamped, over all of `data`;
-    and the posterior's noise over its signal in the noisiest latent channel: the mean posterior std over the
-    std of the posterior means. Above 1 the sampled latents the UNet learns from are mostly noise.
-
-    Both on images mapped to [0, 1] with data_range 1: SSIM's stabilising constants assume non-negative
-    intensities, so on [-1, 1] it would not be the standard SSIM (PSNR is the same either way).
-    """
-    device = next(vae.parameters()).device
-    # One process sees all of `data`: no syncing with the other ranks of a data-parallel run, which have left.
-    psnr = PeakSignalNoiseRatio(
-        data_range=1.0, reduction="elementwise_mean", dim=(1, 2, 3), sync_on_compute=False
-    ).to(device)
-    ssim = StructuralSimilarityIndexMeasure(data_range=1.0, sync_on_compute=False).to(device)
-    means, stds = [], []
-    for _, images in data.iter_batches(batch_size):
-        images = images.to(device)
-        posterior = vae.encode(images)
-        reconstructions = vae.decode(posterior.mode())
-        psnr.update((reconstructions + 1) / 2, (images + 1) / 2)
-        ssim.update((reconstructions + 1) / 2, (images + 1) / 2)
-        means.append(posterior.mean.transpose(0, 1).flatten(1).cpu())  # (L, B*h*w)
-        stds.append(posterior.std.transpose(0, 1).flatten(1).cpu())
-    signal, noise = torch.cat(means, dim=1).std(dim=1), torch.cat(stds, dim=1).mean(dim=1)
-    return {
-        "val_psnr": psnr.compute().item(),
-        "val_ssim": ssim.compute().item(),
-        "latent_noise_to_signal": (noise / signal).max().item(),
-    }
-
-
-@torch.no_grad()
-def reconstruction_grid(vae: VAE, images: torch.Tensor) -> Image.Image:
-    """Originals (top row) over their reconstructions from the posterior mode (bottom row).
-
-    images: (N, 3, H, W) in [-1, 1].
-    """
-    device = next(vae.parameters()).device
-    reconstructions = vae.decode(vae.encode(images.to(device)).mode()).cpu()
-    # Mid-grey borders (0 in [-1, 1]) keep the cells apart on white and on black backgrounds alike.
-    grid = make_grid(torch.cat([images.cpu(), reconstructions]), nrow=len(images), pad_value=0.0)
-    return tensor_to_pil(grid)
 
 
 def train_vae(

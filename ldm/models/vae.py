@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from pydantic import model_validator
 from torch import nn
 
-from ldm.layers import Downsample, ResnetBlock, SpatialSelfAttention, Upsample
-from ldm.modeling import ModelConfig, PretrainedModel
+from ldm.models.layers import Downsample, ResnetBlock, SpatialSelfAttention, Upsample
+from ldm.models.modeling import ModelConfig, PretrainedModel
 
 NORM_EPS = 1e-6
 

@@ -1,0 +1,119 @@
+"""The order training reads its rows in: resumable from a few JSON numbers.
+
+`EpochOrder` draws indices of an in-memory dataset; `CacheOrder` streams global batches from the latent cache,
+the same batches on any number of data-parallel ranks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from ldm.data.latent_cache import LatentBatch, LatentCache
+from ldm.training.distributed import SINGLE_PROCESS, DataParallel
+
+
+class EpochOrder:
+    """Batches of dataset indices from a new permutation each epoch; its position is three JSON numbers.
+
+    Each epoch's permutation comes from an order seed drawn from `generator`, so restoring the generator
+    state and (epoch, position, order_seed) rebuilds the exact remaining order.
+    """
+
+    def __init__(self, size: int, batch_size: int, generator: torch.Generator):
+        if batch_size > size:
+            raise ValueError(f"the dataset has {size} images, fewer than one batch of {batch_size}; lower batch_size")
+        self.size, self.batch_size, self.generator = size, batch_size, generator
+        # Positioned at the end of an empty epoch -1, so the first batch starts epoch 0.
+        self.epoch, self.position, self.order_seed = -1, size, 0
+        self.order = torch.empty(0, dtype=torch.long)
+
+    def _permutation(self) -> torch.Tensor:
+        return torch.randperm(self.size, generator=torch.Generator().manual_seed(self.order_seed))
+
+    def next_batch(self) -> list[int]:
+        if self.position + self.batch_size > self.size:
+            self.epoch, self.position = self.epoch + 1, 0
+            self.order_seed = int(torch.randint(2**62, (1,), generator=self.generator))
+            self.order = self._permutation()
+        batch = self.order[self.position : self.position + self.batch_size]
+        self.position += self.batch_size
+        return batch.tolist()
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position, "order_seed": self.order_seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position, self.order_seed = state["epoch"], state["position"], state["order_seed"]
+        if self.epoch >= 0:
+            self.order = self._permutation()
+
+
+def check_lanes(batch_size: int, lanes: int, ranks: DataParallel) -> None:
+    """ValueError unless each of `lanes` takes an equal share of a batch and the ranks an equal share of lanes."""
+    if batch_size % lanes:
+        raise ValueError(
+            f"batch_size {batch_size} does not split into {lanes} data lanes; make batch_size a multiple of data_lanes"
+        )
+    if lanes % ranks.world_size:
+        raise ValueError(
+            f"data_lanes {lanes} does not split over {ranks.world_size} ranks; set data_lanes to a multiple of "
+            f"{ranks.world_size} (or null: one per rank)"
+        )
+
+
+class CacheOrder:
+    """Global batches of the cache's train split, a fresh shuffle per epoch; its position is two JSON numbers.
+
+    The split is read as `lanes` streams of disjoint row groups (`LatentCache.iter_batches` ranks), and a
+    batch is batch_size / lanes rows of each, lane after lane. A rank of a data-parallel run reads only its
+    own lanes, which are its contiguous share of every batch: the batches, and so the run, are the same on
+    any number of ranks that divides `lanes`. Epoch e reads the lanes with seed (data_seed + e), so (epoch,
+    batches taken) rebuilds the exact stream; an epoch ends when its shortest lane does.
+    """
+
+    def __init__(
+        self, cache: LatentCache, batch_size: int, data_seed: int, lanes: int = 1,
+        ranks: DataParallel = SINGLE_PROCESS,
+    ):
+        check_lanes(batch_size, lanes, ranks)
+        self.cache, self.batch_size, self.data_seed, self.lanes = cache, batch_size, data_seed, lanes
+        self.lane_rows = batch_size // lanes
+        self.batches_per_epoch = min(cache.num_rows("train", lane, lanes) for lane in range(lanes)) // self.lane_rows
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"the cache holds {cache.num_rows('train')} train rows, fewer than one batch of {batch_size} "
+                f"(in {lanes} lanes of {self.lane_rows}); lower batch_size or data_lanes"
+            )
+        mine = ranks.share(lanes, "data_lanes")
+        self.my_lanes = range(mine.start, mine.stop)
+        self.epoch, self.taken = 0, 0
+        self._lanes: list[Iterator[LatentBatch]] | None = None
+
+    def _open(self) -> list[Iterator[LatentBatch]]:
+        return [
+            self.cache.iter_batches(
+                "train", self.lane_rows, rank=lane, world_size=self.lanes, seed=self.data_seed + self.epoch,
+                drop_last=True,
+            )
+            for lane in self.my_lanes
+        ]
+
+    def next_batch(self) -> LatentBatch:
+        """This rank's rows of the next global batch (all of them in a single process)."""
+        if self.taken == self.batches_per_epoch:
+            self.epoch, self.taken, self._lanes = self.epoch + 1, 0, None
+        if self._lanes is None:
+            self._lanes = self._open()
+            for _ in range(self.taken):
+                for lane in self._lanes:
+                    next(lane)
+        self.taken += 1
+        return LatentBatch.cat([next(lane) for lane in self._lanes])
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "taken": self.taken}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.taken, self._lanes = state["epoch"], state["taken"], None
