@@ -48,14 +48,15 @@ from ldm.data.ingested import IngestedDataError, IngestedImages
 from ldm.data.latent_cache import LatentCache, TextTable
 from ldm.data.order import CacheOrder
 from ldm.diffusion.schedule import NoiseSchedule
+from ldm.errors import InputError
 from ldm.interop.diffusers import to_diffusers
 from ldm.models.text_encoder import TextEmbedding, TextEncoder
 from ldm.models.unet import UNet
 from ldm.models.vae import VAE
+from ldm.training.denoising import denoising_loss
 from ldm.training.optim import adamw
-from ldm.training.unet import denoising_loss
 from stages.params import Params, ParamsError, TrainUNetParams, load_params
-from stages.train_unet import InputError, open_inputs, unet_config
+from stages.train_unet import open_inputs, unet_config
 
 WARMUP_STEPS = 2  # per variant, untimed: thread pool, allocator, the first caption-table reads
 MATMUL_SIZE = 2048
@@ -216,7 +217,7 @@ def diffusion_loss(
     noise = torch.randn(latents.shape, generator=generator)
     if hp.noise_offset:
         noise = noise + hp.noise_offset * torch.randn(b, latents.shape[1], 1, 1, generator=generator)
-    return denoising_loss(call, schedule, latents, noise, t, context, hp.min_snr_gamma, False, torch.device("cpu"))
+    return denoising_loss(call, schedule, latents, noise, t, context, hp.min_snr_gamma, torch.device("cpu"))
 
 
 def training_step(trainee: Trainee, next_batch: BatchSource, schedule: NoiseSchedule, hp: TrainUNetParams) -> None:

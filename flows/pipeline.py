@@ -140,6 +140,21 @@ def stage_environment(flow_run_id: str, mlflow_run_id: str) -> dict[str, str]:
     return env
 
 
+def has_commit(repo: Path) -> bool:
+    """Whether `repo` is in a git repository with at least one commit (read with scmrepo, DVC's git layer)."""
+    from scmrepo.exceptions import SCMError
+    from scmrepo.git import Git
+
+    try:
+        scm = Git(str(repo))
+    except SCMError:
+        return False
+    try:
+        return not scm.no_commits
+    finally:
+        scm.close()
+
+
 @task(name="validate overrides", cache_policy=NO_CACHE)
 def validate_overrides(repo: str, set_params: list[str]) -> None:
     check_overrides(Path(repo), set_params)
@@ -216,8 +231,7 @@ def mlflow_parent_run(repo: Path, flow_run_id: str, set_params, targets, force: 
     client = tracking_client(repo)
     experiment_id = pipeline_experiment(client, repo)
     params = load_params(repo / DEFAULT_PARAMS_FILE)
-    stages = pipeline_stages(repo, params.model_dump(mode="json"))
-    commit = git_commit(repo, generated_paths(stages))
+    commit = git_commit(repo, generated_paths(pipeline_stages(repo)))
     tags = {
         "mlflow.runName": "pipeline", "mlflow.source.git.commit": commit, "git_commit": commit,
         "profile": params.profile, "prefect_flow_run_id": flow_run_id,
@@ -254,8 +268,7 @@ def pipeline(
         raise ValueError(f"targets must be stage names or paths, got {bad}")
     if set_params:
         validate_overrides(str(root), set_params)
-        head = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=root, capture_output=True, check=False)
-        if head.returncode:
+        if not has_commit(root):
             raise PipelineError(f"set_params runs `dvc exp run`, which needs a git commit in {root}: commit first")
     flow_run_id = str(get_run_context().flow_run.id)
     with mlflow_parent_run(root, flow_run_id, set_params, targets, force) as mlflow_run_id:

@@ -15,7 +15,7 @@ import urllib.request
 from contextlib import AbstractContextManager, nullcontext
 from urllib.parse import urlsplit, urlunsplit
 
-from ldm.cli import redacted  # a server URL may carry `user:password@`, which no message may show
+from ldm.urls import redacted  # a server URL may carry `user:password@`, which no message may show
 
 HEALTH_TIMEOUT_S = 5
 

@@ -24,6 +24,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.servers import few_prefect_retries, no_answer, prefect_api_url, redacted, require_servers
 from flows.tracking import StageRun, dotted_get, pipeline_stages, server_unavailable, stage_outputs, stage_run
+from ldm.errors import InputError
 from ldm.training.checkpoint import NonFiniteLoss, TrainingInterrupted
 from ldm.training.distributed import launched_rank
 from stages.params import DEFAULT_PARAMS_FILE, Params, ParamsError, load_params
@@ -102,8 +103,8 @@ def run_stage(
     """The body of every stage flow. `finish`, when given, runs last as a task of its own (named after the
     function) inside the stage's MLflow run: registry work beyond registering `result.model_dir`."""
     params = validate_params(params_path)
-    stages = pipeline_stages(REPO, params.model_dump(mode="json"))
-    logged = stage_params(params, stages.get(stage, {}).get("params", []))
+    stages = pipeline_stages(REPO)
+    logged = stage_params(params, stages[stage].params if stage in stages else [])
     with stage_run(REPO, stage, stages, logged, params.profile, warn=get_run_logger().warning) as tracked:
         result = task(name=stage, cache_policy=NO_CACHE)(stage_fn)(params, FlowReporter(tracked))
         record_results(tracked, result, registered_model)
@@ -148,6 +149,9 @@ def main(flow_fn: Callable[[str], StageResult], stage_main: Callable[[list[str]]
                 flow_fn(args.params)
     except (TrainingInterrupted, NonFiniteLoss) as e:
         sys.exit(report_stopped_training(flow_fn.name, e))
+    except InputError as e:
+        print(f"{flow_fn.name}: error: {e}", file=sys.stderr)
+        sys.exit(2)
     except Exception:
         _exit_if_only_prefect_was_lost()
         raise

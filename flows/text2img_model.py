@@ -15,10 +15,21 @@ Request (REST, `mlflow models serve -m models:/ldm-text2img/1 --env-manager loca
      "params": {"seed": 0, "steps": 20, "guidance_scale": 5.0, "sampler": "dpmpp_2m", "negative_prompt": "blurry"}}
 
 The params follow `ldm sample`'s options: `guidance_rescale`; img2img with `init_image` (a base64 PNG or
-JPEG) and `strength`; inpainting with `mask` (base64, white = regenerate) too; `lora` ("PATH[:SCALE]", several
-separated by commas, folders on the serving machine; merged into a copy of the UNet for the request);
-`control_image` (a base64 control map, e.g. a Canny edge map) and `control_scale`, for a model logged with a
-ControlNet (`controlnet/` inside its pipeline artifact).
+JPEG) and `strength`; inpainting with `mask` (base64, white = regenerate) too; `lora` ("ADAPTER[:SCALE]",
+several separated by commas; merged into a copy of the UNet for the request); `control_image` (a base64 control
+map, e.g. a Canny edge map) and `control_scale`, for a model logged with a ControlNet (`controlnet/` inside its
+pipeline artifact).
+
+A `lora` ADAPTER is never a filesystem path: a request names only
+- an adapter shipped with the model, by the name it was saved under (`save_text2img_model(..., loras={"hexagons":
+  folder})` puts it in the model's artifact "loras"), e.g. `hexagons:0.8`; or
+- a version of a LoRA registered in the MLflow model registry the server is pointed at (MLFLOW_TRACKING_URI /
+  MLFLOW_REGISTRY_URI), as `NAME/VERSION`, `NAME@ALIAS`, `models:/NAME/VERSION` or `models:/NAME@ALIAS`, e.g.
+  `ldm-lora/3` (the finetune_lora stage registers its adapter as `ldm-lora`). The server downloads that
+  version's adapter files through MLflow (once per version) and keeps them for later requests.
+Names are letters, digits, `_`, `-` and `.` (no `..`). Anything else (a path, `..`, a `file:` URI, an unknown
+name or version) is refused with INVALID_PARAMETER_VALUE (HTTP 400) before any file is read; `ldm sample
+--lora PATH` and `Text2Image.load_loras` on the library side still take local folders.
 
 Response: `{"predictions": [{"prompt": "a red circle", "image": "<base64 PNG>"}, ...]}`. Locally,
 `mlflow.pyfunc.load_model(uri).predict(df, params=...)` returns the same as a DataFrame with columns
@@ -42,8 +53,10 @@ import base64
 import copy
 import math
 import os
+import re
 import shutil
 import tempfile
+import threading
 import warnings
 from importlib.metadata import version
 from pathlib import Path
@@ -53,7 +66,7 @@ import mlflow
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.pyfunc import PythonModel
 from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
@@ -67,6 +80,14 @@ PIPELINE_ARTIFACT = "pipeline"
 # weights kept for resuming training) stays out of the served model.
 PIPELINE_FILES = ("pipeline.json", "vae", "unet")
 CONTROLNET_FOLDER = "controlnet"  # an optional ControlNet inside the pipeline artifact
+LORA_ARTIFACT = "loras"  # the LoRA adapters shipped with the model, a folder per name (optional)
+MAX_REQUEST_LORAS = 8  # LoRAs one request may apply
+# What a request's `lora` may name (see the module docstring): a shipped adapter, or a registered model version.
+_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}"
+_SHIPPED_NAME = re.compile(_NAME)
+_REGISTERED = re.compile(
+    rf"(?:models:/)?(?P<name>{_NAME})(?:/(?P<version>[1-9][0-9]{{0,8}})|@(?P<alias>[A-Za-z0-9_-]{{1,100}}))"
+)
 
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string", "prompt"), ColSpec("string", "negative_prompt", required=False)]),
@@ -116,6 +137,25 @@ def _decode_image(name: str, data: str):
         raise BadRequest(f"params '{name}' is not a usable image: {reason}; send a base64-encoded PNG or JPEG") from None
 
 
+def _split_scale(text: str) -> tuple[str, float]:
+    """`ADAPTER[:SCALE]` as (adapter, scale): split at the last ':' only when a number follows (as the CLI's
+    `parse_lora_spec`, but on the string alone: nothing here is a path)."""
+    head, colon, tail = text.rpartition(":")
+    if not colon or not head:
+        return text, 1.0
+    try:
+        scale = float(tail)
+    except ValueError:
+        return text, 1.0
+    if not math.isfinite(scale):
+        raise BadRequest(f"params 'lora': {text!r} has the scale {scale}; give a finite number, e.g. ldm-lora/3:0.8")
+    return head, scale
+
+
+def _is_lora_name(ref: str) -> bool:
+    return ".." not in ref and _SHIPPED_NAME.fullmatch(ref) is not None
+
+
 def _png_base64(image) -> str:
     from ldm.data.images import tensor_to_pil, to_png
 
@@ -139,13 +179,22 @@ class Text2ImageModel(PythonModel):
         self.pipeline = Text2Image.from_pretrained(
             folder, device=device, controlnet=controlnet if controlnet.is_dir() else None
         )
+        # The adapters a request may name: those shipped with the model (by their folder's name, checked when
+        # saved) and, fetched on first use, registered versions. A request's text is only ever a key here.
+        shipped = context.artifacts.get(LORA_ARTIFACT)
+        self.shipped_loras = {
+            p.name: p for p in sorted(Path(shipped).iterdir()) if p.is_dir() and _is_lora_name(p.name)
+        } if shipped else {}
+        self._registered_loras: dict[tuple[str, str], Path] = {}
+        self._registered_lock = threading.Lock()
+        self._downloads: tempfile.TemporaryDirectory | None = None
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         """One image per row of `model_input` (column `prompt`, optional column `negative_prompt`), row i
         drawn from seed + i (as `ldm sample` and the sample stage draw prompt i), so with a deterministic
         sampler a row's image does not depend on the request it came in. Returns a DataFrame: `prompt`,
         `image` (base64 PNG string)."""
-        from ldm.diffusion.samplers import SAMPLERS
+        from ldm.diffusion.names import SAMPLERS
 
         if not isinstance(model_input, pd.DataFrame):
             model_input = pd.DataFrame(model_input)
@@ -186,27 +235,100 @@ class Text2ImageModel(PythonModel):
         # A shallow copy so that a request's sampler never leaks into a concurrent one; the weights are shared.
         pipeline = copy.copy(self.pipeline)
         pipeline.sampler = sampler
+        loras = self._resolve_loras(settings["lora"]) if settings["lora"] else []
         try:
-            conditioning = self._conditioning(settings, pipeline)
+            conditioning = self._conditioning(settings, pipeline, loras)
             images = pipeline(
                 prompts, negative_prompt=negative, steps=steps, guidance_scale=guidance,
                 seed=[seed + i for i in range(len(prompts))], **conditioning,
             )
-        except (ValueError, FileNotFoundError) as e:  # e.g. a LoRA folder missing, a mask of the wrong size
+        except BadRequest:
+            raise
+        except (ValueError, FileNotFoundError) as e:  # e.g. a LoRA for another UNet, a mask of the wrong size
             raise BadRequest(str(e)) from e
         return pd.DataFrame({"prompt": prompts, "image": [_png_base64(image) for image in images]})
 
+    def _lora_refused(self, item: str, why: str) -> BadRequest:
+        shipped = sorted(self.shipped_loras)
+        return BadRequest(
+            f"params 'lora': {item!r} {why}. The served model loads no file named in a request: 'lora' takes adapters "
+            f"shipped with the model, by name ({'here: ' + ', '.join(shipped) if shipped else 'this model ships none'}), "
+            f"or LoRA versions registered in the MLflow model registry, as NAME/VERSION, NAME@ALIAS, "
+            f"models:/NAME/VERSION or models:/NAME@ALIAS (e.g. ldm-lora/3); each optionally ':SCALE', several "
+            f"separated by commas. Filesystem paths and file: URIs are not accepted."
+        )
+
+    def _resolve_loras(self, value: str) -> list:
+        """The request's `lora` param as LoraSpecs of folders this model owns (shipped, or downloaded from the
+        registry); refuses anything else before any file is touched."""
+        from ldm.models.lora import LoraSpec
+
+        items = [item.strip() for item in value.split(",")]
+        if len(items) > MAX_REQUEST_LORAS:
+            raise BadRequest(f"params 'lora' names {len(items)} adapters; a request may apply at most {MAX_REQUEST_LORAS}")
+        specs = []
+        for item in items:
+            ref, scale = _split_scale(item)
+            if ref in self.shipped_loras:
+                specs.append(LoraSpec(self.shipped_loras[ref], scale))
+                continue
+            registered = None if ".." in ref else _REGISTERED.fullmatch(ref)
+            if registered is not None:
+                specs.append(LoraSpec(self._registered_lora(item, **registered.groupdict()), scale))
+            elif _is_lora_name(ref):
+                raise self._lora_refused(item, "is no adapter shipped with this model")
+            elif not ref:
+                raise self._lora_refused(item, "names no adapter")
+            else:
+                raise self._lora_refused(item, "is neither the name of a shipped adapter nor a registered model version")
+        return specs
+
+    def _registered_lora(self, item: str, name: str, version: str | None, alias: str | None) -> Path:
+        """The folder of registered LoRA `name` (`version`, or the version `alias` points at), downloaded through
+        MLflow's registry on first use: only its adapter weights and config, whatever else the version holds."""
+        from mlflow import MlflowClient
+
+        from ldm.models.lora import CONFIG_NAME, WEIGHTS_NAME
+
+        client = MlflowClient()
+        try:
+            found = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+        except MlflowException as e:
+            if e.error_code not in (ErrorCode.Name(RESOURCE_DOES_NOT_EXIST), ErrorCode.Name(INVALID_PARAMETER_VALUE)):
+                raise  # the registry is down or refuses us: a server error, not the request's
+            what = f"alias {alias!r}" if alias else f"version {version}"
+            raise self._lora_refused(item, f"is not in the MLflow model registry (no {what} of model {name!r})") from None
+        key = (name, str(found.version))
+        with self._registered_lock:
+            if key in self._registered_loras:
+                return self._registered_loras[key]
+            if self._downloads is None:
+                self._downloads = tempfile.TemporaryDirectory(prefix="ldm-registered-loras-")
+            folder = Path(self._downloads.name) / str(len(self._registered_loras))
+            folder.mkdir()
+            for file in (WEIGHTS_NAME, CONFIG_NAME):
+                try:
+                    mlflow.artifacts.download_artifacts(
+                        artifact_uri=f"models:/{name}/{found.version}/{file}", dst_path=str(folder)
+                    )
+                except (MlflowException, OSError):
+                    shutil.rmtree(folder, ignore_errors=True)
+                    raise self._lora_refused(
+                        item, f"is registered, but model {name!r} version {found.version} is not a LoRA adapter "
+                        f"(it has no {file})"
+                    ) from None
+            self._registered_loras[key] = folder
+            return folder
 
     @staticmethod
-    def _conditioning(settings: dict[str, Any], pipeline) -> dict[str, Any]:
+    def _conditioning(settings: dict[str, Any], pipeline, loras: list) -> dict[str, Any]:
         """The request's img2img, inpainting, ControlNet and guidance-rescale arguments of the pipeline call;
-        LoRAs are merged into a copy of the UNet, so they never touch the shared one."""
+        `loras` (resolved by `_resolve_loras`) are merged into a copy of the UNet, so they never touch the shared one."""
         from ldm.data.images import image_tensor, map_tensor
-        from ldm.models.lora import parse_lora_spec
 
-        if settings["lora"]:
+        if loras:
             pipeline.unet = copy.deepcopy(pipeline.unet)
-            pipeline.load_loras([parse_lora_spec(text.strip()) for text in settings["lora"].split(",")], merge=True)
+            pipeline.load_loras(loras, merge=True)
         images = {name: _decode_image(name, settings[name]) for name in ("init_image", "mask", "control_image")
                   if settings[name]}
         if "control_image" in images and pipeline.controlnet is None:
@@ -229,10 +351,14 @@ def pip_requirements() -> list[str]:
     return [f"{p}=={version(p)}" for p in packages]
 
 
-def save_text2img_model(pipeline_dir: Path, path: Path, controlnet_dir: Path | None = None) -> None:
+def save_text2img_model(
+    pipeline_dir: Path, path: Path, controlnet_dir: Path | None = None, loras: dict[str, Path] | None = None
+) -> None:
     """Write the pyfunc model folder for the pipeline folder `pipeline_dir` to `path` (must not exist or be empty),
-    with the ControlNet folder `controlnet_dir` inside its pipeline artifact when given."""
+    with the ControlNet folder `controlnet_dir` inside its pipeline artifact when given, and the LoRA folders
+    `loras` (name -> folder) shipped in its artifact "loras", which requests then name by name."""
     import ldm
+    from ldm.models.lora import CONFIG_NAME, WEIGHTS_NAME
 
     pipeline_dir = Path(pipeline_dir)
     missing = [name for name in PIPELINE_FILES if not (pipeline_dir / name).exists()]
@@ -240,6 +366,14 @@ def save_text2img_model(pipeline_dir: Path, path: Path, controlnet_dir: Path | N
         raise FileNotFoundError(
             f"{pipeline_dir} lacks {missing}: not a pipeline folder written by Text2Image.save_pretrained"
         )
+    loras = dict(loras or {})
+    for name, folder in loras.items():
+        if not _is_lora_name(name):
+            raise ValueError(
+                f"LoRA name {name!r}: use letters, digits, '_', '-' and '.' (no '..'), at most 100, e.g. hexagons"
+            )
+        if not all((Path(folder) / file).is_file() for file in (WEIGHTS_NAME, CONFIG_NAME)):
+            raise FileNotFoundError(f"LoRA {name!r}: {folder} is not a LoRA folder ({WEIGHTS_NAME}, {CONFIG_NAME})")
     with tempfile.TemporaryDirectory() as tmp:
         staged, code = Path(tmp) / PIPELINE_ARTIFACT, Path(tmp) / "code" / "ldm"
         staged.mkdir()
@@ -248,6 +382,14 @@ def save_text2img_model(pipeline_dir: Path, path: Path, controlnet_dir: Path | N
             (shutil.copytree if source.is_dir() else shutil.copy2)(source, staged / name)
         if controlnet_dir is not None:
             shutil.copytree(controlnet_dir, staged / CONTROLNET_FOLDER)
+        artifacts = {PIPELINE_ARTIFACT: str(staged)}
+        if loras:
+            shipped = Path(tmp) / LORA_ARTIFACT
+            for name, folder in loras.items():  # the adapter files only
+                (shipped / name).mkdir(parents=True)
+                for file in (WEIGHTS_NAME, CONFIG_NAME):
+                    shutil.copy2(Path(folder) / file, shipped / name / file)
+            artifacts[LORA_ARTIFACT] = str(shipped)
         shutil.copytree(Path(ldm.__file__).parent, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         with warnings.catch_warnings():
             # An input example would make MLflow load the model and sample at save time to check it; the
@@ -256,7 +398,7 @@ def save_text2img_model(pipeline_dir: Path, path: Path, controlnet_dir: Path | N
             mlflow.pyfunc.save_model(
                 str(path),
                 python_model=str(Path(__file__).resolve()),  # models from code: this file, nothing pickled
-                artifacts={PIPELINE_ARTIFACT: str(staged)},
+                artifacts=artifacts,
                 code_paths=[str(code)],
                 pip_requirements=pip_requirements(),
                 signature=SIGNATURE,
@@ -264,14 +406,15 @@ def save_text2img_model(pipeline_dir: Path, path: Path, controlnet_dir: Path | N
 
 
 def log_text2img_model(
-    tracked: StageRun, pipeline_dir: Path, name: str = MODEL_NAME, controlnet_dir: Path | None = None
+    tracked: StageRun, pipeline_dir: Path, name: str = MODEL_NAME, controlnet_dir: Path | None = None,
+    loras: dict[str, Path] | None = None,
 ) -> str | None:
-    """Package the pipeline folder (and a ControlNet) as the pyfunc model, log it into the stage's run (artifact
-    path "text2img") and register it as a new version of `name` with the run's lineage tags; returns the version
-    (None: the registration waits for the MLflow server, StageRun.register_model)."""
+    """Package the pipeline folder (and a ControlNet, and shipped LoRAs) as the pyfunc model, log it into the
+    stage's run (artifact path "text2img") and register it as a new version of `name` with the run's lineage
+    tags; returns the version (None: the registration waits for the MLflow server, StageRun.register_model)."""
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / ARTIFACT_PATH
-        save_text2img_model(pipeline_dir, model_dir, controlnet_dir)
+        save_text2img_model(pipeline_dir, model_dir, controlnet_dir, loras)
         return tracked.register_model(model_dir, name, artifact_path=ARTIFACT_PATH)
 
 

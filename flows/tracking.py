@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,11 +20,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
+from itertools import chain
 from pathlib import Path
 
 import mlflow
 import requests
-import yaml
 from dvc_data.hashfile.build import build
 from dvc_data.hashfile.db import HashFileDB
 from dvc_objects.fs.local import LocalFileSystem
@@ -35,11 +33,11 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
 
-from flows.servers import redacted
+from ldm.urls import redacted
 
 EXPERIMENT = "ldm-pipeline"
 DVC_FILE = "dvc.yaml"
-TEMPLATE = re.compile(r"\$\{\s*([\w.]+)\s*\}")
+PARAMS_FILE = "params.yaml"  # DVC's default params file: the one `${}` templates and bare `params:` keys read
 # Set by flows/pipeline.py (`python -m flows.pipeline`, the Prefect deployment) to its MLflow run "pipeline",
 # which each stage's run then nests under.
 MLFLOW_PARENT_RUN_ENV = "LDM_MLFLOW_PARENT_RUN_ID"
@@ -75,18 +73,31 @@ def server_unavailable(error: Exception) -> bool:
 
 def git_commit(repo: Path, generated: set[str]) -> str:
     """HEAD's hash, with "-dirty" when tracked files other than the pipeline's own products (`generated`:
-    dvc.lock, committed metrics and plots, which `dvc repro` rewrites as it goes) differ from it: the run
-    is then not reproducible from the commit alone, and the tag says so."""
-    def git(*args: str) -> str:
-        done = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True)
-        return done.stdout.rstrip() if done.returncode == 0 else ""
+    dvc.lock, committed metrics and plots, which `dvc repro` rewrites as it goes; paths relative to `repo`)
+    differ from it: the run is then not reproducible from the commit alone, and the tag says so. "unknown"
+    outside a git repository or before its first commit. Read with scmrepo, DVC's own git layer."""
+    from scmrepo.exceptions import SCMError
+    from scmrepo.git import Git
+
+    try:
+        scm = Git(str(repo))  # the repository holding `repo`, as git finds it from there
+    except SCMError:
+        return "unknown"
+    try:
+        if scm.no_commits:
+            return "unknown"
+        commit = scm.get_rev()
+        staged, unstaged, _ = scm.status(untracked_files="no")
+        # git reports paths from its own root, which may lie above `repo`
+        prefix = os.path.relpath(Path(repo).resolve(), Path(scm.root_dir).resolve())
+    finally:
+        scm.close()
+    mine = {os.path.normpath(os.path.join(prefix, g)) for g in generated}
 
     def is_generated(path: str) -> bool:
-        return any(path == g or path.startswith(g.rstrip("/") + "/") for g in generated)
+        return any(path == g or path.startswith(g + "/") for g in mine)
 
-    commit = git("rev-parse", "HEAD") or "unknown"
-    # Porcelain lines are "XY path" (or "XY old -> new" for a rename).
-    changed = [line[3:].split(" -> ")[-1] for line in git("status", "--porcelain", "--untracked-files=no").splitlines()]
+    changed = chain(*staged.values(), unstaged)
     return commit + ("-dirty" if any(not is_generated(path) for path in changed) else "")
 
 
@@ -97,39 +108,53 @@ def dotted_get(mapping: dict, key: str):
     return mapping
 
 
-def pipeline_stages(repo: Path, variables: dict) -> dict[str, dict]:
-    """dvc.yaml's stages, with `${a.b}` templates filled from `variables` (the params) the way DVC fills
-    them from params.yaml."""
-    stages = yaml.safe_load((repo / DVC_FILE).read_text())["stages"]
+@dataclass(frozen=True)
+class DvcStage:
+    """A stage of dvc.yaml as DVC resolves it. Paths are relative to the repository root."""
 
-    def lookup(match: re.Match) -> str:
-        return str(dotted_get(variables, match.group(1)))
-
-    def fill(node):
-        if isinstance(node, str):
-            return TEMPLATE.sub(lookup, node)
-        if isinstance(node, list):
-            return [fill(item) for item in node]
-        if isinstance(node, dict):
-            return {fill(k): fill(v) for k, v in node.items()}
-        return node
-
-    return fill(stages)
+    deps: list[str]  # files and folders the stage reads (not its params)
+    outs: list[str]  # what `dvc repro` records of it: its outs, metrics and plots
+    params: list[str]  # the params.yaml keys it lists (dotted keys allowed)
 
 
-def generated_paths(stages: dict[str, dict]) -> set[str]:
+def pipeline_stages(repo: Path) -> dict[str, DvcStage]:
+    """dvc.yaml's stages as DVC itself reads them (`${}` templates from params.yaml and `vars`, `foreach` and
+    `matrix` stages as `name@key`), by name. Raises DVC's error when dvc.yaml cannot be resolved."""
+    from dvc.dependency.param import ParamsDependency
+    from dvc.dvcfile import load_file
+    from dvc.fs import LocalFileSystem
+    from dvc.repo import Repo
+    from dvc.stage.loader import StageLoader
+
+    root = Path(repo).resolve()
+    params_file = str(root / PARAMS_FILE)
+
+    def relative(entry) -> str:
+        return os.path.relpath(entry.fs_path, root) if entry.is_in_repo else entry.def_path
+
+    # Absolute paths throughout: DVC resolves relative ones from the current directory. `uninitialized` (and
+    # an explicit fs, so that the root stays `repo`) also reads a dvc.yaml in a folder without `.dvc/`.
+    with Repo(str(root), uninitialized=True, fs=LocalFileSystem()) as dvc:
+        dvcfile = load_file(dvc, str(root / DVC_FILE))
+        # Without dvc.lock (`dvcfile.stages` would read it): `dvc repro` rewrites it while the stages run.
+        return {
+            stage.name: DvcStage(
+                deps=[relative(dep) for dep in stage.deps if not isinstance(dep, ParamsDependency)],
+                outs=[relative(out) for out in stage.outs],
+                params=[key for dep in stage.params if dep.fs_path == params_file for key in dep.params],
+            )
+            for stage in StageLoader(dvcfile, dvcfile.contents).values()
+        }
+
+
+def generated_paths(stages: dict[str, DvcStage]) -> set[str]:
     """Every file or folder `dvc repro` writes: dvc.lock and each stage's outs, metrics and plots."""
-    paths = {"dvc.lock"}
-    for definition in stages.values():
-        for kind in ("outs", "metrics", "plots"):
-            for entry in definition.get(kind, []):
-                paths.update(entry if isinstance(entry, dict) else [entry])
-    return paths
+    return {"dvc.lock"}.union(*(stage.outs for stage in stages.values()))
 
 
-def stage_outputs(stages: dict[str, dict], stage: str) -> list[str]:
+def stage_outputs(stages: dict[str, DvcStage], stage: str) -> list[str]:
     """What `dvc repro` records of one stage: its outs, metrics and plots."""
-    return sorted(generated_paths({stage: stages[stage]}) - {"dvc.lock"})
+    return sorted(stages[stage].outs)
 
 
 def dependency_hashes(repo: Path, deps: list[str]) -> dict[str, str]:
@@ -343,7 +368,7 @@ def closing_run(client: MlflowClient, run_id: str, warn: Callable[[str], object]
 
 @contextmanager
 def stage_run(
-    repo: Path, stage: str, stages: dict[str, dict], params: dict, profile: str,
+    repo: Path, stage: str, stages: dict[str, DvcStage], params: dict, profile: str,
     warn: Callable[[str], object] = warn_on_stderr,
 ) -> Iterator[StageRun]:
     """Open the stage's MLflow run with its tags and params; close it FINISHED or FAILED, then `warn` about
@@ -363,7 +388,7 @@ def stage_run(
         "profile": profile,
         # The values of the params keys dvc.yaml lists for the stage, as dvc.lock records them.
         "params": json.dumps(params, sort_keys=True, separators=(",", ":")),
-        **{f"dvc_dep.{dep}": md5 for dep, md5 in dependency_hashes(repo, definition.get("deps", [])).items()},
+        **{f"dvc_dep.{dep}": md5 for dep, md5 in dependency_hashes(repo, definition.deps).items()},
     }
     if parent_run := os.environ.get(MLFLOW_PARENT_RUN_ENV):
         tags["mlflow.parentRunId"] = parent_run

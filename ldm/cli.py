@@ -1,38 +1,38 @@
-"""The `ldm` command line."""
+"""The `ldm` command line.
+
+Only argparse and the names of the choices are imported up front, so that `ldm --help` answers at once;
+each command imports torch and the models it needs when it runs.
+"""
 
 from __future__ import annotations
 
 import argparse
 import math
-import os
 import re
 import sys
 import tempfile
 from pathlib import Path
 
-from PIL import Image
+from ldm.diffusion.names import SAMPLERS
+from ldm.errors import InputError, InputNotFoundError
 
-from ldm.data.images import ImageRejected, image_tensor, load_image, map_tensor
-from ldm.devices import resolve_device
-from ldm.diffusion.pipeline import PIPELINE_CONFIG_NAME, Text2Image
-from ldm.diffusion.samplers import SAMPLERS
-from ldm.interop.diffusers import load_diffusers_folder, load_ldm_folder, save_diffusers_folder
-
-DEFAULT_SAMPLE_MODEL = "models/text2img"  # where the pipeline's train stage writes the trained pipeline
-DEFAULT_CONTROLNET = "models/controlnet"  # where the train_controlnet stage writes its ControlNet
+DEFAULT_SAMPLE_MODEL = "models/text2img"  # where the pipeline's train_unet stage writes the trained pipeline
+DEFAULT_CONTROLNET = "models/controlnet"  # where the pipeline's train_controlnet stage writes its ControlNet
 MAX_INPUT_PIXELS = 50_000_000  # input images above this are refused as decompression bombs, outputs as too large
 URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")  # models:/..., runs:/..., s3://..., file:///...
-# The password of `scheme://user:password@host`, which a tracking URI may carry and no message may show.
-_URI_PASSWORD = re.compile(r"(://[^/\s:@]*):[^/\s@]*@")
 
 
 def _convert_from_diffusers(args: argparse.Namespace) -> str:
+    from ldm.interop.diffusers import load_diffusers_folder
+
     model = load_diffusers_folder(args.src)
     model.save_pretrained(args.dst)
     return f"converted diffusers folder {args.src} to an ldm {model.kind} in {args.dst}"
 
 
 def _convert_to_diffusers(args: argparse.Namespace) -> str:
+    from ldm.interop.diffusers import load_ldm_folder, save_diffusers_folder
+
     model = load_ldm_folder(args.src)
     save_diffusers_folder(model, args.dst)
     return f"converted ldm {model.kind} {args.src} to a diffusers folder in {args.dst}"
@@ -50,70 +50,27 @@ def _finite(text: str) -> float:
 
 
 def _device(name: str):
+    from ldm.devices import resolve_device
+
     try:
         return resolve_device(name)
     except ValueError as e:
-        raise ValueError(f"--device {e}") from None
+        raise InputError(f"--device {e}") from None
 
 
-def _pipeline_in(folder: Path, uri: str) -> Path:
-    """The pipeline folder inside a downloaded MLflow artifact: the folder itself, or the `pipeline`
-    artifact of an ldm-text2img pyfunc model."""
-    if (folder / PIPELINE_CONFIG_NAME).is_file():
-        return folder
-    if (folder / "MLmodel").is_file():
-        import yaml
+def _load_sample_pipeline(model: str, device: str, controlnet: Path | None):
+    from ldm.diffusion.pipeline import Text2Image
 
-        flavor = yaml.safe_load((folder / "MLmodel").read_text()).get("flavors", {}).get("python_function", {})
-        artifact = flavor.get("artifacts", {}).get("pipeline")
-        if artifact and (folder / artifact["path"] / PIPELINE_CONFIG_NAME).is_file():
-            return folder / artifact["path"]
-    raise ValueError(
-        f"{uri} holds no text-to-image pipeline (neither {PIPELINE_CONFIG_NAME} nor a pyfunc artifact 'pipeline'); "
-        "point --model at an ldm-text2img model, e.g. models:/ldm-text2img/latest"
-    )
-
-
-def redacted(text: str) -> str:
-    """`text` with the password of every URI in it replaced by ***. Error messages quote the tracking URI, and
-    MLflow's quote the URL of the failed request, both of which may carry credentials."""
-    return _URI_PASSWORD.sub(r"\1:***@", text)
-
-
-def _download_pipeline(uri: str, destination: Path) -> Path:
-    """Download an MLflow model URI into `destination` and return the pipeline folder inside it. The store:
-    MLFLOW_TRACKING_URI, else the pipeline's default `mlflow.db` in the current directory."""
-    import mlflow  # only here: ldm itself never needs MLflow
-    from mlflow.exceptions import MlflowException
-
-    tracking = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(Path.cwd() / 'mlflow.db').resolve()}"
-    registry = os.environ.get("MLFLOW_REGISTRY_URI") or tracking
-    if tracking.startswith("sqlite:///") and not Path(tracking.removeprefix("sqlite:///")).is_file():
-        # Opening a missing SQLite store would create an empty one here.
-        raise FileNotFoundError(
-            f"no MLflow store at {tracking} to resolve {uri}: run `dvc repro` in the repository (it registers "
-            "ldm-text2img), run from that folder, or set MLFLOW_TRACKING_URI to the store that has the model"
-        )
-    try:
-        local = mlflow.artifacts.download_artifacts(
-            artifact_uri=uri, dst_path=str(destination), tracking_uri=tracking, registry_uri=registry
-        )
-    except MlflowException as e:
-        raise ValueError(redacted(f"cannot load {uri} from the MLflow store {tracking}: {e.message}")) from None
-    except OSError as e:
-        raise ValueError(redacted(f"cannot download {uri} from the MLflow store {tracking}: {e}")) from None
-    return _pipeline_in(Path(local), uri)
-
-
-def _load_sample_pipeline(model: str, device: str, controlnet: Path | None) -> Text2Image:
     if URI_SCHEME.match(model) and not Path(model).exists():
+        from ldm.interop.mlflow_models import download_pipeline
+
         with tempfile.TemporaryDirectory() as tmp:
-            return Text2Image.from_pretrained(_download_pipeline(model, Path(tmp)), device=device, controlnet=controlnet)
+            return Text2Image.from_pretrained(download_pipeline(model, Path(tmp)), device=device, controlnet=controlnet)
     folder = Path(model)
     if not folder.is_dir():
         what = "is not a folder" if folder.exists() else "does not exist"
-        raise FileNotFoundError(
-            f"model folder {folder} {what}: train the pipeline with `dvc repro` (it writes "
+        raise InputNotFoundError(
+            f"model folder {folder} {what}: train the pipeline first (its train_unet stage writes "
             f"{DEFAULT_SAMPLE_MODEL}), or pass --model a pipeline folder or an MLflow model URI such as "
             "models:/ldm-text2img/latest"
         )
@@ -124,62 +81,66 @@ def _read_image(path: Path | None, option: str):
     """The image file an option names, decoded safely (`ldm.data.images.load_image`), or None without one."""
     if path is None:
         return None
+    from ldm.data.images import ImageRejected, load_image
+
     if not path.is_file():
         what = "is not a file" if path.exists() else "does not exist"
-        raise FileNotFoundError(f"{option} {path} {what}; give the path of a PNG or JPEG image")
+        raise InputNotFoundError(f"{option} {path} {what}; give the path of a PNG or JPEG image")
     try:
         return load_image(path.read_bytes(), max_pixels=MAX_INPUT_PIXELS)
     except OSError as e:
-        raise ValueError(f"{option} {path} cannot be read: {e.strerror or e}") from None
+        raise InputError(f"{option} {path} cannot be read: {e.strerror or e}") from None
     except ImageRejected as e:
-        raise ValueError(f"{option} {path}: {e}") from None
+        raise InputError(f"{option} {path}: {e}") from None
 
 
 def _check_options(args: argparse.Namespace) -> None:
     """Refuse options that would otherwise fail only after the model is loaded and has sampled, or deep inside torch."""
+    from PIL import Image
+
     for option, value in (("--height", args.height), ("--width", args.width)):
         # 0 would silently mean "the default", a negative size would reach torch as a negative shape.
         if value is not None and value < 1:
-            raise ValueError(f"{option} must be a positive number of pixels, got {value}")
+            raise InputError(f"{option} must be a positive number of pixels, got {value}")
     # The side not given is the model's training size, unknown before loading: 1 here, a lower bound.
     pixels = (args.height or 1) * (args.width or args.height or 1)
     if pixels > MAX_INPUT_PIXELS:
-        raise ValueError(
+        raise InputError(
             f"--height x --width = {pixels} pixels is more than the limit of {MAX_INPUT_PIXELS}; "
             "ask for a smaller image"
         )
     if args.strength is not None and not 0.0 <= args.strength <= 1.0:
-        raise ValueError(f"--strength must be in 0..1 (0 keeps the input, 1 ignores it), got {args.strength}")
+        raise InputError(f"--strength must be in 0..1 (0 keeps the input, 1 ignores it), got {args.strength}")
     # Prompt i is drawn with SEED + i, and a torch generator takes 64-bit seeds only.
     last = args.seed + len(args.prompts) - 1
     if args.seed < -(2**63) or last >= 2**64:
-        raise ValueError(f"--seed {args.seed} is out of range for {len(args.prompts)} prompt(s); use 0 .. 2**63")
+        raise InputError(f"--seed {args.seed} is out of range for {len(args.prompts)} prompt(s); use 0 .. 2**63")
     if args.output.is_dir():
-        raise ValueError(f"--output {args.output} is a folder; give the image to write, e.g. {args.output / 'a.png'}")
+        raise InputError(f"--output {args.output} is a folder; give the image to write, e.g. {args.output / 'a.png'}")
     if args.output.suffix and args.output.suffix.lower() not in Image.registered_extensions():
-        raise ValueError(f"--output {args.output}: unknown image suffix {args.output.suffix!r}; use .png or .jpg")
+        raise InputError(f"--output {args.output}: unknown image suffix {args.output.suffix!r}; use .png or .jpg")
 
 
 def _sample(args: argparse.Namespace) -> str:
     import torch
     from torchvision.utils import make_grid
 
-    from ldm.data.images import tensor_to_pil
+    from ldm.data.images import image_tensor, map_tensor, tensor_to_pil
+    from ldm.models.lora import parse_lora_spec
 
     if args.steps is not None and args.steps < 1:
-        raise ValueError(f"--steps must be at least 1, got {args.steps}")
+        raise InputError(f"--steps must be at least 1, got {args.steps}")
     if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+        raise InputError(f"--batch-size must be at least 1, got {args.batch_size}")
     if any(not prompt.strip() for prompt in args.prompts):
-        raise ValueError("a prompt is empty; give each prompt some text (use --negative-prompt for what to avoid)")
-    from ldm.models.lora import parse_lora_spec
+        raise InputError("a prompt is empty; give each prompt some text (use --negative-prompt for what to avoid)")
 
     _check_options(args)
     loras = [parse_lora_spec(text) for text in args.lora]
     init_image, mask = _read_image(args.init_image, "--init-image"), _read_image(args.mask, "--mask")
     control_image = _read_image(args.control_image, "--control-image")
     if mask is not None and init_image is None:
-        raise ValueError("--mask needs --init-image: the image whose unmasked part is kept")
+        raise InputError("--mask needs --init-image: the image whose unmasked part is kept")
     pipeline = _load_sample_pipeline(
         args.model, _device(args.device), args.controlnet if control_image is not None else None
     )
@@ -208,18 +169,25 @@ def _sample(args: argparse.Namespace) -> str:
     ]
     images = torch.cat(batches)
     output: Path = args.output
-    output.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"--output: cannot create the folder {output.parent}: {e.strerror or e}") from None
     if len(prompts) == 1:
         paths = [output]
     else:
         paths = [output.with_name(f"{output.stem}-{i:03d}{output.suffix}") for i in range(len(prompts))]
     image_format = None if output.suffix else "PNG"  # PIL picks the format from the suffix; none: PNG
-    for image, path in zip(images, paths):
-        tensor_to_pil(image).save(path, format=image_format)
+    pictures = [tensor_to_pil(image) for image in images]
     if len(prompts) > 1:
         grid = make_grid(images.float().cpu(), nrow=math.ceil(math.sqrt(len(prompts))), padding=2, pad_value=1.0)
         paths.append(output.with_name(f"{output.stem}-grid{output.suffix}"))
-        tensor_to_pil(grid).save(paths[-1], format=image_format)
+        pictures.append(tensor_to_pil(grid))
+    for picture, path in zip(pictures, paths):
+        try:
+            picture.save(path, format=image_format)
+        except OSError as e:
+            raise InputError(f"--output: cannot write {path}: {e.strerror or e}") from None
     return "\n".join(str(path) for path in paths)
 
 
@@ -233,7 +201,7 @@ def _add_sample_parser(commands) -> None:
     sample.add_argument("prompts", nargs="+", metavar="PROMPT", help="text prompt(s); quote each one")
     sample.add_argument(
         "--model", default=DEFAULT_SAMPLE_MODEL,
-        help="a pipeline folder (vae/, unet/, pipeline.json, as `dvc repro` writes it) or an MLflow model URI "
+        help="a pipeline folder (vae/, unet/, pipeline.json, as the pipeline's train_unet stage writes it) or an MLflow model URI "
         "(models:/ldm-text2img/latest, models:/ldm-text2img@champion, runs:/RUN_ID/text2img), resolved in "
         "the store MLFLOW_TRACKING_URI names, else sqlite:///mlflow.db in the current directory "
         "(default: %(default)s)",
@@ -280,7 +248,7 @@ def _add_sample_parser(commands) -> None:
     )
     sample.add_argument(
         "--lora", action="append", default=[], metavar="PATH[:SCALE]",
-        help="a LoRA adapter folder (as `dvc repro finetune_lora` writes it, e.g. models/lora) and its scale "
+        help="a LoRA adapter folder (as the pipeline's finetune_lora stage writes it, e.g. models/lora) and its scale "
         "(default 1); repeat the option to combine several",
     )
     sample.add_argument(
@@ -299,8 +267,8 @@ def _add_sample_parser(commands) -> None:
     )
     sample.add_argument(
         "--controlnet", type=Path, default=Path(DEFAULT_CONTROLNET),
-        help="the ControlNet folder used with --control-image (as `dvc repro train_controlnet` writes it; "
-        "default: %(default)s)",
+        help="the ControlNet folder used with --control-image (as the pipeline's train_controlnet stage "
+        "writes it; default: %(default)s)",
     )
     sample.add_argument(
         "--batch-size", type=int, default=8,
@@ -351,9 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         print(args.handler(args))
-    except (OSError, ValueError) as e:
+    except InputError as e:
         # A user mistake (wrong folder, unsupported config, an output path that cannot be written): say what
-        # and how to fix it, without a traceback.
+        # and how to fix it, without a traceback. Anything else is a bug, and its traceback is kept.
         print(f"ldm {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

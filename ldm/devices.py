@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ldm.errors import InputError
+
 
 def resolve_device(name: str) -> torch.device:
     """"auto" is CUDA when this machine has one, else the CPU; any other name must be a torch device
@@ -13,7 +15,7 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"{name!r} is not a torch device; use auto, cpu, cuda or cuda:N") from None
+        raise InputError(f"{name!r} is not a torch device; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"{name!r} but this machine has no usable CUDA GPU; use auto or cpu")
+        raise InputError(f"{name!r} but this machine has no usable CUDA GPU; use auto or cpu")
     return device

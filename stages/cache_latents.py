@@ -15,11 +15,12 @@ from pathlib import Path
 
 from ldm.data.ingested import shard_paths
 from ldm.data.latent_cache import MANIFEST_NAME, vae_hash, write_latent_cache
+from ldm.errors import InputError
 from ldm.models.modeling import CONFIG_NAME, WEIGHTS_NAME
 from ldm.models.text_encoder import TextEncoder
 from ldm.models.vae import VAE
 from stages.params import Params, resolve_device
-from stages.reporting import Reporter, StageResult, stage_main, write_json
+from stages.reporting import REBUILD_INGESTED, Reporter, StageResult, stage_main, write_json
 
 STAGE = "cache_latents"
 METRICS_NAME = "cache_latents.json"
@@ -31,10 +32,11 @@ def run(params: Params, reporter: Reporter) -> StageResult:
     vae_dir = Path(paths.vae)
     missing = [name for name in (CONFIG_NAME, WEIGHTS_NAME) if not (vae_dir / name).is_file()]
     if missing:
-        raise FileNotFoundError(
-            f"no trained VAE in {vae_dir} ({', '.join(missing)} missing); run `dvc repro train_vae` first"
-        )
-    shard_paths(paths.ingested)  # fails with what to run before the models take seconds to load
+        raise InputError(f"no trained VAE in {vae_dir} ({', '.join(missing)} missing); run `dvc repro train_vae` first")
+    try:
+        shard_paths(paths.ingested)  # fails with what to run before the models take seconds to load
+    except InputError as e:
+        raise InputError(f"{e} ({REBUILD_INGESTED})") from None
     device = resolve_device(params.device)
     vae = VAE.from_pretrained(vae_dir, device=device)
     text_encoder = TextEncoder.from_pretrained(params.text_encoder.name, params.text_encoder.max_length, device=device)
@@ -76,7 +78,6 @@ def run(params: Params, reporter: Reporter) -> StageResult:
 def main(argv: list[str] | None = None) -> int:
     return stage_main(
         STAGE, "Encode the ingested images (trained VAE) and captions (text encoder) into the latent cache.", run,
-        (FileNotFoundError, ValueError),
         lambda r: f"cached {r.metrics['rows']} rows ({r.metrics['images']} images, {r.metrics['captions']} captions) "
         f"in {r.metrics['seconds']:.1f} s",
         argv,

@@ -40,6 +40,7 @@ from ldm.data.ingested import IngestedImages
 from ldm.data.latent_cache import LatentCache, LatentCacheError, TextTable, text_key
 from ldm.data.shapes import Scene, parse_caption
 from ldm.diffusion.pipeline import Text2Image
+from ldm.errors import InputError
 from ldm.evaluation.attributes import (
     AttributeClassifier,
     adherence,
@@ -56,8 +57,8 @@ from ldm.evaluation.evaluator import (
 from ldm.evaluation.reconstruction import reconstruction_metrics
 from ldm.models.text_encoder import TextEmbedding, TextEncoderNotFoundError
 from ldm.training.checkpoint import atomic_directory
-from stages.evaluation import InputError, RealImages, fit_attribute_classifier, generate
-from stages.params import EvaluateParams, Params, ParamsError, resolve_device
+from stages.evaluation import RealImages, fit_attribute_classifier, generate
+from stages.params import EvaluateParams, Params, resolve_device
 from stages.reporting import Reporter, StageResult, flatten, stage_main, write_csv, write_json
 
 STAGE = "evaluate"
@@ -273,7 +274,7 @@ def _summary(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     return stage_main(
-        STAGE, "Measure prompt adherence and image quality of the trained model.", run, (ParamsError, InputError),
+        STAGE, "Measure prompt adherence and image quality of the trained model.", run,
         lambda r: ", ".join(f"{k} {v:.4g}" for k, v in r.metrics.items() if k.startswith("headline.")) or "done",
         argv,
     )

@@ -12,16 +12,13 @@ from ldm.data.images import png_to_tensor
 from ldm.data.ingested import IngestedDataError, read_table
 from ldm.data.shapes import Scene
 from ldm.diffusion.pipeline import Text2Image
+from ldm.errors import InputError
 from ldm.evaluation.attributes import (
     AttributeClassifier,
     AttributeClassifierConfig,
     train_attribute_classifier,
 )
-from stages.reporting import Reporter
-
-
-class InputError(RuntimeError):
-    """A declared input of the stage is missing or unusable; the message says which and what to do."""
+from stages.reporting import REBUILD_INGESTED, Reporter
 
 
 class RealImages:
@@ -31,7 +28,7 @@ class RealImages:
         try:
             table = read_table(directory, split, columns=["image", "caption", "attributes"])
         except (FileNotFoundError, IngestedDataError) as e:
-            raise InputError(str(e)) from None
+            raise InputError(f"{e} ({REBUILD_INGESTED})") from None
         if table.num_rows == 0:
             raise InputError(f"the ingested data in {directory} has no {split!r} rows; ingest more data")
         self.all_captions = set(table.column("caption").to_pylist())  # the whole split's, before `limit`

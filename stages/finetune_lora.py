@@ -34,14 +34,15 @@ from torchvision.utils import make_grid
 from ldm.data.images import png_to_tensor, tensor_to_pil
 from ldm.data.shapes import Scene
 from ldm.diffusion.pipeline import Text2Image
+from ldm.errors import InputError
 from ldm.evaluation.attributes import adherence
 from ldm.models.lora import LoraSpec, save_lora
 from ldm.models.modeling import atomic_path
 from ldm.models.text_encoder import TextEmbedding, TextEncoderNotFoundError
 from ldm.training.checkpoint import atomic_directory
 from ldm.training.lora import LoraTrainingConfig, finetune_lora
-from stages.evaluation import InputError, RealImages, fit_attribute_classifier, generate
-from stages.params import Params, ParamsError, resolve_device
+from stages.evaluation import RealImages, fit_attribute_classifier, generate
+from stages.params import Params, resolve_device
 from stages.reporting import Reporter, StageResult, flatten, stage_main, training_progress, write_csv, write_json
 from stages.sources import SourceError, read_source
 
@@ -217,7 +218,6 @@ def evaluate_concept(
 def main(argv: list[str] | None = None) -> int:
     return stage_main(
         STAGE, "Fine-tune a LoRA adapter on a new concept and measure its adherence.", run,
-        (ParamsError, InputError),
         lambda r: ", ".join(f"{k} {v:.4g}" for k, v in r.metrics.items() if k.startswith("headline.")) or "done",
         argv,
     )

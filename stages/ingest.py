@@ -27,8 +27,8 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 from ldm.data.ingested import REJECTS_NAME, ShardWriter
-from ldm.models.text_encoder import TextEncoderNotFoundError, resolve_folder
-from stages.params import Params, ParamsError
+from ldm.models.text_encoder import resolve_folder
+from stages.params import Params
 from stages.reporting import Reporter, StageResult, stage_main, write_json
 from stages.sources import LAYOUTS, REASONS, Rejected, SourceError, read_source
 
@@ -165,7 +165,6 @@ def _count_truncated(tokenizer, captions: Counter, max_length: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     return stage_main(
         STAGE, "Turn raw images and captions, or the built-in shapes data, into the ingested Parquet dataset.", run,
-        (ParamsError, SourceError, TextEncoderNotFoundError),
         lambda r: f"{r.metrics['accepted']} of {r.metrics['inputs']} inputs accepted ({r.metrics['rejected']} rejected), "
         f"{r.metrics['images']} images",
         argv,

@@ -16,8 +16,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from ldm import devices
-from ldm.diffusion.samplers import SAMPLERS, SPACINGS
-from ldm.diffusion.schedule import BETA_SCHEDULES, PREDICTION_TYPES
+from ldm.diffusion.names import BETA_SCHEDULES, PREDICTION_TYPES, SAMPLERS, SPACINGS
+from ldm.errors import InputError
 from ldm.models.vae import VAEConfig
 
 DEFAULT_PARAMS_FILE = "params.yaml"
@@ -89,23 +89,39 @@ class VAEModelParams(Section):
     norm_num_groups: int = Field(8, ge=1)
 
 
-class TrainVAEParams(Section):
-    model: VAEModelParams = VAEModelParams()
-    batch_size: int = Field(16, ge=1)
-    max_steps: int = Field(2400, ge=1)  # 2400: 37.4 dB val PSNR; 1200 (kl_weight 1e-5) gave 31.7 dB, small diamonds round
-    lr: float = Field(2e-3, gt=0.0)
+class TrainingLoopParams(Section):
+    """What every training's loop reads (`ldm.training.engine`); each training section adds its own."""
+
+    grad_accumulation: int = Field(1, ge=1)  # micro-batches per optimizer step
     weight_decay: float = Field(0.0, ge=0.0)
-    warmup_steps: int = Field(50, ge=0)
-    recon_loss: Literal["l1", "mse", "l1+mse"] = "l1+mse"
-    # 1e-5 left posterior noise above the signal in 3 of 4 latent channels, which the UNet then learns
-    kl_weight: float = Field(1e-6, ge=0.0)
     grad_clip: float = Field(1.0, gt=0.0)
     ema_decay: float | None = Field(None, gt=0.0, lt=1.0)  # None: no EMA
+    # Autocast of the forward passes. bf16 was slower than fp32 on CPUs without AMX; fp16 scales the loss.
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     checkpoint_every: int = Field(200, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     # Steps whose loss or gradient is NaN/inf to skip (counted) before training stops; 0 stops at the first.
     nonfinite_skips: int = Field(0, ge=0)
     log_every: int = Field(10, ge=1)
+
+
+class DenoisingParams(TrainingLoopParams):
+    """What the trainings of the denoising objective read (`ldm.training.denoising`): UNet, LoRA, ControlNet."""
+
+    caption_dropout: float = Field(0.1, ge=0.0, le=1.0)  # rows trained on the empty prompt, for guidance
+    min_snr_gamma: float | None = Field(None, gt=0.0)  # None: plain MSE (gamma 5 hurt position here)
+    noise_offset: float = Field(0.0, ge=0.0)
+
+
+class TrainVAEParams(TrainingLoopParams):
+    model: VAEModelParams = VAEModelParams()
+    batch_size: int = Field(16, ge=1)
+    max_steps: int = Field(2400, ge=1)  # 2400: 37.4 dB val PSNR; 1200 (kl_weight 1e-5) gave 31.7 dB, small diamonds round
+    lr: float = Field(2e-3, gt=0.0)
+    warmup_steps: int = Field(50, ge=0)
+    recon_loss: Literal["l1", "mse", "l1+mse"] = "l1+mse"
+    # 1e-5 left posterior noise above the signal in 3 of 4 latent channels, which the UNet then learns
+    kl_weight: float = Field(1e-6, ge=0.0)
     scaling_batches: int = Field(20, ge=1)  # train batches used to measure the latent std
     grid_images: int = Field(8, ge=1)  # val images shown over their reconstructions in reconstructions.png
 
@@ -163,29 +179,17 @@ class SamplingParams(Section):
     spacing: Literal[SPACINGS] = "trailing"
 
 
-class TrainUNetParams(Section):
+class TrainUNetParams(DenoisingParams):
     model: UNetModelParams = UNetModelParams()
     schedule: ScheduleParams = ScheduleParams()
     batch_size: int = Field(128, ge=1)  # rows per micro-batch, over all ranks of a data-parallel run
-    grad_accumulation: int = Field(1, ge=1)  # micro-batches per optimizer step
     # Streams of disjoint cache shards each batch draws from; a run is the same on any number of ranks that
     # divides it. None: one per rank.
     data_lanes: int | None = Field(None, ge=1)
     max_steps: int = Field(1600, ge=1)
     lr: float = Field(2e-3, gt=0.0)
-    weight_decay: float = Field(0.0, ge=0.0)
     warmup_steps: int = Field(100, ge=0)
-    grad_clip: float = Field(1.0, gt=0.0)
     ema_decay: float = Field(0.995, gt=0.0, lt=1.0)
-    caption_dropout: float = Field(0.1, ge=0.0, le=1.0)  # rows trained on the empty prompt, for guidance
-    min_snr_gamma: float | None = Field(None, gt=0.0)  # None: plain MSE (gamma 5 hurt position here)
-    noise_offset: float = Field(0.0, ge=0.0)
-    bf16: bool = False  # autocast to bfloat16: slower than fp32 on CPUs without AMX
-    checkpoint_every: int = Field(200, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
-    # Steps whose loss or gradient is NaN/inf to skip (counted) before training stops; 0 stops at the first.
-    nonfinite_skips: int = Field(0, ge=0)
-    log_every: int = Field(10, ge=1)
     sampling: SamplingParams = SamplingParams()  # saved with the model as its defaults; used for validation
     validate_every: int = Field(250, ge=1)  # steps between validation grids (one more at the end)
     validation_prompts: int = Field(8, ge=1)  # distinct val captions in each grid, one column each
@@ -252,7 +256,7 @@ def _concept_shapes() -> ShapesParams:
     return ShapesParams(num_images=512, shapes=["hexagon"], two_object_fraction=0.0)
 
 
-class FinetuneLoRAParams(Section):
+class FinetuneLoRAParams(DenoisingParams):
     """LoRA fine-tuning of the trained UNet on a small set of images + captions of a new concept."""
 
     # The concept's images and captions: a source as ingest reads it ("shapes", a folder, Parquet).
@@ -263,22 +267,15 @@ class FinetuneLoRAParams(Section):
     batch_size: int = Field(32, ge=1)
     max_steps: int = Field(400, ge=1)
     lr: float = Field(1e-3, gt=0.0)
-    weight_decay: float = Field(0.0, ge=0.0)
     warmup_steps: int = Field(20, ge=0)
-    grad_clip: float = Field(1.0, gt=0.0)
-    caption_dropout: float = Field(0.1, ge=0.0, le=1.0)
     checkpoint_every: int = Field(100, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
-    # Steps whose loss or gradient is NaN/inf to skip (counted) before training stops; 0 stops at the first.
-    nonfinite_skips: int = Field(0, ge=0)
-    log_every: int = Field(10, ge=1)
     prior_images: int = Field(512, ge=0)  # base train images trained on beside the concept's (prior preservation)
     eval_prompts: int = Field(100, ge=1)  # concept and base prompts each, drawn before and after fine-tuning
     classifier_steps: int = Field(600, ge=1)  # the attribute classifier that reads the concept as well
     classifier_images: int = Field(8000, ge=1)  # base train images it learns from, besides the concept's
 
 
-class TrainControlNetParams(Section):
+class TrainControlNetParams(DenoisingParams):
     """A ControlNet for the trained UNet, conditioned on a control map of the training images."""
 
     control_map: Literal["canny"] = "canny"
@@ -287,16 +284,9 @@ class TrainControlNetParams(Section):
     batch_size: int = Field(64, ge=1)
     max_steps: int = Field(600, ge=1)
     lr: float = Field(1e-3, gt=0.0)
-    weight_decay: float = Field(0.0, ge=0.0)
     warmup_steps: int = Field(20, ge=0)
-    grad_clip: float = Field(1.0, gt=0.0)
     # Half the rows on the empty prompt (as the ControlNet paper trains): the edge map alone must say where.
     caption_dropout: float = Field(0.5, ge=0.0, le=1.0)
-    checkpoint_every: int = Field(200, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
-    # Steps whose loss or gradient is NaN/inf to skip (counted) before training stops; 0 stops at the first.
-    nonfinite_skips: int = Field(0, ge=0)
-    log_every: int = Field(10, ge=1)
     # Saved with the model as its default. At 1, objects of prompts that name no place landed at the edge
     # map's place 57% of the time; at 2, 90%.
     control_scale: float = Field(2.0, ge=0.0)
@@ -342,7 +332,7 @@ class Params(Section):
             raise ParamsError(f"train_vae.model is not a valid VAE: {e.errors()[0]['msg']}") from None
 
 
-class ParamsError(ValueError):
+class ParamsError(InputError):
     """params.yaml is missing, unreadable or invalid; the message names the key and what is allowed."""
 
 

@@ -21,6 +21,7 @@ from typing import Protocol
 from PIL import Image
 from tqdm import tqdm
 
+from ldm.errors import InputError
 from ldm.models.modeling import atomic_path
 from ldm.training.checkpoint import NonFiniteLoss, TrainingInterrupted
 from ldm.training.distributed import launched_rank
@@ -92,6 +93,10 @@ def write_csv(path: Path, rows: list[dict[str, float]], columns: tuple[str, ...]
         writer.writeheader()
         writer.writerows(rows)
 
+# What the pipeline runs to rebuild an input the library found missing or damaged (the library's messages
+# say what is wrong; only the stages know the DVC command that fixes it).
+REBUILD_INGESTED = "to rebuild it: `dvc repro --force ingest`"
+
 
 @dataclass
 class StageResult:
@@ -131,14 +136,14 @@ def stage_main(
     stage: str,
     description: str,
     run: Callable[..., StageResult],
-    user_errors: tuple[type[Exception], ...],
     summary: Callable[[StageResult], str],
     argv: list[str] | None = None,
 ) -> int:
     """`python -m stages.<stage> [--params PATH]`: run a stage without Prefect or MLflow.
 
-    A user mistake (`user_errors`: a bad param, a missing input, a stage not run yet) prints one line
-    saying what and how to fix it and exits 2, without a traceback. So does a training run that stopped
+    A user mistake (an `InputError`: a bad param, a missing input, a stage not run yet) prints one line
+    saying what and how to fix it and exits 2, without a traceback; any other exception is a bug and keeps
+    its traceback. So does a training run that stopped
     itself: on SIGINT/SIGTERM (exit 128 + the signal, as a shell reports a signal) or on a non-finite loss
     (exit 1); each message says which checkpoint to resume from.
     """
@@ -150,7 +155,7 @@ def stage_main(
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         result = run(load_params(args.params), ConsoleReporter())
-    except user_errors as e:
+    except InputError as e:
         print(f"{stage}: error: {e}", file=sys.stderr)
         return 2
     except (TrainingInterrupted, NonFiniteLoss) as e:

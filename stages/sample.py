@@ -21,18 +21,15 @@ from PIL import Image, ImageDraw
 
 from ldm.data.images import tensor_to_pil
 from ldm.diffusion.pipeline import Text2Image
+from ldm.errors import InputError
 from ldm.models.text_encoder import TextEncoderNotFoundError
 from ldm.training.checkpoint import atomic_directory
-from stages.params import Params, ParamsError, resolve_device
+from stages.params import Params, resolve_device
 from stages.reporting import Reporter, StageResult, stage_main
 
 STAGE = "sample"
 CELL = 128  # the grid shows each image at least this wide, so 32x32 samples are visible
 CAPTION_LINES = 6  # a two-object caption wraps to five lines at CELL pixels
-
-
-class InputError(RuntimeError):
-    """A declared input of the stage is missing or unusable; the message says which and what to do."""
 
 
 def load_pipeline(path: str, sampler: str, device: torch.device) -> Text2Image:
@@ -103,7 +100,7 @@ def run(params: Params, reporter: Reporter) -> StageResult:
 
 def main(argv: list[str] | None = None) -> int:
     return stage_main(
-        STAGE, "Draw the params' prompts with the trained text-to-image model.", run, (ParamsError, InputError),
+        STAGE, "Draw the params' prompts with the trained text-to-image model.", run,
         lambda r: f"wrote {int(r.metrics['images'])} images to {r.artifacts[0]}", argv,
     )
 

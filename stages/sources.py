@@ -21,6 +21,7 @@ from ldm.data import images
 from ldm.data.images import ImageRejected, load_image, resize_center_crop, to_png
 from ldm.data.ingested import content_id, split_of
 from ldm.data.shapes import ShapesConfig, caption, generate
+from ldm.errors import InputError
 from stages.params import IngestParams, ParamsError
 
 METADATA_NAMES = ("metadata.jsonl", "metadata.csv")
@@ -48,7 +49,7 @@ LAYOUTS = (
 _MISSING = object()
 
 
-class SourceError(ValueError):
+class SourceError(InputError):
     """ingest.source cannot be read as a dataset at all; the message names the path and the accepted layouts."""
 
 

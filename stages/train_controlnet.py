@@ -51,19 +51,24 @@ from ldm.data.ingested import IngestedDataError, read_table
 from ldm.data.latent_cache import LatentCache, LatentCacheError, vae_hash
 from ldm.data.shapes import Scene, ShapeObject, caption_without_positions, render
 from ldm.diffusion.pipeline import Text2Image
+from ldm.errors import InputError
 from ldm.evaluation.attributes import scene_accuracy
 from ldm.models.controlnet import CONTROL_CONFIG_NAME, ControlNet
 from ldm.models.text_encoder import TextEncoderNotFoundError
 from ldm.training.checkpoint import atomic_directory
 from ldm.training.controlnet import ControlNetTrainingConfig, train_controlnet
-from stages.evaluation import (  # InputError: RealImages raises it
-    InputError,
-    RealImages,
-    fit_attribute_classifier,
-    generate,
+from stages.evaluation import RealImages, fit_attribute_classifier, generate
+from stages.params import Params, TrainControlNetParams, resolve_device
+from stages.reporting import (
+    REBUILD_INGESTED,
+    Reporter,
+    StageResult,
+    flatten,
+    stage_main,
+    training_progress,
+    write_csv,
+    write_json,
 )
-from stages.params import Params, ParamsError, TrainControlNetParams, resolve_device
-from stages.reporting import Reporter, StageResult, flatten, stage_main, training_progress, write_csv, write_json
 
 STAGE = "train_controlnet"
 LOSS_COLUMNS = ("step", "loss", "lr")
@@ -104,7 +109,7 @@ def control_source(params: Params, reporter: Reporter) -> tuple[Callable[[list[s
     try:
         table = read_table(directory, "train", columns=["id", "image"])
     except (FileNotFoundError, IngestedDataError) as e:
-        raise InputError(str(e)) from None
+        raise InputError(f"{e} ({REBUILD_INGESTED})") from None
     # One row per caption: an image with several captions appears under one id several times.
     pngs = dict(zip(table.column("id").to_pylist(), table.column("image").to_pylist()))
     if not pngs:
@@ -197,7 +202,7 @@ def moved_scenes(params: Params) -> tuple[list[str], list[Scene], list[Scene]]:
     try:
         table = read_table(params.paths.ingested, "val", columns=["caption", "attributes"])
     except (FileNotFoundError, IngestedDataError) as e:
-        raise InputError(str(e)) from None
+        raise InputError(f"{e} ({REBUILD_INGESTED})") from None
     attributes = table.column("attributes").to_pylist()
     if not attributes:
         raise EvaluationSkipped(f"the ingested data in {params.paths.ingested} has no val rows to take scenes from")
@@ -295,7 +300,6 @@ def placement(read: list[list[ShapeObject]], scenes: list[Scene], moved: list[Sc
 def main(argv: list[str] | None = None) -> int:
     return stage_main(
         STAGE, "Train a ControlNet on edge maps beside the trained UNet and measure whether it steers placement.", run,
-        (ParamsError, InputError),
         lambda r: (
             f"with control the object lands at the edge map's position in "
             f"{r.metrics['unplaced.with_control.position_follows_control']:.0%} of images; saved to {r.model_dir}"

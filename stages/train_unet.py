@@ -24,6 +24,7 @@ from PIL import Image
 from ldm.data.latent_cache import LatentCache, LatentCacheError, vae_hash
 from ldm.diffusion.pipeline import RAW_UNET_FOLDER, Text2Image
 from ldm.diffusion.schedule import NoiseSchedule
+from ldm.errors import InputError
 from ldm.models.modeling import atomic_path
 from ldm.models.text_encoder import TextEncoder
 from ldm.models.unet import UNetConfig
@@ -36,10 +37,6 @@ from stages.reporting import Reporter, StageResult, stage_main, training_progres
 
 STAGE = "train_unet"
 LOSS_COLUMNS = ("step", "loss", "lr")
-
-
-class InputError(RuntimeError):
-    """A declared input of the stage is missing or unusable; the message says which and what to do."""
 
 
 def open_inputs(params: Params) -> tuple[LatentCache, VAE]:
@@ -142,7 +139,6 @@ def _run(params: Params, reporter: Reporter, ranks: DataParallel, device: torch.
 def main(argv: list[str] | None = None) -> int:
     return stage_main(
         STAGE, "Train the text-conditioned UNet from the latent cache and save the text-to-image model.", run,
-        (ParamsError, InputError),
         lambda r: f"val loss {r.metrics['val_loss']:.4f}; saved to {r.model_dir}",
         argv,
     )

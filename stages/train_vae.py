@@ -20,27 +20,32 @@ from pathlib import Path
 import torch
 
 from ldm.data.ingested import IngestedImages
+from ldm.errors import InputError
 from ldm.evaluation.reconstruction import reconstruction_grid
 from ldm.models.modeling import atomic_path
 from ldm.training.checkpoint import atomic_directory
 from ldm.training.distributed import DataParallel, data_parallel
 from ldm.training.vae import VAETrainingConfig, train_vae
-from stages.params import Params, ParamsError, resolve_device
-from stages.reporting import Reporter, StageResult, stage_main, training_progress, write_csv, write_json
+from stages.params import Params, resolve_device
+from stages.reporting import (
+    REBUILD_INGESTED,
+    Reporter,
+    StageResult,
+    stage_main,
+    training_progress,
+    write_csv,
+    write_json,
+)
 
 STAGE = "train_vae"
 LOSS_COLUMNS = ("step", "loss", "recon", "kl", "lr")
-
-
-class InputError(RuntimeError):
-    """A declared input of the stage is missing or unusable; the message says which and what to do."""
 
 
 def load_splits(params: Params) -> tuple[IngestedImages, IngestedImages]:
     try:
         train, val = IngestedImages(params.paths.ingested, "train"), IngestedImages(params.paths.ingested, "val")
     except (FileNotFoundError, ValueError) as e:
-        raise InputError(f"paths.ingested: {e}") from None
+        raise InputError(f"paths.ingested: {e} ({REBUILD_INGESTED})") from None
     size = tuple(train[0].shape[-2:])
     if size != (params.image_size, params.image_size):
         raise InputError(
@@ -94,7 +99,6 @@ def _run(params: Params, reporter: Reporter, ranks: DataParallel, device: torch.
 def main(argv: list[str] | None = None) -> int:
     return stage_main(
         STAGE, "Train the KL-VAE on the ingested images and save it with its latent shift and scale.", run,
-        (ParamsError, InputError),
         lambda r: f"val PSNR {r.metrics['val_psnr']:.2f} dB, SSIM {r.metrics['val_ssim']:.4f}; saved to {r.model_dir}",
         argv,
     )

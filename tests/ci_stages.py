@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
 import yaml
 
 from stages import cache_latents, ingest, train_unet, train_vae
@@ -27,27 +29,67 @@ def write_params(params: Params, path: Path) -> Path:
 
 
 class RecordingReporter:
-    """Keeps what a stage reports, so a test can check what it said."""
+    """Keeps everything a stage reports, so a test can check what it said: the one copy the tests share.
+
+    lines (also `messages`): the info lines; progress_calls: (task, done, total); steps: the step of each
+    metrics call (None for a final one); step_metrics: (step, values) of the per-step calls; final: the values
+    of the final (step-less) calls, merged; images: (name, size, step)."""
 
     def __init__(self):
         self.lines: list[str] = []
-        self.steps: list[int] = []
+        self.progress_calls: list[tuple[str, int, int]] = []
+        self.steps: list[int | None] = []
+        self.step_metrics: list[tuple[int, dict[str, float]]] = []
+        self.final: dict[str, float] = {}
+        self.images: list[tuple[str, tuple[int, int], int]] = []
+
+    @property
+    def messages(self) -> list[str]:
+        return self.lines
 
     def info(self, message: str) -> None:
         self.lines.append(message)
 
     def progress(self, task: str, done: int, total: int) -> None:
-        pass
+        self.progress_calls.append((task, done, total))
 
     def metrics(self, values: dict[str, float], step: int | None = None) -> None:
-        if step is not None:
-            self.steps.append(step)
+        self.steps.append(step)
+        if step is None:
+            self.final.update(values)
+        else:
+            self.step_metrics.append((step, dict(values)))
 
     def image(self, name: str, image, step: int) -> None:
-        pass
+        self.images.append((name, image.size, step))
 
 
 def train_ci_model(params: Params) -> None:
     """ingest -> train_vae -> cache_latents -> train_unet, as `dvc repro train_unet` would run them."""
     for stage in (ingest, train_vae, cache_latents, train_unet):
         stage.run(params, RecordingReporter())
+
+
+@torch.no_grad()
+def denoising_loss(pipeline, unet, images: torch.Tensor, captions: list[str], controls: torch.Tensor | None = None,
+                   draws: int = 8, seed: int = 0) -> float:
+    """The training loss (MSE to the schedule's target) of `unet` on `images` (N, 3, H, W) in [-1, 1] with their
+    `captions`, averaged over `draws` seeded draws of timesteps and noise: the same draws for every model, so two
+    models' losses compare on equal terms. With `controls` (N, C, H, W), `pipeline.controlnet`'s residuals at
+    scale 1 are added, as in ControlNet training."""
+    latents = pipeline.vae.scale_latents(pipeline.vae.encode(images).mode())
+    context = pipeline.text_encoder.encode(captions)
+    mask = None if context.attention_mask.all() else context.attention_mask
+    generator = torch.Generator().manual_seed(seed)
+    total = 0.0
+    for _ in range(draws):
+        t = torch.randint(pipeline.schedule.num_train_timesteps, (len(latents),), generator=generator)
+        noise = torch.randn(latents.shape, generator=generator)
+        noisy = pipeline.schedule.add_noise(latents, noise, t)
+        residuals = {}
+        if controls is not None:
+            down, mid = pipeline.controlnet(noisy, t, context.hidden_states, mask, controls)
+            residuals = {"down_residuals": down, "mid_residual": mid}
+        prediction = unet(noisy, t, context.hidden_states, mask, **residuals)
+        total += F.mse_loss(prediction.float(), pipeline.schedule.training_target(latents, noise, t)).item()
+    return total / draws

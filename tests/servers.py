@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from prefect.client.orchestration import SyncPrefectClient
 
 BIN = Path(sys.executable).parent
 
@@ -37,24 +39,18 @@ def _wait_healthy(url: str, process: subprocess.Popen, log: Path, timeout: float
     raise TimeoutError(f"{url} did not answer within {timeout:.0f} s:\n{log.read_text()[-3000:]}")
 
 
-# What Prefect's own client retries: the server answers 503 while its SQLite database is busy, which happens on
-# a loaded machine while a flow run writes its logs and states.
-_RETRIED_STATUSES = {429, 502, 503}
+@contextmanager
+def prefect_client(api: str) -> Iterator[SyncPrefectClient]:
+    """Prefect's own (sync) client for the server at `api`. A busy server (its SQLite database locked while a flow
+    run writes its logs and states) answers 503: the client (prefect/client/base.py, PrefectHttpxSyncClient.send)
+    retries 429, 502, 503 and 408 (plus PREFECT_CLIENT_RETRY_EXTRA_CODES), timeouts and dropped connections, up
+    to PREFECT_CLIENT_MAX_RETRIES times (default 5), after 2, 4, 8, 16, 32 s (+-20% jitter) or what a
+    Retry-After header asks."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-
-def prefect_api(api: str, route: str, body: dict | None = None, attempts: int = 6):
-    """The JSON answer of the Prefect REST API `api` at `route` (a POST of `body`, or a GET), retried with
-    backoff as Prefect's client retries."""
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(f"{api}/{route}", data=data, headers={"Content-Type": "application/json"})
-    for attempt in range(attempts):
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                return json.loads(response.read())
-        except urllib.error.HTTPError as error:
-            if error.code not in _RETRIED_STATUSES or attempt == attempts - 1:
-                raise
-            time.sleep(2 ** attempt)
+    with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+        yield client
 
 
 @contextmanager

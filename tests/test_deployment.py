@@ -13,10 +13,22 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from uuid import UUID
 
 import pytest
 import yaml
 from mlflow import MlflowClient
+from prefect.client.schemas.filters import (
+    DeploymentFilter,
+    DeploymentFilterName,
+    FlowRunFilter,
+    FlowRunFilterParentFlowRunId,
+    FlowRunFilterTags,
+    LogFilter,
+    LogFilterFlowRunId,
+)
+from prefect.client.schemas.sorting import LogSort
+from prefect.states import Cancelling
 
 from flows.pipeline import (
     MLFLOW_PARENT_RUN_ENV,
@@ -26,7 +38,7 @@ from flows.pipeline import (
 )
 from flows.tracking import pipeline_stages
 from stages.params import ParamsError
-from tests.servers import mlflow_server, prefect_api, prefect_server
+from tests.servers import mlflow_server, prefect_client, prefect_server
 from tests.test_pipeline_e2e import REPO, _copy_repo
 
 DEPLOYMENT = "ldm-pipeline"
@@ -40,32 +52,26 @@ RUN_TIMEOUT = 900  # the ci pipeline takes 2-4 min on 2 busy cores; generous
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
-def _logs(api: str, flow_run_id: str) -> list[str]:
+def _logs(client, flow_run_id: str) -> list[str]:
     """Every log message of a flow run, oldest first (the API pages at 200)."""
-    messages, offset = [], 0
+    messages = []
     while True:
-        page = prefect_api(api, "logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "sort": "TIMESTAMP_ASC",
-                                         "offset": offset, "limit": 200})
-        messages += [log["message"] for log in page]
-        offset += len(page)
+        page = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[UUID(flow_run_id)])), limit=200,
+                                offset=len(messages), sort=LogSort.TIMESTAMP_ASC)
+        messages += [log.message for log in page]
         if len(page) < 200:
             return messages
 
 
 def _dvc_stages(repo: Path) -> list[str]:
     """The stages the run reproduces: dvc.yaml's, or TARGETS and the stages whose outs they depend on."""
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    stages = pipeline_stages(repo, params)
+    stages = pipeline_stages(repo)
     if not TARGETS:
         return list(stages)
 
-    def outs(name: str) -> list[str]:
-        return [next(iter(o)) if isinstance(o, dict) else o for o in stages[name].get("outs", [])]
-
     def upstream(name: str) -> set[str]:
-        deps = stages[name].get("deps", [])
-        parents = {other for other in stages for out in outs(other)
-                   for dep in deps if dep == out or dep.startswith(out.rstrip("/") + "/")}
+        parents = {other for other in stages for out in stages[other].outs
+                   for dep in stages[name].deps if dep == out or dep.startswith(out.rstrip("/") + "/")}
         return {name}.union(*(upstream(parent) for parent in parents))
 
     return sorted(set().union(*(upstream(target) for target in TARGETS)))
@@ -82,12 +88,16 @@ def _wait(condition, timeout: float, what: str, serve: subprocess.Popen, serve_l
     raise TimeoutError(f"{what} not within {timeout:.0f} s; flows.serve's log ends:\n{serve_log.read_text()[-4000:]}")
 
 
-def _cancel(api: str, flow_run_id: str, timeout: float = 45) -> None:
-    if prefect_api(api, f"flow_runs/{flow_run_id}")["state"]["type"] in TERMINAL:
+def _state(client, flow_run_id) -> str:
+    return client.read_flow_run(flow_run_id).state.type.value
+
+
+def _cancel(client, flow_run_id, timeout: float = 45) -> None:
+    if _state(client, flow_run_id) in TERMINAL:
         return
-    prefect_api(api, f"flow_runs/{flow_run_id}/set_state", {"state": {"type": "CANCELLING"}, "force": True})
+    client.set_flow_run_state(flow_run_id, Cancelling(), force=True)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and prefect_api(api, f"flow_runs/{flow_run_id}")["state"]["type"] not in TERMINAL:
+    while time.monotonic() < deadline and _state(client, flow_run_id) not in TERMINAL:
         time.sleep(1)
 
 
@@ -108,8 +118,7 @@ def deployment_run(tmp_path_factory):
     _copy_repo(repo)
     for key, value in (("user.name", "test"), ("user.email", "test@localhost")):  # `dvc exp run` commits
         subprocess.run(["git", "config", key, value], cwd=repo, check=True)
-    with _both_servers(root) as (prefect_env, mlflow_env):
-        api = prefect_env["PREFECT_API_URL"]
+    with _both_servers(root) as (prefect_env, mlflow_env), prefect_client(prefect_env["PREFECT_API_URL"]) as client:
         env = {
             **{k: v for k, v in os.environ.items() if k not in (PIPELINE_FLOW_RUN_ENV, MLFLOW_PARENT_RUN_ENV)},
             **prefect_env, **mlflow_env,
@@ -124,28 +133,28 @@ def deployment_run(tmp_path_factory):
         run = None
         try:
             def deployment():
-                found = prefect_api(api, "deployments/filter", {"deployments": {"name": {"any_": [DEPLOYMENT]}}})
+                found = client.read_deployments(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[DEPLOYMENT])))
                 return found[0] if found else None
 
             deployment = _wait(deployment, 180, "the deployment listed", serve, serve_log)
-            assert deployment["parameters"]["repo"] == str(repo.resolve())
+            assert deployment.parameters["repo"] == str(repo.resolve())
             started = time.monotonic()
-            run = prefect_api(api, f"deployments/{deployment['id']}/create_flow_run",
-                       {"parameters": {"set_params": OVERRIDES, "targets": TARGETS}})
+            run = client.create_flow_run_from_deployment(deployment.id,
+                                                         parameters={"set_params": OVERRIDES, "targets": TARGETS})
 
             def finished():
-                state = prefect_api(api, f"flow_runs/{run['id']}")["state"]
-                return state if state and state["type"] in TERMINAL else None
+                state = client.read_flow_run(run.id).state
+                return state if state and state.type.value in TERMINAL else None
 
             state = _wait(finished, RUN_TIMEOUT, "the pipeline run finished", serve, serve_log, every=2)
-            print(f"pipeline run: {time.monotonic() - started:.0f} s from trigger to {state['type']}")
-            assert state["type"] == "COMPLETED", (
-                f"{state['type']}: {state.get('message')}\n" + "\n".join(_logs(api, run["id"])[-150:])
+            print(f"pipeline run: {time.monotonic() - started:.0f} s from trigger to {state.type.value}")
+            assert state.type.value == "COMPLETED", (
+                f"{state.type.value}: {state.message}\n" + "\n".join(_logs(client, str(run.id))[-150:])
             )
-            yield repo, api, run["id"], MlflowClient(mlflow_env["MLFLOW_TRACKING_URI"])
+            yield repo, prefect_env["PREFECT_API_URL"], str(run.id), MlflowClient(mlflow_env["MLFLOW_TRACKING_URI"])
         finally:
             if run is not None and serve.poll() is None:
-                _cancel(api, run["id"])  # the runner then stops the run, DVC and its stage: none outlives the test
+                _cancel(client, run.id)  # the runner then stops the run, DVC and its stage: none outlives the test
             os.killpg(serve.pid, signal.SIGTERM)
             try:
                 serve.wait(timeout=20)
@@ -171,20 +180,23 @@ def test_dvc_ran_every_stage_with_the_overrides(deployment_run):
 def test_each_stage_is_a_subflow_run_with_its_logs(deployment_run):
     repo, api, pipeline_id, _ = deployment_run
     stages = _dvc_stages(repo)
-    flows = {f["id"]: f["name"] for f in prefect_api(api, "flows/filter", {})}
-    children = prefect_api(api, "flow_runs/filter", {"flow_runs": {"parent_flow_run_id": {"any_": [pipeline_id]}}})
-    by_stage = {flows[r["flow_id"]]: r for r in children}
-    assert sorted(by_stage) == sorted(stages)
-    tagged = prefect_api(api, "flow_runs/filter", {"flow_runs": {"tags": {"all_": [f"pipeline-run:{pipeline_id}"]}}})
-    assert {r["id"] for r in tagged} == {r["id"] for r in children}
-    for stage, run in by_stage.items():
-        assert run["state"]["type"] == "COMPLETED", stage
-        tracking = prefect_api(api, f"task_runs/{run['parent_task_run_id']}")
-        assert tracking["flow_run_id"] == pipeline_id and tracking["name"] == stage
-        assert tracking["state"]["type"] == "COMPLETED"
-        assert any(stage in message for message in _logs(api, run["id"])), stage
-    # DVC's own output streamed into the pipeline run's log
-    messages = "\n".join(_logs(api, pipeline_id))
+    with prefect_client(api) as client:
+        flows = {f.id: f.name for f in client.read_flows()}
+        children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[UUID(pipeline_id)])))
+        by_stage = {flows[r.flow_id]: r for r in children}
+        assert sorted(by_stage) == sorted(stages)
+        tagged = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            tags=FlowRunFilterTags(all_=[f"pipeline-run:{pipeline_id}"])))
+        assert {r.id for r in tagged} == {r.id for r in children}
+        for stage, run in by_stage.items():
+            assert run.state.type.value == "COMPLETED", stage
+            tracking = client.read_task_run(run.parent_task_run_id)
+            assert str(tracking.flow_run_id) == pipeline_id and tracking.name == stage
+            assert tracking.state.type.value == "COMPLETED"
+            assert any(stage in message for message in _logs(client, str(run.id))), stage
+        # DVC's own output streamed into the pipeline run's log
+        messages = "\n".join(_logs(client, pipeline_id))
     for stage in stages:
         assert f"Running stage '{stage}'" in messages
 

@@ -158,6 +158,18 @@ def test_scale_zero_is_the_base_and_scale_two_doubles_the_update(tmp_path):
     assert (output(once) - output(twice)).abs().max() > 1e-4
     layer = next(m for m in twice.modules() if isinstance(m, LoraLayer))
     assert layer.scaling == {"lora0": 2.0 * 8.0 / 4}
+    # The update itself doubles: merged into the weights, scale 2 moves each weight twice as far as scale 1.
+    plain = base_unet().state_dict()
+    merged = {scale: load_loras(base_unet(), [LoraSpec(path, scale)], merge=True).state_dict() for scale in (1.0, 2.0)}
+    delta = {scale: {k: w - plain[k] for k, w in weights.items()} for scale, weights in merged.items()}
+    moved = [k for k, d in delta[1.0].items() if d.abs().max() > 0]
+    assert len(moved) == sum(isinstance(m, LoraLayer) for m in once.modules()) > 0  # one weight per adapted layer
+    for key in delta[1.0]:
+        torch.testing.assert_close(delta[2.0][key], 2 * delta[1.0][key], atol=1e-6, rtol=1e-4)
+    # Unmerged, each adapted layer adds twice the update too (its output is not linear in it: the UNet's is not).
+    layers = [[m for m in unet.modules() if isinstance(m, LoraLayer)] for unet in (once, twice)]
+    for single, double in zip(*layers):
+        torch.testing.assert_close(double.get_delta_weight("lora0"), 2 * single.get_delta_weight("lora0"))
 
 
 def test_two_loras_merged_match_them_unmerged_and_leave_a_plain_unet(tmp_path):

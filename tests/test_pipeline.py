@@ -110,6 +110,8 @@ def test_compiled_pipeline_gives_the_eager_images(models):
     eager = Text2Image(vae=ours_vae, unet=ours_unet, text_encoder=encoder)
     fast = Text2Image(vae=ours_vae, unet=ours_unet, text_encoder=encoder, compile=True)
     torch.testing.assert_close(fast(PROMPTS, steps=4, seed=5), eager(PROMPTS, steps=4, seed=5), rtol=0, atol=1e-5)
+    # Weight freezing was asked of that compile alone: the process's inductor settings are untouched.
+    assert torch._inductor.config.freezing is False
 
 
 def _image(seed: int, size: int = 16) -> torch.Tensor:

@@ -5,6 +5,7 @@ under it loses nothing."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import shutil
@@ -17,7 +18,10 @@ import ruamel.yaml
 import yaml
 from mlflow import MlflowClient
 
-from tests.servers import mlflow_server, prefect_api, prefect_server
+from flows.tracking import dependency_hashes
+from ldm.cli import main as cli_main
+from stages.reporting import flatten
+from tests.servers import mlflow_server, prefect_client, prefect_server
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ["ingest", "train_vae", "cache_latents", "train_unet", "evaluate", "sample", "finetune_lora",
@@ -101,19 +105,21 @@ def test_outputs_and_lock(pipeline):
 
 def test_flow_runs_task_runs_and_logs_in_prefect(pipeline):
     _, api, *_ = pipeline
-    flows = {f["id"]: f["name"] for f in prefect_api(api, "flows/filter", {})}
-    runs = prefect_api(api, "flow_runs/filter", {})
-    by_name = {flows[r["flow_id"]]: r for r in runs}
-    assert set(STAGES) <= set(by_name)
-    for stage in STAGES:
-        run = by_name[stage]
-        assert run["state"]["type"] == "COMPLETED"
-        tasks = prefect_api(api, "task_runs/filter", {"flow_runs": {"id": {"any_": [run["id"]]}}})
-        task_names = {t["name"].rsplit("-", 1)[0] for t in tasks}
-        assert {"validate params", stage, "record results"} <= task_names, task_names
-        assert all(t["state"]["type"] == "COMPLETED" for t in tasks)
-    logs = prefect_api(api, "logs/filter", {"logs": {"flow_run_id": {"any_": [by_name["train_vae"]["id"]]}}})
-    messages = [log["message"] for log in logs]
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+
+    with prefect_client(api) as client:
+        flows = {f.id: f.name for f in client.read_flows()}
+        by_name = {flows[r.flow_id]: r for r in client.read_flow_runs()}
+        assert set(STAGES) <= set(by_name)
+        for stage in STAGES:
+            run = by_name[stage]
+            assert run.state.is_completed()
+            tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+            task_names = {t.name.rsplit("-", 1)[0] for t in tasks}
+            assert {"validate params", stage, "record results"} <= task_names, task_names
+            assert all(t.state.is_completed() for t in tasks)
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[by_name["train_vae"].id])))
+    messages = [log.message for log in logs]
     assert any("train_vae: " in m and "%)" in m for m in messages), messages[:20]
 
 
@@ -179,10 +185,10 @@ def test_no_secret_from_the_environment_reaches_logs_tags_params_or_outputs(pipe
     for model in client.search_registered_models():
         for version in client.search_model_versions(f"name='{model.name}'"):
             assert SECRET not in json.dumps(version.tags), model.name
-    logs, offset = [], 0
-    while page := prefect_api(api, "logs/filter", {"offset": offset, "limit": 200}):
-        logs += [log["message"] for log in page]
-        offset += len(page)
+    logs = []
+    with prefect_client(api) as prefect:
+        while page := prefect.read_logs(offset=len(logs), limit=200):
+            logs += [log.message for log in page]
     assert logs and not [m for m in logs if SECRET in m]
     assert not [o for o in outputs if SECRET in o]
     written = [p for d in ("metrics", "eval", "samples", "models", "plots") for p in (repo / d).rglob("*.json")]
@@ -199,6 +205,47 @@ def test_text2img_is_registered_and_the_evaluated_version_is_champion(pipeline):
     evaluation = json.loads((repo / "eval" / "metrics.json").read_text())
     assert float(version.tags["prompt_adherence"]) == pytest.approx(evaluation["headline"]["prompt_adherence"], abs=1e-6)
     assert client.get_model_version_by_alias("ldm-text2img", "champion").version == version.version
+
+
+def test_metrics_logged_to_mlflow_equal_the_metrics_files(pipeline):
+    repo, _, client, *_ = pipeline
+    experiment = client.get_experiment_by_name("ldm-pipeline")
+    runs = {r.data.tags["dvc_stage"]: r for r in client.search_runs([experiment.experiment_id])}
+    for stage in STAGES_WITH_METRICS:
+        saved = flatten(json.loads((repo / "metrics" / f"{stage}.json").read_text()))
+        numbers = {k: float(v) for k, v in saved.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        assert numbers, stage
+        logged = runs[stage].data.metrics
+        assert {k: logged.get(k) for k in numbers} == numbers, stage
+
+
+def test_dvc_lock_hashes_are_those_of_the_outputs_on_disk(pipeline):
+    repo, *_ = pipeline
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    checked = 0
+    for stage, entry in lock.items():
+        for out in entry.get("outs", []):
+            path = repo / out["path"]
+            assert path.exists(), (stage, out["path"])
+            if path.is_file():
+                assert hashlib.md5(path.read_bytes()).hexdigest() == out["md5"], out["path"]
+            else:  # a folder: DVC's .dir tree hash, computed with DVC's own code
+                assert dependency_hashes(repo, [out["path"]])[out["path"]] == out["md5"], out["path"]
+            checked += 1
+    assert checked >= len(STAGES)
+
+
+def test_the_registered_model_draws_the_images_of_the_models_folder(pipeline, tmp_path, monkeypatch, capsys):
+    repo, _, client, *_ = pipeline
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", client.tracking_uri)
+    drawn = {}
+    for model in (str(repo / "models" / "text2img"), "models:/ldm-text2img/latest", "models:/ldm-text2img@champion"):
+        out = tmp_path / f"{len(drawn)}.png"
+        assert cli_main(["sample", "a large red circle at the top left on a white background", "--model", model,
+                         "--seed", "3", "--device", "cpu", "-o", str(out)]) == 0, model
+        drawn[model] = out.read_bytes()
+    capsys.readouterr()
+    assert len(set(drawn.values())) == 1, "the registered model draws other images than models/text2img"
 
 
 def test_second_repro_does_nothing(pipeline):

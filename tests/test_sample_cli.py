@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from PIL import Image
 from ldm import Text2Image
 from ldm.cli import main
 from ldm.data.images import image_tensor, map_tensor, tensor_to_pil
-from ldm.diffusion.samplers import SAMPLERS
+from ldm.diffusion.names import SAMPLERS
 from ldm.models.lora import LoraSpec
 from tests.adapters import save_random_controlnet, save_random_lora
 from tests.test_text2img_model import registered_store, tiny_pipeline
@@ -77,6 +78,47 @@ def test_help_documents_every_option(capsys):
                    "--guidance-rescale", "--init-image", "--strength", "--mask", "--lora", "PATH[:SCALE]",
                    "--merge-loras", "--control-image", "--control-scale", "--controlnet"):
         assert option in text, option
+
+
+def test_each_option_takes_effect(tiny, tmp_path, capsys):
+    """Each option gives the pipeline's own image for that setting, and a different image from the default."""
+    pipeline, folder = tiny
+    default = np.asarray(tensor_to_pil(pipeline("a red circle", steps=2, seed=1)[0]))
+    other_sampler = next(s for s in ("ddim", "euler_ancestral") if s != pipeline.sampler)
+    resampled = copy.copy(pipeline)
+    resampled.sampler = other_sampler
+    for options, want in (
+        (["--steps", "4"], pipeline("a red circle", steps=4, seed=1)),
+        (["--sampler", other_sampler], resampled("a red circle", steps=2, seed=1)),
+        (["--negative-prompt", "a blue square"], pipeline("a red circle", negative_prompt="a blue square", steps=2,
+                                                          seed=1)),
+        (["--guidance", "7"], pipeline("a red circle", guidance_scale=7.0, steps=2, seed=1)),
+        (["--guidance-rescale", "0.7"], pipeline("a red circle", guidance_rescale=0.7, steps=2, seed=1)),
+        (["--height", "24", "--width", "32"], pipeline("a red circle", height=24, width=32, steps=2, seed=1)),
+    ):
+        out = tmp_path / "option" / f"{options[0].strip('-')}.png"
+        assert main(["sample", "a red circle", "--model", str(folder), "--seed", "1", "--device", "cpu",
+                     *(["--steps", "2"] if "--steps" not in options else []), *options, "-o", str(out)]) == 0, options
+        assert capsys.readouterr().out.split() == [str(out)]  # written where asked
+        np.testing.assert_array_equal(pixels(out), np.asarray(tensor_to_pil(want[0])), err_msg=str(options))
+        assert pixels(out).shape != default.shape or not np.array_equal(pixels(out), default), options
+    assert Image.open(tmp_path / "option" / "height.png").size == (32, 24)
+
+    # --batch-size changes how prompts are grouped, not the images (prompt i is drawn from SEED+i).
+    prompts = ["a red circle", "a blue square", "a green triangle"]
+    want = pipeline(prompts, steps=2, seed=[1, 2, 3])
+    for size in ("1", "3"):
+        out = tmp_path / f"batch{size}" / "x.png"
+        assert main(["sample", *prompts, "--model", str(folder), "--seed", "1", "--batch-size", size, "-o", str(out),
+                     *FAST]) == 0
+        for i in range(3):
+            np.testing.assert_array_equal(pixels(out.with_name(f"x-{i:03d}.png")), np.asarray(tensor_to_pil(want[i])))
+    # An output without a suffix is still a PNG, at that very path.
+    out = tmp_path / "no-suffix"
+    assert main(["sample", "a red circle", "--model", str(folder), "--seed", "1", "-o", str(out), *FAST]) == 0
+    assert Image.open(out).format == "PNG"
+    np.testing.assert_array_equal(pixels(out), default)
+    capsys.readouterr()
 
 
 def test_user_mistakes_exit_2_with_one_line(tiny, tmp_path, capsys):

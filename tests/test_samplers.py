@@ -26,16 +26,8 @@ from diffusers import (
     PNDMScheduler,
 )
 
-from ldm.diffusion.samplers import (
-    KARRAS_SAMPLERS,
-    SAMPLERS,
-    SPACINGS,
-    discrete_timesteps,
-    dpm_sigmas,
-    euler_sigmas,
-    sample,
-    spaced_timesteps,
-)
+from ldm.diffusion.names import KARRAS_SAMPLERS, SAMPLERS, SPACINGS
+from ldm.diffusion.samplers import discrete_timesteps, dpm_sigmas, euler_sigmas, sample, spaced_timesteps
 from ldm.diffusion.schedule import NoiseSchedule
 
 # diffusers' schedulers call np.array on torch tensors, which numpy 2 flags on every call.

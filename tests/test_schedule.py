@@ -9,7 +9,8 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from ldm.diffusion.schedule import BETA_SCHEDULES, PREDICTION_TYPES, NoiseSchedule
+from ldm.diffusion.names import BETA_SCHEDULES, PREDICTION_TYPES
+from ldm.diffusion.schedule import NoiseSchedule
 
 T = 1000
 

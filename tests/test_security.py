@@ -22,7 +22,6 @@ from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from ldm.cli import main as ldm_main
-from ldm.cli import redacted
 from ldm.diffusion.pipeline import Text2Image
 from ldm.interop.diffusers import load_diffusers_folder, load_ldm_folder, save_diffusers_folder
 from ldm.models.controlnet import ControlNet
@@ -33,6 +32,7 @@ from ldm.models.text_encoder import TextEncoder, TextEncoderNotFoundError, resol
 from ldm.models.unet import UNet
 from ldm.models.vae import VAE
 from ldm.training.checkpoint import STATE_NAME, TENSORS_NAME, TrainingState, latest_checkpoint, load_checkpoint
+from ldm.urls import redacted
 from stages.params import Params
 from stages.sources import Rejected, SourceError, _inside
 from tests.test_ingest import RED, decoded, ingest, solid, write
@@ -699,7 +699,8 @@ def test_mlflow_runs_carry_no_environment_secrets(tmp_path, monkeypatch):
     monkeypatch.delenv(tracking.MLFLOW_PARENT_RUN_ENV, raising=False)
     monkeypatch.setattr(tracking, "git_commit", lambda repo, generated: "0" * 40)
     (tmp_path / "dvc.yaml").write_text("stages:\n  s:\n    cmd: echo ${seed}\n    params: [seed]\n")
-    stages = tracking.pipeline_stages(tmp_path, {"seed": 0})
+    (tmp_path / "params.yaml").write_text("seed: 0\n")
+    stages = tracking.pipeline_stages(tmp_path)
     with tracking.stage_run(tmp_path, "s", stages, {"seed": 0}, "ci") as run:
         run.log_metrics({"loss": 1.0})
     logged = MlflowClient(uri).get_run(run.run_id).data

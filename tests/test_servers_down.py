@@ -10,16 +10,18 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 from pathlib import Path
 
 import mlflow
 import pytest
+import urllib3.util.connection
 from mlflow import MlflowClient
 from PIL import Image
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from flows import pipeline
-from flows.tracking import HTTP_RETRY_DEFAULTS, stage_run
+from flows import pipeline, servers
+from flows.tracking import HTTP_RETRY_DEFAULTS, DvcStage, stage_run
 from tests.servers import free_port, mlflow_server, prefect_server
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,6 +30,7 @@ QUIET = {"MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_SERVER_ANALYTICS_ENABLED":
 # A stage flow whose stage, once its output is written, waits until the test has stopped the Prefect server.
 PROBE_FLOW = '''
 import time
+import urllib.error
 from pathlib import Path
 
 from prefect import flow
@@ -63,12 +66,14 @@ def _environment(tmp_path: Path, **servers: str) -> dict[str, str]:
 def test_a_stage_whose_mlflow_server_is_down_stops_at_once_naming_it_and_how_to_start_it(tmp_path):
     shutil.copy2(REPO / "configs" / "ci.yaml", tmp_path / "params.yaml")
     port = free_port()
-    env = _environment(tmp_path, MLFLOW_TRACKING_URI=f"http://ci:s3cret@127.0.0.1:{port}")
-    start = time.monotonic()
+    # MLflow's own minute-long retries (values the user set win over the stage's short ones): had the stage made
+    # a single tracking call before its check, it would still be retrying when the generous timeout (a guard
+    # against a hang only) ends it.
+    env = {**_environment(tmp_path, MLFLOW_TRACKING_URI=f"http://ci:s3cret@127.0.0.1:{port}"),
+           "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "7", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2",
+           "MLFLOW_HTTP_REQUEST_TIMEOUT": "120"}
     done = subprocess.run([sys.executable, "-m", "flows.ingest"], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=120)
-    # Importing the stage's modules (torch, transformers, Prefect, MLflow) takes the time, not one retry.
-    assert time.monotonic() - start < 30
+                          text=True, timeout=180)
 
     assert done.returncode == 2, done.stderr
     [line] = done.stderr.strip().splitlines()
@@ -79,6 +84,25 @@ def test_a_stage_whose_mlflow_server_is_down_stops_at_once_naming_it_and_how_to_
     ), line
     assert "s3cret" not in done.stdout + done.stderr
     assert not (tmp_path / "mlflow.db").exists()  # nothing was started
+    assert not (tmp_path / "data").exists() and not (tmp_path / "metrics").exists()  # no work was done
+
+
+def test_a_silent_server_costs_one_health_check_each_not_retries(monkeypatch):
+    """The check before any work asks each named server once, with a short timeout, and asks nothing else."""
+    mlflow_port, prefect_port = free_port(), free_port()
+    asked = []
+
+    def refused(url, timeout):
+        asked.append((url, timeout))
+        raise urllib.error.URLError(ConnectionRefusedError(111, "Connection refused"))
+
+    monkeypatch.setattr(servers.urllib.request, "urlopen", refused)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://ci:s3cret@127.0.0.1:{mlflow_port}")
+    with temporary_settings({PREFECT_API_URL: f"http://127.0.0.1:{prefect_port}/api"}):
+        problems = servers.silent_servers()
+    assert asked == [(f"http://127.0.0.1:{mlflow_port}/health", servers.HEALTH_TIMEOUT_S),
+                     (f"http://127.0.0.1:{prefect_port}/api/health", servers.HEALTH_TIMEOUT_S)]
+    assert [p.split(" is not answering (")[1].split(")")[0] for p in problems] == ["connection refused"] * 2
 
 
 def test_the_pipeline_whose_prefect_server_is_down_stops_at_once_naming_it_and_how_to_start_it(
@@ -103,7 +127,7 @@ def test_an_mlflow_server_going_down_mid_run_costs_the_stage_its_tracking_not_it
         monkeypatch.setenv(name, value)
     monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)  # stage_run sets it
     port, root = free_port(), tmp_path / "mlflow"
-    stages = {"train": {"outs": ["models/m"], "metrics": [{"metrics/train.json": {"cache": False}}]}}
+    stages = {"train": DvcStage(deps=[], outs=["models/m", "metrics/train.json"], params=[])}
     model = tmp_path / "packaged"  # a model packaged into a temporary folder, as text2img_model does
     model.mkdir()
     (model / "weights.bin").write_bytes(b"w" * 1000)
@@ -115,17 +139,33 @@ def test_an_mlflow_server_going_down_mid_run_costs_the_stage_its_tracking_not_it
         lost, resumed = lost_run.__enter__(), resumed_run.__enter__()
         assert lost.log_metrics({"loss": 1.0}, step=1) and resumed.log_metrics({"loss": 1.0}, step=1)
 
-    start = time.monotonic()
+    # A dead server costs seconds, not MLflow's minutes of retries: count the connections tried to it. The first
+    # call that fails tries 1 + MLFLOW_HTTP_REQUEST_MAX_RETRIES (2) times; the calls after it, queued within
+    # RETRY_INTERVAL_S, try none; the run's end tries once more (one request).
+    tried = []
+    connect = urllib3.util.connection.create_connection
+
+    def counted(address, *args, **kwargs):
+        if address[1] == port:
+            tried.append(address)
+        return connect(address, *args, **kwargs)
+
+    monkeypatch.setattr(urllib3.util.connection, "create_connection", counted)
     assert not lost.log_metrics({"loss": 0.5}, step=2)
+    first_failure = len(tried)
+    assert first_failure == 1 + int(HTTP_RETRY_DEFAULTS["MLFLOW_HTTP_REQUEST_MAX_RETRIES"])
     assert not lost.log_metrics({"loss": 0.4}, step=3)
     assert not lost.log_image("grid", Image.new("RGB", (8, 8)), step=3)
     assert lost.register_model(model, "ldm-test") is None
+    assert len(tried) == first_failure  # queued: not one connection more
     lost_run.__exit__(None, None, None)  # the stage ends with the server still down
+    assert len(tried) <= 2 * first_failure  # the last try: one request, stopped at the first failure
     for step, loss in ((2, 0.5), (3, 0.4)):
         assert not resumed.log_metrics({"loss": loss}, step=step)
     assert resumed.register_model(model, "ldm-test") is None
+    assert len(tried) <= 3 * first_failure
+    monkeypatch.setattr(urllib3.util.connection, "create_connection", connect)
     shutil.rmtree(model)  # the temporary folder goes; a copy of it waits to be sent
-    assert time.monotonic() - start < 20  # a dead server costs seconds, not MLflow's minutes of retries
 
     [warning] = lost_warnings
     assert warning.startswith(f"the MLflow tracking server http://127.0.0.1:{port} stopped answering at ")

@@ -142,12 +142,14 @@ def _base64_png(image: Image.Image) -> str:
 
 
 def test_model_takes_the_sample_cli_conditioning_as_params(store, tmp_path):
-    """img2img, inpainting, LoRA and guidance rescale through params give what the pipeline gives."""
-    model = mlflow.pyfunc.load_model(f"models:/ldm-text2img/{store['version']}", model_config={"device": "cpu"})
+    """img2img, inpainting, LoRA and guidance rescale through params give what the pipeline gives. The LoRA is
+    one shipped with the model, named by name (tests/test_served_lora.py: registered ones, and paths refused)."""
     pipeline = store["pipeline"]
     init = tensor_to_pil(torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1)
     mask = Image.fromarray(np.where(np.arange(16)[None, :] >= 8, 255, 0).repeat(16, 0).astype(np.uint8))
     save_random_lora(store["pipeline_dir"] / "unet", tmp_path / "lora")
+    save_text2img_model(store["pipeline_dir"], tmp_path / "model", loras={"concept": tmp_path / "lora"})
+    model = mlflow.pyfunc.load_model(str(tmp_path / "model"), model_config={"device": "cpu"})
     with_lora = Text2Image.from_pretrained(store["pipeline_dir"], text_encoder=pipeline.text_encoder)
     with_lora.load_loras([LoraSpec(tmp_path / "lora", 0.5)], merge=True)
 
@@ -157,7 +159,7 @@ def test_model_takes_the_sample_cli_conditioning_as_params(store, tmp_path):
         ({"init_image": _base64_png(init), "mask": _base64_png(mask)}, pipeline,
          {"init_image": image_tensor(init), "mask": map_tensor(mask, 1)}),
         ({"guidance_rescale": 0.7}, pipeline, {"guidance_rescale": 0.7}),
-        ({"lora": f"{tmp_path / 'lora'}:0.5"}, with_lora, {}),
+        ({"lora": "concept:0.5"}, with_lora, {}),
     )
     for params, reference, kwargs in cases:
         out = model.predict(pd.DataFrame({"prompt": PROMPTS[:1]}), params=base | params)
@@ -171,7 +173,8 @@ def test_model_takes_the_sample_cli_conditioning_as_params(store, tmp_path):
         ({"init_image": "%%%"}, ["init_image", "base64"]),
         ({"mask": _base64_png(mask)}, ["input image"]),
         ({"control_image": _base64_png(mask)}, ["ControlNet"]),
-        ({"lora": str(tmp_path / "missing")}, ["missing"]),
+        ({"lora": "missing"}, ["'missing'", "no adapter shipped", "concept"]),
+        ({"lora": f"{tmp_path / 'lora'}:0.5"}, ["lora:0.5'", "paths", "not accepted"]),
     ):
         with pytest.raises(MlflowException) as error:
             model.predict(pd.DataFrame({"prompt": ["a"]}), params=base | bad)

@@ -15,9 +15,11 @@ from ldm.diffusion.schedule import NoiseSchedule
 from ldm.models.text_encoder import TextEncoder
 from ldm.models.unet import UNetConfig
 from ldm.models.vae import VAE, VAEConfig
-from ldm.training.unet import UNetTrainingConfig, loss_weights, train_unet
+from ldm.training.denoising import loss_weights
+from ldm.training.unet import UNetTrainingConfig, train_unet
 from stages import train_unet as stage
 from stages.params import Params
+from tests.ci_stages import RecordingReporter
 from tests.test_latent_cache import write_ingested
 
 SIZE = 16
@@ -27,7 +29,7 @@ CONFIG = UNetConfig(
 )
 HP = UNetTrainingConfig(
     batch_size=8, grad_accumulation=1, max_steps=20, lr=2e-3, weight_decay=0.0, warmup_steps=2, grad_clip=1.0,
-    ema_decay=0.9, caption_dropout=0.1, min_snr_gamma=None, noise_offset=0.0, bf16=False, checkpoint_every=10,
+    ema_decay=0.9, caption_dropout=0.1, min_snr_gamma=None, noise_offset=0.0, precision="fp32", checkpoint_every=10,
     keep_checkpoints=2, log_every=5, validate_every=10,
 )
 
@@ -121,23 +123,6 @@ def test_a_mismatched_unet_is_refused_with_the_fix(data):
     wrong = CONFIG.model_copy(update={"cross_attention_dim": 768})
     with pytest.raises(ValueError, match="set cross_attention_dim to 384"):
         train_unet(wrong, cache, NoiseSchedule(), HP, data / "ck-wrong", 0, "cpu")
-
-
-class RecordingReporter:
-    def __init__(self):
-        self.messages, self.steps, self.images = [], [], []
-
-    def info(self, message):
-        self.messages.append(message)
-
-    def progress(self, task, done, total):
-        pass
-
-    def metrics(self, values, step=None):
-        self.steps.append(step)
-
-    def image(self, name, image, step):
-        self.images.append((name, image.size, step))
 
 
 def test_stage_writes_a_loadable_text_to_image_model(data, tmp_path):

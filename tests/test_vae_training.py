@@ -16,6 +16,7 @@ from ldm.training.vae import VAETrainingConfig, train_vae
 from stages import train_vae as stage
 from stages.params import Params
 from stages.reporting import StageResult
+from tests.ci_stages import RecordingReporter
 
 SIZE = 16
 COLORS = [(220, 20, 20), (20, 160, 40), (30, 70, 230), (250, 220, 0), (140, 40, 190), (0, 0, 0)]
@@ -151,20 +152,6 @@ def stage_params(tmp_path, data_dir, **train_vae):
         },
         train_vae=section,
     )
-
-
-class RecordingReporter:
-    def __init__(self):
-        self.messages, self.steps, self.progress_calls = [], [], []
-
-    def info(self, message):
-        self.messages.append(message)
-
-    def progress(self, task, done, total):
-        self.progress_calls.append((task, done, total))
-
-    def metrics(self, values, step=None):
-        self.steps.append(step)
 
 
 def test_stage_writes_every_declared_output(tmp_path, data_dir):

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from ldm.data.images import png_to_tensor, tensor_to_pil
+from ldm.errors import InputError
 
 CONTROL_MAPS = ("canny",)
 
@@ -24,7 +25,7 @@ DEFAULT_HIGH_THRESHOLD = 100
 
 def _check_kind(kind: str) -> None:
     if kind not in CONTROL_MAPS:
-        raise ValueError(f"unknown control map kind {kind!r}; supported kinds: {', '.join(CONTROL_MAPS)}")
+        raise InputError(f"unknown control map kind {kind!r}; supported kinds: {', '.join(CONTROL_MAPS)}")
 
 
 def control_map(
@@ -39,7 +40,7 @@ def control_map(
     """
     _check_kind(kind)
     if not 0 <= low_threshold <= high_threshold:
-        raise ValueError(f"canny thresholds low={low_threshold}, high={high_threshold}: need 0 <= low <= high")
+        raise InputError(f"canny thresholds low={low_threshold}, high={high_threshold}: need 0 <= low <= high")
     gray = cv2.cvtColor(np.asarray(image.convert("RGB")), cv2.COLOR_RGB2GRAY)
     edges = cv2.Canny(gray, low_threshold, high_threshold)  # (H, W) uint8, 255 on edges
     return torch.from_numpy(edges).float().div(255.0)[None]
@@ -57,5 +58,5 @@ def control_maps_from_pngs(
     maps = [control_map(kind, tensor_to_pil(png_to_tensor(png)), low_threshold, high_threshold) for png in pngs]
     sizes = sorted({tuple(m.shape[1:]) for m in maps})
     if len(sizes) > 1:
-        raise ValueError(f"the PNGs have several sizes {sizes}; control maps of one batch need one size")
+        raise InputError(f"the PNGs have several sizes {sizes}; control maps of one batch need one size")
     return torch.stack(maps)

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ldm.errors import InputError
+
 # Decoders for the formats image datasets actually use; the many rarer formats Pillow can read are left
 # closed, as each one is more decoder code exposed to untrusted bytes. (JPEG also opens cameras' MPO files.)
 FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
@@ -26,7 +28,7 @@ REASONS = ("empty_file", "not_an_image", "corrupt_image", "decompression_bomb", 
 _WHITE = (255, 255, 255)
 
 
-class ImageRejected(ValueError):
+class ImageRejected(InputError):
     """An image that cannot be used: `reason` is a short code from REASONS, the message says why."""
 
     def __init__(self, reason: str, message: str):
@@ -143,7 +145,7 @@ def map_tensor(image: Image.Image, channels: int) -> torch.Tensor:
     """A mask or a control map: (1, channels, H, W) float in [0, 1]; one channel reads the image as grayscale
     (white = 1), three as RGB."""
     if channels not in (1, 3):
-        raise ValueError(f"a map has 1 (grayscale) or 3 (RGB) channels, not {channels}")
+        raise InputError(f"a map has 1 (grayscale) or 3 (RGB) channels, not {channels}")
     array = np.asarray(image.convert("L" if channels == 1 else "RGB"), dtype=np.float32) / 255.0
     tensor = torch.from_numpy(array)
     return tensor[None, None] if channels == 1 else tensor.permute(2, 0, 1)[None]

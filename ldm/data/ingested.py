@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 import torch
 
 from ldm.data.images import png_to_tensor
+from ldm.errors import InputError, InputNotFoundError
 from ldm.models.modeling import file_sha256
 
 SCHEMA = pa.schema(
@@ -43,10 +44,11 @@ SCHEMA = pa.schema(
 )
 REJECTS_NAME = "rejects.jsonl"
 MANIFEST_NAME = "manifest.json"
-REBUILD = "`dvc repro --force ingest`"
+# The fix for damaged ingested data; a pipeline stage adds its own command for it.
+REBUILD = "ingest the dataset again"
 
 
-class IngestedDataError(ValueError):
+class IngestedDataError(InputError):
     """The ingested dataset's files do not match its manifest: missing, truncated or altered."""
 
 
@@ -66,25 +68,25 @@ def shard_paths(directory: str | os.PathLike) -> list[Path]:
     manifest = directory / MANIFEST_NAME
     if not manifest.is_file():
         if not any(directory.glob("*.parquet")):
-            raise FileNotFoundError(f"no ingested data in {directory}; run the ingest stage first (`dvc repro ingest`)")
+            raise InputNotFoundError(f"no ingested data in {directory}; ingest a dataset there first")
         raise IngestedDataError(
-            f"{manifest} is missing, so the shards in {directory} cannot be checked; rebuild with {REBUILD}"
+            f"{manifest} is missing, so the shards in {directory} cannot be checked; {REBUILD}"
         )
     try:
         shards = json.loads(manifest.read_text())["shards"]
         listed = [(directory / s["file"], s["sha256"]) for s in shards]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise IngestedDataError(f"{manifest} is damaged ({e!r}); rebuild with {REBUILD}") from None
+        raise IngestedDataError(f"{manifest} is damaged ({e!r}); {REBUILD}") from None
     for path, recorded in listed:
         if not path.is_file():
-            raise IngestedDataError(f"{path}, listed in {manifest}, is missing; rebuild with {REBUILD}")
+            raise IngestedDataError(f"{path}, listed in {manifest}, is missing; {REBUILD}")
         if file_sha256(path) != recorded:
             raise IngestedDataError(
                 f"{path} was truncated or altered since ingest wrote it (its sha256 differs from {manifest}); "
-                f"it was not read. Rebuild with {REBUILD}"
+                f"it was not read; {REBUILD}"
             )
     if not listed:
-        raise FileNotFoundError(f"{manifest} lists no shards; run the ingest stage first (`dvc repro ingest`)")
+        raise InputNotFoundError(f"{manifest} lists no shards; ingest a dataset there first")
     return [path for path, _ in listed]
 
 
@@ -106,7 +108,7 @@ class IngestedImages(torch.utils.data.Dataset):
         self.captions: list[str] = table.column("caption").to_pylist()
         self._images: list[bytes] = table.column("image").to_pylist()
         if not self._images:
-            raise ValueError(f"the ingested dataset in {directory} has no {split!r} rows; ingest more data")
+            raise InputError(f"the ingested dataset in {directory} has no {split!r} rows; ingest more data")
 
     def __len__(self) -> int:
         return len(self._images)

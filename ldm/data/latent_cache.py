@@ -57,6 +57,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from ldm.data.images import png_to_tensor
 from ldm.data.ingested import SCHEMA as INGESTED_SCHEMA
 from ldm.data.ingested import shard_paths
+from ldm.errors import InputError, InputNotFoundError
 from ldm.models.modeling import WEIGHTS_NAME, file_sha256
 from ldm.models.text_encoder import TextEmbedding, TextEncoder
 from ldm.models.vae import VAE, VAEConfig, standard_normal
@@ -73,7 +74,8 @@ TEXT_ROWS_PER_GROUP = 256
 # oldest are dropped and encoded again when their rows come (only when one image's rows lie far apart).
 PENDING_LATENT_BYTES = 256 << 20
 EMPTY_PROMPT = ""
-REBUILD_HINT = "rebuild the cache (in the pipeline: `dvc repro cache_latents`)"
+# The fix for a damaged or mismatched cache; a pipeline stage adds its own command for it.
+REBUILD_HINT = "rebuild the cache with write_latent_cache"
 
 _INGESTED_COLUMNS = ["id", "image", "caption", "split", "attributes"]
 _LATENT_COLUMNS = ("mean", "logvar")
@@ -83,7 +85,7 @@ _TEXT_SCHEMA = pa.schema(
 )
 
 
-class LatentCacheError(ValueError):
+class LatentCacheError(InputError):
     """A latent cache is missing, malformed, or does not match its input."""
 
 
@@ -106,7 +108,7 @@ def vae_hash(directory: str | os.PathLike) -> str:
     """The identity of a saved VAE: sha256 of its weights file, as recorded in a cache's manifest."""
     weights = Path(directory) / WEIGHTS_NAME
     if not weights.is_file():
-        raise FileNotFoundError(
+        raise InputNotFoundError(
             f"{weights} is missing: {directory} is not a saved VAE folder; train or convert one first"
         )
     return file_sha256(weights)
@@ -139,7 +141,7 @@ class ShardInfo(_Record):
     @model_validator(mode="after")
     def _groups_add_up(self) -> ShardInfo:
         if sum(self.row_groups) != self.rows or not all(n > 0 for n in self.row_groups):
-            raise ValueError(f"shard {self.file}: row_groups {self.row_groups} do not add up to its {self.rows} rows")
+            raise InputError(f"shard {self.file}: row_groups {self.row_groups} do not add up to its {self.rows} rows")
         return self
 
 
@@ -180,9 +182,9 @@ class Manifest(_Record):
         for shard in self.shards:
             counted[shard.split] += shard.rows
         if dict(counted) != self.rows:
-            raise ValueError(f"rows per split {self.rows} do not match the shards' rows {dict(counted)}")
+            raise InputError(f"rows per split {self.rows} do not match the shards' rows {dict(counted)}")
         if min(self.latent_shape) < 1:
-            raise ValueError(f"latent_shape {self.latent_shape} has an empty dimension")
+            raise InputError(f"latent_shape {self.latent_shape} has an empty dimension")
         return self
 
 
@@ -729,7 +731,7 @@ class TextTable:
         """Row indices (B,) -> hidden states (B, S, D) float32 and mask (B, S) bool, S the longest in the batch."""
         indices = [int(i) for i in indices]
         if not indices:
-            raise ValueError("TextTable.lookup got no indices; pass at least one row index")
+            raise InputError("TextTable.lookup got no indices; pass at least one row index")
         bad = [i for i in indices if not 0 <= i < len(self)]
         if bad:
             raise IndexError(f"text rows {bad[:5]} are outside {self.path}'s {len(self)} rows")
@@ -783,9 +785,9 @@ class LatentCache:
         self.text_cache_groups = text_cache_groups
         path = self.directory / MANIFEST_NAME
         if not path.is_file():
-            raise FileNotFoundError(
+            raise InputNotFoundError(
                 f"{self.directory} is not a latent cache: {MANIFEST_NAME} is missing; build one with "
-                "write_latent_cache (in the pipeline: `dvc repro cache_latents`)"
+                "write_latent_cache"
             )
         try:
             raw = json.loads(path.read_text())
@@ -878,9 +880,9 @@ class LatentCache:
     def _row_groups(self, split: str, rank: int, world_size: int) -> list[tuple[ShardInfo, int, int]]:
         """This rank's (shard, row group, rows) of `split`: every world_size-th group, starting at `rank`."""
         if split not in self.manifest.rows:
-            raise ValueError(f"the cache in {self.directory} has no {split!r} rows; its splits are {self.splits}")
+            raise InputError(f"the cache in {self.directory} has no {split!r} rows; its splits are {self.splits}")
         if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} of world_size {world_size}: need world_size >= 1 and 0 <= rank < world_size")
+            raise InputError(f"rank {rank} of world_size {world_size}: need world_size >= 1 and 0 <= rank < world_size")
         groups = [(s, g, n) for s in self.manifest.shards if s.split == split for g, n in enumerate(s.row_groups)]
         return groups[rank::world_size]
 
@@ -909,7 +911,7 @@ class LatentCache:
         with drop_last.
         """
         if batch_size < 1 or mix_groups < 1:
-            raise ValueError(f"batch_size and mix_groups must be at least 1, got {batch_size} and {mix_groups}")
+            raise InputError(f"batch_size and mix_groups must be at least 1, got {batch_size} and {mix_groups}")
         groups = self._row_groups(split, rank, world_size)
         rng = None if seed is None else np.random.default_rng([seed, rank])
         if rng is not None:

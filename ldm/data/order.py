@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import torch
 
 from ldm.data.latent_cache import LatentBatch, LatentCache
+from ldm.errors import InputError
 from ldm.training.distributed import SINGLE_PROCESS, DataParallel
 
 
@@ -23,7 +24,7 @@ class EpochOrder:
 
     def __init__(self, size: int, batch_size: int, generator: torch.Generator):
         if batch_size > size:
-            raise ValueError(f"the dataset has {size} images, fewer than one batch of {batch_size}; lower batch_size")
+            raise InputError(f"the dataset has {size} images, fewer than one batch of {batch_size}; lower batch_size")
         self.size, self.batch_size, self.generator = size, batch_size, generator
         # Positioned at the end of an empty epoch -1, so the first batch starts epoch 0.
         self.epoch, self.position, self.order_seed = -1, size, 0
@@ -53,11 +54,11 @@ class EpochOrder:
 def check_lanes(batch_size: int, lanes: int, ranks: DataParallel) -> None:
     """ValueError unless each of `lanes` takes an equal share of a batch and the ranks an equal share of lanes."""
     if batch_size % lanes:
-        raise ValueError(
+        raise InputError(
             f"batch_size {batch_size} does not split into {lanes} data lanes; make batch_size a multiple of data_lanes"
         )
     if lanes % ranks.world_size:
-        raise ValueError(
+        raise InputError(
             f"data_lanes {lanes} does not split over {ranks.world_size} ranks; set data_lanes to a multiple of "
             f"{ranks.world_size} (or null: one per rank)"
         )
@@ -82,7 +83,7 @@ class CacheOrder:
         self.lane_rows = batch_size // lanes
         self.batches_per_epoch = min(cache.num_rows("train", lane, lanes) for lane in range(lanes)) // self.lane_rows
         if self.batches_per_epoch == 0:
-            raise ValueError(
+            raise InputError(
                 f"the cache holds {cache.num_rows('train')} train rows, fewer than one batch of {batch_size} "
                 f"(in {lanes} lanes of {self.lane_rows}); lower batch_size or data_lanes"
             )

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
+from ldm.errors import InputError
+
 SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross", "hexagon", "ring")
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 20, 20),
@@ -70,7 +72,7 @@ def _article(word: str) -> str:
 def _check_names(kind: str, names, supported) -> None:
     unknown = [name for name in names if name not in supported]
     if unknown:
-        raise ValueError(f"unknown {kind} {unknown}; supported {kind}: {', '.join(supported)}")
+        raise InputError(f"unknown {kind} {unknown}; supported {kind}: {', '.join(supported)}")
 
 
 @dataclass(frozen=True)
@@ -97,13 +99,13 @@ class Scene:
     def __post_init__(self) -> None:
         _check_names("colors", [self.background], COLORS)
         if not self.objects:
-            raise ValueError("a shapes scene needs at least one object")
+            raise InputError("a shapes scene needs at least one object")
         positions = [o.position for o in self.objects]
         if len(set(positions)) != len(positions):
-            raise ValueError(f"two objects share a position in {positions}; each object needs its own cell")
+            raise InputError(f"two objects share a position in {positions}; each object needs its own cell")
         hidden = [o.color for o in self.objects if o.color == self.background]
         if hidden:
-            raise ValueError(f"an object has the background's color {self.background!r} and would be invisible")
+            raise InputError(f"an object has the background's color {self.background!r} and would be invisible")
 
     def to_dict(self) -> dict:
         """JSON-able form, stored in the ingested dataset's `attributes` column."""
@@ -140,23 +142,23 @@ class ShapesConfig:
             ("backgrounds", self.backgrounds, COLORS),
         ):
             if not names:
-                raise ValueError(f"{kind} is empty; list at least one of: {', '.join(supported)}")
+                raise InputError(f"{kind} is empty; list at least one of: {', '.join(supported)}")
             _check_names(kind, names, supported)
         for background in self.backgrounds:
             if not set(self.colors) - {background}:
-                raise ValueError(
+                raise InputError(
                     f"background {background!r} leaves no object color (colors={list(self.colors)}); "
                     "add a color that differs from every background"
                 )
         if not 0.0 <= self.two_object_fraction <= 1.0:
-            raise ValueError(f"two_object_fraction must be in [0, 1], got {self.two_object_fraction}")
+            raise InputError(f"two_object_fraction must be in [0, 1], got {self.two_object_fraction}")
         if self.two_object_fraction > 0 and len(self.positions) < 2:
-            raise ValueError(
+            raise InputError(
                 f"two_object_fraction={self.two_object_fraction} needs at least two positions, got "
                 f"{list(self.positions)}; add a position or set two_object_fraction to 0"
             )
         if self.image_size < 2 * _GRID:
-            raise ValueError(f"image_size={self.image_size} is too small for a {_GRID}x{_GRID} grid; use 8 or more")
+            raise InputError(f"image_size={self.image_size} is too small for a {_GRID}x{_GRID} grid; use 8 or more")
 
 
 def _pick(rng: random.Random, options):
@@ -209,7 +211,7 @@ def _outline(shape: str, x: float, y: float, r: float) -> list[tuple[float, floa
             (x - t, y - r), (x + t, y - r), (x + t, y - t), (x + r, y - t), (x + r, y + t), (x + t, y + t),
             (x + t, y + r), (x - t, y + r), (x - t, y + t), (x - r, y + t), (x - r, y - t), (x - t, y - t),
         ]
-    raise ValueError(f"no outline for shape {shape!r}")
+    raise InputError(f"no outline for shape {shape!r}")
 
 
 def render(scene: Scene, image_size: int, rng: random.Random | None = None) -> Image.Image:
@@ -282,19 +284,19 @@ def parse_caption(text: str) -> Scene:
     example = "e.g. 'a small red circle at the top left on a white background'"
     match = _SCENE_RE.fullmatch(text)
     if match is None:
-        raise ValueError(f"cannot parse shapes caption {text!r}: expected a caption like {example}")
+        raise InputError(f"cannot parse shapes caption {text!r}: expected a caption like {example}")
     objects = []
     for part in match["objects"].split(" and "):
         found = _OBJECT_RE.fullmatch(part)
         if found is None:
-            raise ValueError(
+            raise InputError(
                 f"cannot parse the object {part!r} of shapes caption {text!r}: expected '<a|an> <size> <color> "
                 f"<shape> <at|in|on> the <position>', {example}"
             )
         objects.append(ShapeObject(found["shape"], found["color"], found["size"], found["position"]))
     scene = Scene(tuple(objects), match["background"])
     if caption(scene) != text:
-        raise ValueError(
+        raise InputError(
             f"shapes caption {text!r} is not in canonical form (articles or prepositions differ); "
             f"it would be written {caption(scene)!r}"
         )

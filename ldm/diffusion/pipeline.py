@@ -12,11 +12,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-import torch._inductor.config
 import torch.nn.functional as F
 
-from ldm.diffusion.samplers import SAMPLERS, sample
+from ldm.diffusion.names import SAMPLERS
+from ldm.diffusion.samplers import sample
 from ldm.diffusion.schedule import NoiseSchedule
+from ldm.errors import InputError, InputNotFoundError
 from ldm.models.modeling import atomic_path
 from ldm.models.text_encoder import TextEmbedding, TextEncoder
 from ldm.models.unet import UNet
@@ -40,11 +41,10 @@ def compile_for_sampling(unet: UNet) -> Callable:
 
     Freezing folds the weights into the compiled graph as constants, prepacked for the CPU's conv and
     matmul kernels: 1.7x the eager forward at the cpu preset, where `torch.compile` without it gains
-    about 1.2x. It is an inductor-wide setting, but inductor applies it only to graphs compiled with
-    gradients disabled, so training graphs are unaffected.
+    about 1.2x. It is set for this compile alone (inductor applies it only to graphs compiled with gradients
+    disabled), so the process's other compiles, training graphs among them, keep inductor's defaults.
     """
-    torch._inductor.config.freezing = True
-    return torch.compile(unet)
+    return torch.compile(unet, options={"freezing": True})
 
 
 @dataclass(frozen=True)
@@ -119,9 +119,9 @@ def denoise(
     """
     guided = guidance_scale > 1.0
     if len(context) != (2 if guided else 1) * shape[0]:
-        raise ValueError(f"{len(context)} context rows for {shape[0]} images with guidance={guided}")
+        raise InputError(f"{len(context)} context rows for {shape[0]} images with guidance={guided}")
     if not 0.0 <= guidance_rescale <= 1.0:
-        raise ValueError(f"guidance_rescale={guidance_rescale} is out of range; use 0 (off) .. 1")
+        raise InputError(f"guidance_rescale={guidance_rescale} is out of range; use 0 (off) .. 1")
     device, dtype = context.hidden_states.device, context.hidden_states.dtype
     # Prompts of equal length need no mask, and attention without one takes a faster kernel.
     mask = None if context.attention_mask.all() else context.attention_mask
@@ -154,7 +154,7 @@ def denoise(
         noise = torch.randn(shape, generator=generator)
     else:
         if len(seed) != shape[0]:
-            raise ValueError(f"{len(seed)} seeds for {shape[0]} images; give one seed, or one per image")
+            raise InputError(f"{len(seed)} seeds for {shape[0]} images; give one seed, or one per image")
         generators = [torch.Generator("cpu").manual_seed(s) for s in seed]
         noise = torch.stack([torch.randn(shape[1:], generator=g) for g in generators])
         generator = generators[0]
@@ -198,16 +198,16 @@ class Text2Image:
         are the defaults of a call (a trained model saves the ones it was validated with). `controlnet`: a
         ControlNet trained for this UNet, used by calls given `control_image`, at `control_scale` by default."""
         if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; choose one of {list(SAMPLERS)}")
+            raise InputError(f"unknown sampler {sampler!r}; choose one of {list(SAMPLERS)}")
         if unet.config.cross_attention_dim != text_encoder.hidden_size:
-            raise ValueError(
+            raise InputError(
                 f"the UNet cross-attends to {unet.config.cross_attention_dim}-wide text tokens but the text encoder "
                 f"{text_encoder.name!r} gives {text_encoder.hidden_size}; use the encoder the UNet was trained with"
             )
         if controlnet is not None and controlnet.config.unet != unet.config:
-            raise ValueError(
+            raise InputError(
                 "the ControlNet was trained for a UNet of another architecture than this pipeline's; train one for "
-                "this model (`dvc repro train_controlnet`)"
+                "this model"
             )
         self.vae, self.unet, self.text_encoder, self.controlnet = vae, unet, text_encoder, controlnet
         self.schedule = schedule or NoiseSchedule()
@@ -244,7 +244,7 @@ class Text2Image:
         else:
             negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
             if len(negatives) != len(prompts):
-                raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts; give one, or one per prompt")
+                raise InputError(f"{len(negatives)} negative prompts for {len(prompts)} prompts; give one, or one per prompt")
             uncond = self.text_encoder.encode(negatives)
         return TextEmbedding.cat([uncond, cond])
 
@@ -288,7 +288,7 @@ class Text2Image:
         height = height or self.unet.config.sample_size * self.vae.downsampling_factor
         width = width or height
         if height % f or width % f:
-            raise ValueError(f"image size {height}x{width} is not a multiple of {f} (VAE factor x UNet factor)")
+            raise InputError(f"image size {height}x{width} is not a multiple of {f} (VAE factor x UNet factor)")
         guided = guidance_scale > 1.0
         context = self.encode_prompts(prompts, negative_prompt, guided).to(self.device, self.dtype)
         shape = (len(prompts), self.unet.config.in_channels, height // self.vae.downsampling_factor,
@@ -297,7 +297,7 @@ class Text2Image:
         control = None
         if control_image is not None:
             if self.controlnet is None:
-                raise ValueError("a control image needs a ControlNet: load the pipeline with one (`--controlnet`)")
+                raise InputError("a control image needs a ControlNet: load the pipeline with one (`--controlnet`)")
             control = Control(self.controlnet, _per_prompt("control image", control_image, shape[0], (height, width)),
                               self.control_scale if control_scale is None else control_scale)
         latents = denoise(
@@ -312,7 +312,7 @@ class Text2Image:
     ) -> InitLatents | None:
         if image is None:
             if mask is not None or strength is not None:
-                raise ValueError("a mask or a strength needs an input image to start from (init_image / --init-image)")
+                raise InputError("a mask or a strength needs an input image to start from (init_image / --init-image)")
             return None
         size = (shape[2] * self.vae.downsampling_factor, shape[3] * self.vae.downsampling_factor)
         image = _per_prompt("input image", image, shape[0], size).to(self.device, self.dtype)
@@ -321,7 +321,7 @@ class Text2Image:
             return InitLatents(latents, 0.8 if strength is None else strength)
         mask = _per_prompt("mask", mask, shape[0], size).to(self.device, self.dtype)
         if mask.shape[1] != 1:
-            raise ValueError(f"the mask has {mask.shape[1]} channels; give one (white = regenerate, black = keep)")
+            raise InputError(f"the mask has {mask.shape[1]} channels; give one (white = regenerate, black = keep)")
         latent_mask = (F.interpolate(mask, size=shape[2:], mode="area") >= 0.5).to(self.dtype)
         return InitLatents(latents, 1.0 if strength is None else strength, latent_mask)
 
@@ -357,11 +357,11 @@ class Text2Image:
         directory = Path(directory)
         path = directory / PIPELINE_CONFIG_NAME
         if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing: {directory} is not a folder written by Text2Image.save_pretrained")
+            raise InputNotFoundError(f"{path} is missing: {directory} is not a folder written by Text2Image.save_pretrained")
         config = json.loads(path.read_text())
         unet_dir = directory / (RAW_UNET_FOLDER if raw_weights else "unet")
         if raw_weights and not unet_dir.is_dir():
-            raise FileNotFoundError(f"{directory} keeps no raw UNet weights ({RAW_UNET_FOLDER}/); load its EMA weights")
+            raise InputNotFoundError(f"{directory} keeps no raw UNet weights ({RAW_UNET_FOLDER}/); load its EMA weights")
         unet = UNet.from_pretrained(unet_dir, device=device)
         if unet.config.sample_size <= CHANNELS_LAST_MAX_LATENT:  # this pipeline's own copy: no caller's UNet changes
             unet = unet.to(memory_format=torch.channels_last)
@@ -384,8 +384,8 @@ def _load_controlnet(folder: str | os.PathLike, device: str | torch.device | Non
     from ldm.models.controlnet import ControlNet
 
     if not Path(folder).is_dir():
-        raise FileNotFoundError(
-            f"ControlNet folder {folder} does not exist: train one with `dvc repro train_controlnet` (it writes "
+        raise InputNotFoundError(
+            f"ControlNet folder {folder} does not exist: train one (the pipeline's train_controlnet stage writes "
             "models/controlnet), or point at a folder written by ControlNet.save_pretrained"
         )
     return ControlNet.from_pretrained(folder, device=device)
@@ -402,9 +402,9 @@ def _control_scale(folder: str | os.PathLike) -> float:
 def _per_prompt(name: str, images: torch.Tensor, count: int, size: tuple[int, int]) -> torch.Tensor:
     """(1 or count, C, H, W) -> (count, C, H, W), checking the size against the output's."""
     if images.dim() != 4 or len(images) not in (1, count):
-        raise ValueError(f"the {name} must be (1 or {count}, C, H, W), got {tuple(images.shape)}")
+        raise InputError(f"the {name} must be (1 or {count}, C, H, W), got {tuple(images.shape)}")
     if tuple(images.shape[-2:]) != size:
-        raise ValueError(
+        raise InputError(
             f"the {name} is {images.shape[-1]}x{images.shape[-2]} but the output is {size[1]}x{size[0]}; "
             "resize it, or pass the output size of the image"
         )

@@ -30,11 +30,9 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from ldm.diffusion.names import KARRAS_SAMPLERS, SAMPLERS, SPACINGS
 from ldm.diffusion.schedule import NoiseSchedule, x0_from_output
-
-SAMPLERS: tuple[str, ...] = ("ddpm", "ddim", "pndm", "euler", "euler_ancestral", "heun", "dpmpp_2m")
-SPACINGS: tuple[str, ...] = ("leading", "trailing", "linspace")
-KARRAS_SAMPLERS: tuple[str, ...] = ("euler", "heun", "dpmpp_2m")
+from ldm.errors import InputError
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t (B, C, H, W), t (B,) float32) -> (B, C, H, W)
 ProgressCallback = Callable[[int, int], None]  # (step index, total steps)
@@ -42,7 +40,7 @@ ProgressCallback = Callable[[int, int], None]  # (step index, total steps)
 
 def _check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
     if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not supported; use one of {tuple(allowed)}")
+        raise InputError(f"{name}={value!r} is not supported; use one of {tuple(allowed)}")
 
 
 # --- Timestep and noise-level schedules -------------------------------------------------------------------
@@ -62,7 +60,7 @@ def spaced_timesteps(num_train_timesteps: int, steps: int, spacing: str, steps_o
         timesteps = (np.arange(steps) * (T // steps))[::-1] + float(steps_offset)
         if steps_offset < 0 or timesteps[0] > T - 1:
             largest = T - 1 - int(timesteps[0] - steps_offset)
-            raise ValueError(
+            raise InputError(
                 f"steps_offset={steps_offset} with {steps} leading steps gives timesteps "
                 f"{int(timesteps[-1])}..{int(timesteps[0])}, outside 0..{T - 1}; use an offset in 0..{largest}"
             )
@@ -160,7 +158,7 @@ class Denoiser:
         self.model, self.prediction_type = model, prediction_type
         self.timestep_of = dict(zip(sigmas[:-1].tolist(), timesteps.tolist()))
         if len(self.timestep_of) != len(timesteps):
-            raise ValueError(
+            raise InputError(
                 f"the schedule repeats a noise level ({len(timesteps)} steps over {len(self.timestep_of)} distinct "
                 f"sigmas); use fewer steps"
             )
@@ -441,19 +439,19 @@ def sample(
     _check_choice("spacing", spacing, SPACINGS)
     T = schedule.num_train_timesteps
     if not 1 <= steps <= T:
-        raise ValueError(f"steps={steps} is out of range; use 1..{T} (the schedule's num_train_timesteps)")
+        raise InputError(f"steps={steps} is out of range; use 1..{T} (the schedule's num_train_timesteps)")
     if karras and sampler not in KARRAS_SAMPLERS:
-        raise ValueError(f"karras=True is not available for sampler={sampler!r}; use it with one of {KARRAS_SAMPLERS}")
+        raise InputError(f"karras=True is not available for sampler={sampler!r}; use it with one of {KARRAS_SAMPLERS}")
     if eta != 0.0 and sampler != "ddim":
-        raise ValueError(f"eta={eta} applies to sampler='ddim' only; pass eta=0.0 with sampler={sampler!r}")
+        raise InputError(f"eta={eta} applies to sampler='ddim' only; pass eta=0.0 with sampler={sampler!r}")
     if eta < 0.0:
-        raise ValueError(f"eta={eta} must be >= 0 (0: deterministic DDIM, 1: DDPM-like noise)")
+        raise InputError(f"eta={eta} must be >= 0 (0: deterministic DDIM, 1: DDPM-like noise)")
     if sampler == "pndm" and schedule.prediction_type == "sample":
-        raise ValueError("sampler='pndm' needs prediction_type 'epsilon' or 'v_prediction'; pick another sampler")
+        raise InputError("sampler='pndm' needs prediction_type 'epsilon' or 'v_prediction'; pick another sampler")
     if not 0.0 <= strength <= 1.0:
-        raise ValueError(f"strength={strength} is out of range; use 0 (keep the input) .. 1 (ignore it)")
+        raise InputError(f"strength={strength} is out of range; use 0 (keep the input) .. 1 (ignore it)")
     if init is not None and init.shape != noise.shape:
-        raise ValueError(f"init latents {tuple(init.shape)} and noise {tuple(noise.shape)} differ in shape")
+        raise InputError(f"init latents {tuple(init.shape)} and noise {tuple(noise.shape)} differ in shape")
     # The steps skipped at the start of the schedule; img2img starts where they would have ended.
     skip = steps - int(steps * strength) if init is not None and strength < 1.0 else 0
     if skip == steps:

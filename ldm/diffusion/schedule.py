@@ -14,8 +14,8 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+from ldm.diffusion.names import BETA_SCHEDULES, PREDICTION_TYPES
+from ldm.errors import InputError
 
 
 def _cosine_betas(num_train_timesteps: int, max_beta: float = 0.999) -> torch.Tensor:
@@ -52,13 +52,13 @@ class NoiseSchedule:
 
     def __post_init__(self) -> None:
         if self.beta_schedule not in BETA_SCHEDULES:
-            raise ValueError(f"beta_schedule={self.beta_schedule!r} is not supported; use one of {BETA_SCHEDULES}")
+            raise InputError(f"beta_schedule={self.beta_schedule!r} is not supported; use one of {BETA_SCHEDULES}")
         if self.prediction_type not in PREDICTION_TYPES:
-            raise ValueError(
+            raise InputError(
                 f"prediction_type={self.prediction_type!r} is not supported; use one of {PREDICTION_TYPES}"
             )
         if self.num_train_timesteps < 1:
-            raise ValueError(f"num_train_timesteps={self.num_train_timesteps} must be at least 1")
+            raise InputError(f"num_train_timesteps={self.num_train_timesteps} must be at least 1")
         T = self.num_train_timesteps
         if self.beta_schedule == "linear":
             self.betas = torch.linspace(self.beta_start, self.beta_end, T, dtype=torch.float32)
@@ -80,7 +80,7 @@ class NoiseSchedule:
         known = {f.name for f in fields(cls) if f.init}
         unknown = sorted(set(config) - known)
         if unknown:
-            raise ValueError(f"unknown NoiseSchedule keys {unknown}; the known ones are {sorted(known)}")
+            raise InputError(f"unknown NoiseSchedule keys {unknown}; the known ones are {sorted(known)}")
         return cls(**config)
 
     def _coefficients(self, t: int | torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -33,6 +33,7 @@ from pydantic import model_validator
 from torch import Tensor, nn
 
 from ldm.data.shapes import POSITIONS, Scene, ShapeObject
+from ldm.errors import InputError
 from ldm.models.modeling import ModelConfig, PretrainedModel
 
 logger = logging.getLogger(__name__)
@@ -55,14 +56,14 @@ class AttributeClassifierConfig(ModelConfig):
     def _check(self) -> AttributeClassifierConfig:
         for kind, names in (("shapes", self.shapes), ("colors", self.colors), ("sizes", self.sizes)):
             if not names:
-                raise ValueError(f"{kind} is empty; list the names the classifier should tell apart")
+                raise InputError(f"{kind} is empty; list the names the classifier should tell apart")
         if not self.channels:
-            raise ValueError("channels must list at least one level")
+            raise InputError("channels must list at least one level")
         bad = [c for c in self.channels if c % self.norm_num_groups]
         if bad:
-            raise ValueError(f"channels {bad} are not divisible by norm_num_groups={self.norm_num_groups}")
+            raise InputError(f"channels {bad} are not divisible by norm_num_groups={self.norm_num_groups}")
         if self.feature_size < 1:
-            raise ValueError(f"image_size={self.image_size} is too small")
+            raise InputError(f"image_size={self.image_size} is too small")
         return self
 
     @property
@@ -101,7 +102,7 @@ class AttributeClassifier(PretrainedModel):
         """images (B, 3, H, W) in [-1, 1] -> logits {"shape": (B, 9, S+1), "color": (B, 9, C), "size": (B, 9, Z)}."""
         c = self.config
         if images.shape[-2:] != (c.image_size, c.image_size):
-            raise ValueError(
+            raise InputError(
                 f"the classifier reads {c.image_size}x{c.image_size} images, got {tuple(images.shape[-2:])}; "
                 "resize the images or train a classifier at their size"
             )
@@ -142,7 +143,7 @@ def scene_targets(scenes: list[Scene], config: AttributeClassifierConfig) -> Ten
             values = {"shape": obj.shape, "color": obj.color, "size": obj.size}
             unknown = [f"{kind} {value!r}" for kind, value in values.items() if value not in index[kind]]
             if unknown:
-                raise ValueError(f"scene {n} has {', '.join(unknown)}, which the classifier's config does not list")
+                raise InputError(f"scene {n} has {', '.join(unknown)}, which the classifier's config does not list")
             targets[n, CELLS.index(obj.position)] = torch.tensor([index[kind][values[kind]] for kind in index])
     return targets
 
@@ -187,7 +188,7 @@ def train_attribute_classifier(
     loss is the sum of the three heads' cross-entropies, color and size counted only in occupied cells.
     """
     if len(images) != len(scenes):
-        raise ValueError(f"{len(images)} images but {len(scenes)} scenes; pass one scene per image")
+        raise InputError(f"{len(images)} images but {len(scenes)} scenes; pass one scene per image")
     device = torch.device(device)
     # Weights are drawn on the CPU from the seed alone, so a seed gives the same start on any device.
     with torch.random.fork_rng(devices=[]):
@@ -277,9 +278,9 @@ def adherence(read: list[list[ShapeObject]], scenes: list[Scene]) -> dict[str, f
     "two_object_images" count the images.
     """
     if len(read) != len(scenes):
-        raise ValueError(f"{len(read)} read images but {len(scenes)} scenes; pass one scene per image")
+        raise InputError(f"{len(read)} read images but {len(scenes)} scenes; pass one scene per image")
     if not scenes:
-        raise ValueError("no images to score")
+        raise InputError("no images to score")
     scores = _scores(read, scenes)
     for count, prefix in ((1, "one_object_"), (2, "two_object_")):
         chosen = [(objects, scene) for objects, scene in zip(read, scenes) if len(scene.objects) == count]

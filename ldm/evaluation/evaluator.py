@@ -45,6 +45,7 @@ from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from ldm.data.order import EpochOrder
+from ldm.errors import InputError
 from ldm.models.modeling import ModelConfig, PretrainedModel
 from ldm.models.text_encoder import TextEmbedding
 from ldm.training.optim import warmup_cosine
@@ -138,9 +139,9 @@ def index_captions(captions: list[str]) -> tuple[list[str], torch.Tensor]:
 
 def _check_pairs(images: torch.Tensor, text: TextEmbedding, caption_ids: torch.Tensor) -> None:
     if len(images) != len(caption_ids):
-        raise ValueError(f"{len(images)} images but {len(caption_ids)} caption ids; pass one caption id per image.")
+        raise InputError(f"{len(images)} images but {len(caption_ids)} caption ids; pass one caption id per image.")
     if len(images) and (caption_ids.min() < 0 or caption_ids.max() >= len(text)):
-        raise ValueError(
+        raise InputError(
             f"caption_ids must index the {len(text)} distinct captions in `text`, i.e. lie in [0, {len(text)}); "
             "index_captions(captions) builds both."
         )

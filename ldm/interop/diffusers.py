@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ldm.errors import InputError, InputNotFoundError
 from ldm.models.modeling import CONFIG_NAME, PretrainedModel, atomic_path, read_config_json
 from ldm.models.unet import UNet, UNetConfig
 from ldm.models.vae import VAE, VAEConfig
@@ -73,10 +74,10 @@ def state_dict_from_diffusers(
         names = diffusers_names(key, renames)
         missing = [n for n in names if n not in remaining]
         if missing:
-            raise ValueError(f"{source}: diffusers weights lack {missing}, needed for ldm parameter {key}")
+            raise InputError(f"{source}: diffusers weights lack {missing}, needed for ldm parameter {key}")
         out[key] = torch.cat([remaining.pop(n) for n in names], dim=0)
     if remaining:
-        raise ValueError(f"{source}: diffusers weights hold parameters ldm has no place for: {sorted(remaining)[:5]}")
+        raise InputError(f"{source}: diffusers weights hold parameters ldm has no place for: {sorted(remaining)[:5]}")
     return out
 
 
@@ -129,7 +130,7 @@ _VAE_FIXED = {
 def _check_fixed(cfg: dict, fixed: dict, source: str) -> None:
     for key, value in fixed.items():
         if key in cfg and cfg[key] != value and not (value == 0 and cfg[key] == 0.0):
-            raise ValueError(
+            raise InputError(
                 f"{source}: diffusers option {key}={cfg[key]!r} cannot be expressed by ldm (only {value!r} is supported)"
             )
 
@@ -137,7 +138,7 @@ def _check_fixed(cfg: dict, fixed: dict, source: str) -> None:
 def _uniform(value, what: str, source: str):
     if isinstance(value, (list, tuple)):
         if len(set(value)) != 1:
-            raise ValueError(f"{source}: per-level {what} {list(value)} cannot be expressed by ldm (one value for all levels)")
+            raise InputError(f"{source}: per-level {what} {list(value)} cannot be expressed by ldm (one value for all levels)")
         return value[0]
     return value
 
@@ -148,10 +149,10 @@ def unet_config_from_diffusers(cfg: dict, source: str) -> UNetConfig:
     allowed_down = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
     allowed_up = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
     if not set(down) <= set(allowed_down) or not set(up) <= set(allowed_up):
-        raise ValueError(f"{source}: block types {down} / {up} cannot be expressed by ldm ({list(allowed_down)} / {list(allowed_up)})")
+        raise InputError(f"{source}: block types {down} / {up} cannot be expressed by ldm ({list(allowed_down)} / {list(allowed_up)})")
     attention = tuple(allowed_down[b] for b in down)
     if tuple(allowed_up[b] for b in reversed(up)) != attention:
-        raise ValueError(f"{source}: up_block_types {up} do not mirror down_block_types {down}")
+        raise InputError(f"{source}: up_block_types {up} do not mirror down_block_types {down}")
     heads = cfg.get("attention_head_dim", 8)
     return UNetConfig(
         in_channels=cfg.get("in_channels", 4),
@@ -194,7 +195,7 @@ def vae_config_from_diffusers(cfg: dict, source: str) -> VAEConfig:
     levels = len(cfg["block_out_channels"])
     for key, block in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
         if list(cfg.get(key, [block] * levels)) != [block] * levels:
-            raise ValueError(f"{source}: {key} {cfg[key]} cannot be expressed by ldm (only {block})")
+            raise InputError(f"{source}: {key} {cfg[key]} cannot be expressed by ldm (only {block})")
     return VAEConfig(
         in_channels=cfg.get("in_channels", 3),
         out_channels=cfg.get("out_channels", 3),
@@ -230,7 +231,7 @@ def from_diffusers(config: dict, state: dict[str, torch.Tensor], source: str = "
     """(diffusers config dict, diffusers state dict) -> our model."""
     class_name = config.get("_class_name")
     if class_name not in _BY_CLASS:
-        raise ValueError(f"{source}: cannot convert a diffusers {class_name!r}; supported: {sorted(_BY_CLASS)}")
+        raise InputError(f"{source}: cannot convert a diffusers {class_name!r}; supported: {sorted(_BY_CLASS)}")
     model_class, config_from, renames = _BY_CLASS[class_name]
     ours = config_from(config, source)
     with torch.device("meta"):
@@ -253,7 +254,7 @@ def load_diffusers_folder(directory: str | os.PathLike) -> VAE | UNet:
     config = read_config_json(directory)
     weights = directory / DIFFUSERS_WEIGHTS_NAME
     if not weights.is_file():
-        raise FileNotFoundError(
+        raise InputNotFoundError(
             f"{weights} is missing; only safetensors diffusers folders are read (re-save the model with "
             f"`save_pretrained(..., safe_serialization=True)`)."
         )
@@ -265,6 +266,6 @@ def load_ldm_folder(directory: str | os.PathLike) -> PretrainedModel:
     directory = Path(directory)
     kind = read_config_json(directory).get("kind")
     if kind not in _BY_KIND:
-        raise ValueError(f"{directory}/{CONFIG_NAME} names kind {kind!r}; expected one of {sorted(_BY_KIND)}")
+        raise InputError(f"{directory}/{CONFIG_NAME} names kind {kind!r}; expected one of {sorted(_BY_KIND)}")
     return _BY_KIND[kind][0].from_pretrained(directory)
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from pydantic import model_validator
 from torch import nn
 
+from ldm.errors import InputError
 from ldm.models.layers import TimestepMLP, timestep_embedding
 from ldm.models.modeling import ModelConfig, PretrainedModel
 from ldm.models.unet import DownLevel, MidBlock, UNet, UNetConfig
@@ -41,16 +42,16 @@ class ControlNetConfig(ModelConfig):
     @model_validator(mode="after")
     def _check(self) -> ControlNetConfig:
         if self.conditioning_channels < 1:
-            raise ValueError(f"conditioning_channels must be at least 1, got {self.conditioning_channels}")
+            raise InputError(f"conditioning_channels must be at least 1, got {self.conditioning_channels}")
         f = self.vae_downsampling_factor
         if f < 1 or f & (f - 1):
-            raise ValueError(f"vae_downsampling_factor must be a power of two (1, 2, 4, 8, ...), got {f}")
+            raise InputError(f"vae_downsampling_factor must be a power of two (1, 2, 4, 8, ...), got {f}")
         channels = self.conditioning_embedding_channels
         if not channels or min(channels) < 1:
-            raise ValueError(f"conditioning_embedding_channels must list positive widths, got {channels}")
+            raise InputError(f"conditioning_embedding_channels must list positive widths, got {channels}")
         strides = int(math.log2(f))
         if len(channels) - 1 != strides:
-            raise ValueError(
+            raise InputError(
                 f"conditioning_embedding_channels {channels} make {len(channels) - 1} stride-2 convs but a VAE "
                 f"factor of {f} needs {strides}: list {strides + 1} widths, e.g. "
                 f"{tuple(16 * 2**i for i in range(strides + 1))}"
@@ -164,7 +165,7 @@ class ControlNet(PretrainedModel):
         f = self.config.vae_downsampling_factor
         expected = (self.config.conditioning_channels, x.shape[-2] * f, x.shape[-1] * f)
         if control.ndim != 4 or tuple(control.shape[1:]) != expected or control.shape[0] not in (1, x.shape[0]):
-            raise ValueError(
+            raise InputError(
                 f"control has shape {tuple(control.shape)} but latents {tuple(x.shape)} need ({x.shape[0]} or 1, "
                 f"{expected[0]}, {expected[1]}, {expected[2]}): the control image at pixel resolution (VAE factor {f})"
             )

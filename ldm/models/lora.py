@@ -37,6 +37,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ldm.errors import InputError, InputNotFoundError
 from ldm.models.modeling import atomic_path
 from ldm.models.unet import UNet
 
@@ -71,9 +72,9 @@ def parse_lora_spec(text: str) -> LoraSpec:
         except ValueError:
             pass
     if not path:
-        raise ValueError(f"LoRA spec {text!r} has an empty path; write PATH or PATH:SCALE, e.g. loras/cube:0.8")
+        raise InputError(f"LoRA spec {text!r} has an empty path; write PATH or PATH:SCALE, e.g. loras/cube:0.8")
     if not math.isfinite(scale):
-        raise ValueError(f"LoRA spec {text!r} has the scale {scale}; give a finite number, e.g. loras/cube:0.8")
+        raise InputError(f"LoRA spec {text!r} has the scale {scale}; give a finite number, e.g. loras/cube:0.8")
     return LoraSpec(Path(path), scale)
 
 
@@ -85,7 +86,7 @@ def _target_pattern(targets: Sequence[str]) -> str:
     """
     unknown = sorted(set(targets) - set(LORA_TARGETS))
     if unknown or not targets:
-        raise ValueError(f"LoRA targets {list(targets)} are not a non-empty subset of {list(LORA_TARGETS)}")
+        raise InputError(f"LoRA targets {list(targets)} are not a non-empty subset of {list(LORA_TARGETS)}")
     names = "|".join(re.escape(t) for t in dict.fromkeys(targets))
     return rf"(.*\.)?transformer_blocks\.\d+\.attn[12]\.({names})"
 
@@ -96,7 +97,7 @@ def _lora_layers(unet: nn.Module) -> list[tuple[str, LoraLayer]]:
 
 def _require_plain(unet: nn.Module, what: str) -> None:
     if _lora_layers(unet):
-        raise ValueError(
+        raise InputError(
             f"{what} needs a UNet without LoRA adapters, but this one already carries "
             f"{sorted(getattr(unet, 'peft_config', {}))}; start from the base UNet, or fold earlier LoRAs into it "
             f"with load_loras(..., merge=True)"
@@ -125,11 +126,11 @@ def add_lora(
     unchanged until training moves B. Returns the adapter's parameters, the only ones that require grad.
     """
     if rank < 1:
-        raise ValueError(f"LoRA rank must be at least 1, got {rank}")
+        raise InputError(f"LoRA rank must be at least 1, got {rank}")
     if not alpha > 0:
-        raise ValueError(f"LoRA alpha must be positive, got {alpha}; alpha = rank applies the update at scale 1")
+        raise InputError(f"LoRA alpha must be positive, got {alpha}; alpha = rank applies the update at scale 1")
     if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
+        raise InputError(f"LoRA dropout must be in [0, 1), got {dropout}")
     _require_plain(unet, "add_lora")
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=_target_pattern(targets))
     unet.requires_grad_(False)
@@ -146,15 +147,15 @@ def save_lora(
     """
     configs = getattr(unet, "peft_config", {})
     if adapter_name not in configs:
-        raise ValueError(
+        raise InputError(
             f"the UNet has no LoRA adapter {adapter_name!r} (it has {sorted(configs)}); add one with add_lora"
         )
     metadata = dict(metadata or {})
     clashing = sorted(set(metadata) & set(_RESERVED_METADATA))
     if clashing:
-        raise ValueError(f"metadata keys {clashing} are written by save_lora itself; rename them")
+        raise InputError(f"metadata keys {clashing} are written by save_lora itself; rename them")
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-        raise ValueError(
+        raise InputError(
             "LoRA metadata must map strings to strings (safetensors stores nothing else); convert with str()"
         )
     config = configs[adapter_name]
@@ -175,11 +176,11 @@ def save_lora(
 
 def _lora_files(directory: Path) -> tuple[Path, Path]:
     if directory.is_file():
-        raise FileNotFoundError(f"{directory} is a file; a LoRA is a folder: pass the folder that holds {WEIGHTS_NAME}")
+        raise InputNotFoundError(f"{directory} is a file; a LoRA is a folder: pass the folder that holds {WEIGHTS_NAME}")
     weights, config = directory / WEIGHTS_NAME, directory / CONFIG_NAME
     for path in (weights, config):
         if not path.is_file():
-            raise FileNotFoundError(
+            raise InputNotFoundError(
                 f"{directory} is not a LoRA folder: {path.name} is missing. A LoRA folder holds {WEIGHTS_NAME} and "
                 f"{CONFIG_NAME}, as ldm.models.lora.save_lora (or peft's save_pretrained) writes them."
             )
@@ -198,9 +199,9 @@ def _read_lora(directory: Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
     try:
         config = PeftConfig.from_pretrained(str(directory))
     except (ValueError, TypeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{config_file} is not a valid peft adapter config: {e}") from None
+        raise InputError(f"{config_file} is not a valid peft adapter config: {e}") from None
     if not isinstance(config, LoraConfig):
-        raise ValueError(f"{config_file} describes a {config.peft_type} adapter, not a LoRA")
+        raise InputError(f"{config_file} describes a {config.peft_type} adapter, not a LoRA")
     config.inference_mode = True
     state = {k.removeprefix(_PEFT_MODEL_PREFIX): v for k, v in load_file(str(weights)).items()}
     return config, state
@@ -216,7 +217,7 @@ def _check_fits(unet: UNet, config: LoraConfig, state: dict[str, torch.Tensor], 
     try:
         _inject(probe, config, "probe")
     except ValueError as e:
-        raise ValueError(f"{weights} does not fit this UNet: {e}") from None
+        raise InputError(f"{weights} does not fit this UNet: {e}") from None
     expected = get_peft_model_state_dict(probe, adapter_name="probe")
 
     def module(key: str) -> str:
@@ -230,12 +231,12 @@ def _check_fits(unet: UNet, config: LoraConfig, state: dict[str, torch.Tensor], 
     if missing:
         problems.append(f"it has no weights for {len(missing)} modules its config targets here (e.g. {missing[0]})")
     if problems:
-        raise ValueError(
+        raise InputError(
             f"{weights} was trained for another UNet: {' and '.join(problems)}; load it onto the UNet it was trained on"
         )
     for key, tensor in sorted(state.items()):
         if tensor.shape != expected[key].shape:
-            raise ValueError(
+            raise InputError(
                 f"{weights} was trained for another UNet: module {module(key)} needs {key.rsplit('.', 2)[-2]} of "
                 f"shape {tuple(expected[key].shape)} here but the file holds {tuple(tensor.shape)}; load it onto "
                 f"the UNet it was trained on"

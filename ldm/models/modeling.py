@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ldm.errors import InputError, InputNotFoundError
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
@@ -65,7 +67,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
 def read_config_json(directory: Path) -> dict:
     path = directory / CONFIG_NAME
     if not path.is_file():
-        raise FileNotFoundError(
+        raise InputNotFoundError(
             f"{directory} is not a saved model folder: {CONFIG_NAME} is missing. "
             f"Pass a folder written by save_pretrained (or convert a diffusers folder with `ldm convert from-diffusers`)."
         )
@@ -98,18 +100,18 @@ class PretrainedModel(nn.Module):
     @classmethod
     def config_from_dict(cls, raw: dict, source: str) -> ModelConfig:
         if "_class_name" in raw:
-            raise ValueError(
+            raise InputError(
                 f"{source} is a diffusers {raw['_class_name']} folder; convert it first: "
                 f"`ldm convert from-diffusers {source} OUT_DIR`."
             )
         kind = raw.get("kind")
         if kind != cls.kind:
-            raise ValueError(f"{source} holds a {kind!r} model, not a {cls.kind!r}; load it with the matching class.")
+            raise InputError(f"{source} holds a {kind!r} model, not a {cls.kind!r}; load it with the matching class.")
         fields = {k: v for k, v in raw.items() if k != "kind"}
         try:
             return cls.config_class(**fields)
         except ValidationError as e:
-            raise ValueError(f"{source}/{CONFIG_NAME} is not a valid {cls.kind} config:\n{e}") from None
+            raise InputError(f"{source}/{CONFIG_NAME} is not a valid {cls.kind} config:\n{e}") from None
 
     @classmethod
     def from_pretrained(
@@ -119,7 +121,7 @@ class PretrainedModel(nn.Module):
         config = cls.config_from_dict(read_config_json(directory), str(directory))
         weights = directory / WEIGHTS_NAME
         if not weights.is_file():
-            raise FileNotFoundError(f"{weights} is missing: the folder has a config but no weights.")
+            raise InputNotFoundError(f"{weights} is missing: the folder has a config but no weights.")
         state = load_file(str(weights), device=str(device or "cpu"))
         return cls.from_state_dict(config, state, source=str(weights), dtype=dtype)
 
@@ -133,7 +135,7 @@ class PretrainedModel(nn.Module):
         expected = set(model.state_dict())
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
         if missing or unexpected:
-            raise ValueError(
+            raise InputError(
                 f"{source} does not match its config: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
                 f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}."
             )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ldm.errors import InputError
 from ldm.models.unet import UNetConfig
 from ldm.models.vae import VAEConfig
 
@@ -45,4 +46,4 @@ def preset(name: str) -> Preset:
     try:
         return PRESETS[name]
     except KeyError:
-        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
+        raise InputError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None

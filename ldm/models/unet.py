@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from pydantic import model_validator
 from torch import nn
 
+from ldm.errors import InputError
 from ldm.models.layers import Downsample, ResnetBlock, SpatialTransformer, TimestepMLP, Upsample, timestep_embedding
 from ldm.models.modeling import ModelConfig, PretrainedModel
 
@@ -37,18 +38,18 @@ class UNetConfig(ModelConfig):
     def _check(self) -> UNetConfig:
         levels = len(self.block_out_channels)
         if levels == 0:
-            raise ValueError("block_out_channels must list at least one level")
+            raise InputError("block_out_channels must list at least one level")
         if len(self.attention_levels) != levels:
-            raise ValueError(
+            raise InputError(
                 f"attention_levels has {len(self.attention_levels)} entries but block_out_channels has {levels}"
             )
         if isinstance(self.num_heads, tuple) and len(self.num_heads) != levels:
-            raise ValueError(f"num_heads has {len(self.num_heads)} entries but block_out_channels has {levels}")
+            raise InputError(f"num_heads has {len(self.num_heads)} entries but block_out_channels has {levels}")
         for c, heads in zip(self.block_out_channels, self.heads_per_level):
             if c % self.norm_num_groups:
-                raise ValueError(f"channels {c} are not divisible by norm_num_groups={self.norm_num_groups}")
+                raise InputError(f"channels {c} are not divisible by norm_num_groups={self.norm_num_groups}")
             if c % heads:
-                raise ValueError(f"channels {c} are not divisible by num_heads={heads}")
+                raise InputError(f"channels {c} are not divisible by num_heads={heads}")
         return self
 
     @property
@@ -171,7 +172,7 @@ class UNet(PretrainedModel):
         the middle block's output, as a ControlNet's outputs are (diffusers' *_additional_residual(s))."""
         f = self.downsampling_factor
         if x.shape[-1] % f or x.shape[-2] % f:
-            raise ValueError(f"latent size {tuple(x.shape[-2:])} is not a multiple of the UNet's factor {f}")
+            raise InputError(f"latent size {tuple(x.shape[-2:])} is not a multiple of the UNet's factor {f}")
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
         temb = self.time_embedding(timestep_embedding(t, self.config.block_out_channels[0]).to(x.dtype))
         if context_mask is not None:
@@ -184,7 +185,7 @@ class UNet(PretrainedModel):
             skips.extend(level_skips)
         if down_residuals is not None:
             if len(down_residuals) != len(skips):
-                raise ValueError(
+                raise InputError(
                     f"got {len(down_residuals)} down_residuals but this UNet has {len(skips)} skip tensors; "
                     "pass one per skip (a ControlNet built from this UNet's config gives exactly that)"
                 )

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from pydantic import model_validator
 from torch import nn
 
+from ldm.errors import InputError
 from ldm.models.layers import Downsample, ResnetBlock, SpatialSelfAttention, Upsample
 from ldm.models.modeling import ModelConfig, PretrainedModel
 
@@ -33,12 +34,12 @@ class VAEConfig(ModelConfig):
     @model_validator(mode="after")
     def _check(self) -> VAEConfig:
         if not self.block_out_channels:
-            raise ValueError("block_out_channels must list at least one level")
+            raise InputError("block_out_channels must list at least one level")
         bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
         if bad:
-            raise ValueError(f"block_out_channels {bad} are not divisible by norm_num_groups={self.norm_num_groups}")
+            raise InputError(f"block_out_channels {bad} are not divisible by norm_num_groups={self.norm_num_groups}")
         if self.sample_size % (2 ** (len(self.block_out_channels) - 1)):
-            raise ValueError(f"sample_size {self.sample_size} is not a multiple of the downsampling factor")
+            raise InputError(f"sample_size {self.sample_size} is not a multiple of the downsampling factor")
         return self
 
 
@@ -182,7 +183,7 @@ class VAE(PretrainedModel):
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:  # (B, 3, H, W) -> posterior over (B, L, H/f, W/f)
         f = self.downsampling_factor
         if x.shape[-1] % f or x.shape[-2] % f:
-            raise ValueError(f"image size {tuple(x.shape[-2:])} is not a multiple of the VAE factor {f}; resize or crop it")
+            raise InputError(f"image size {tuple(x.shape[-2:])} is not a multiple of the VAE factor {f}; resize or crop it")
         return DiagonalGaussian(self.quant_conv(self.encoder(x)))
 
     def decode(self, z: torch.Tensor, clamp: bool = True) -> torch.Tensor:  # (B, L, h, w) -> (B, 3, h*f, w*f)

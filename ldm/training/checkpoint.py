@@ -44,6 +44,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
+from ldm.errors import InputError
 from ldm.models.modeling import check_finite, file_sha256
 from ldm.training.distributed import SINGLE_PROCESS, DataParallel
 
@@ -229,19 +230,19 @@ def _read_verified(path: Path) -> dict[str, Any]:
     """state.json of a checkpoint folder, after checking its tensors file against the recorded sha256."""
     state_file, tensors_file = path / STATE_NAME, path / TENSORS_NAME
     if not state_file.is_file():
-        raise ValueError(f"{path} has no {STATE_NAME}: it was not written completely")
+        raise InputError(f"{path} has no {STATE_NAME}: it was not written completely")
     try:
         record = json.loads(state_file.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{state_file} is not valid JSON ({e})") from None
+        raise InputError(f"{state_file} is not valid JSON ({e})") from None
     if record.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{state_file} has format {record.get('format')!r}; this code reads format {FORMAT_VERSION}")
+        raise InputError(f"{state_file} has format {record.get('format')!r}; this code reads format {FORMAT_VERSION}")
     if not tensors_file.is_file():
-        raise ValueError(f"{path} has no {TENSORS_NAME}")
+        raise InputError(f"{path} has no {TENSORS_NAME}")
     actual = file_sha256(tensors_file)
     recorded = str(record.get("sha256"))
     if actual != recorded:
-        raise ValueError(
+        raise InputError(
             f"{tensors_file} is damaged: its sha256 is {actual[:12]}..., state.json recorded {recorded[:12]}..."
         )
     return record
@@ -303,7 +304,7 @@ def load_checkpoint(path: str | os.PathLike, state: TrainingState) -> Checkpoint
     def restore(kind: str, targets: Mapping[str, Any]) -> dict[str, Any]:
         saved = record[kind]
         if set(saved) != set(targets):
-            raise ValueError(
+            raise InputError(
                 f"{path} holds {kind} {sorted(saved)} but the training loop passed {sorted(targets)}; "
                 f"load it with the same names it was saved with"
             )
@@ -356,12 +357,12 @@ class ResumableRun:
         run = ResumableRun(checkpoint_dir, fingerprint, state, order, hp, "UNet", log)
         with run.session():                           # the clock runs; SIGINT/SIGTERM are deferred to end_step
             for step in range(run.start + 1, hp.max_steps + 1):
-                loss.backward(); norm = clip_grad_norm_(...)
-                if run.finite(step, loss, norm, batch_ids):   # else the step is skipped, when hp allows it
-                    optimizer.step(); ...
-                lr_schedule.step()
+                ...                                   # a step; for one whose loss was not finite, later:
+                run.nonfinite(step, loss, norm, rows) # counted as skipped when hp allows it, else NonFiniteLoss
                 run.end_step(step)                    # saves when due or when a stop signal came, then stops
         run.train_seconds()                           # over every session of the run
+
+    `ldm.training.engine.train` is the loop that drives it.
 
     `data` is the batch order: anything with `state_dict()` / `load_state_dict()` of JSON values.
     `hp` sets the run's length and checkpoints: a checkpoint every `hp.checkpoint_every` steps and at the
@@ -426,31 +427,25 @@ class ResumableRun:
     def train_seconds(self) -> float:
         return self._seconds_before + time.perf_counter() - self._began
 
-    def finite(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, batch_ids: Sequence[str]) -> bool:
-        """Whether step `step` may update the weights: its loss and gradient norm are finite.
-
-        Otherwise the step is skipped (False) while the run has skips left, and NonFiniteLoss is raised once
-        it has none, naming the step, the rows of its batch and the checkpoint to resume from. Either way the
-        rows go to `nonfinite-step-NNNNNN.json` in the checkpoint folder, to find the data behind it.
+    def nonfinite(self, step: int, loss: float, grad_norm: float, batch_ids: Sequence[str]) -> None:
+        """Step `step` had a non-finite loss or gradient norm (its update was not applied): count it as skipped
+        while the run has skips left, else raise NonFiniteLoss naming the step, the rows of its batch and the
+        checkpoint to resume from. Either way the rows go to `nonfinite-step-NNNNNN.json` in the checkpoint
+        folder, to find the data behind it. Every rank calls it for the same steps.
         """
-        values = torch.stack([loss.detach().float().reshape(()), grad_norm.detach().float().reshape(())])
-        if bool(torch.isfinite(values).all()):
-            return True
-        loss_value, norm_value = values.tolist()
         batch_ids = self.ranks.gather(batch_ids)
         report = Path(self.checkpoint_dir) / f"nonfinite-step-{step:06d}.json"
         if self.ranks.is_main:
             report.parent.mkdir(parents=True, exist_ok=True)
             report.write_text(json.dumps(
-                {"step": step, "loss": repr(loss_value), "grad_norm": repr(norm_value), "rows": list(batch_ids)},
-                indent=1,
+                {"step": step, "loss": repr(loss), "grad_norm": repr(grad_norm), "rows": list(batch_ids)}, indent=1,
             ) + "\n")
         shown = ", ".join(i[:12] for i in list(batch_ids)[:4]) + (", ..." if len(batch_ids) > 4 else "")
-        what = f"step {step}: the {self.what} loss is {loss_value} (gradient norm {norm_value}) on rows {shown}"
+        what = f"step {step}: the {self.what} loss is {loss} (gradient norm {grad_norm}) on rows {shown}"
         if len(self.skipped) < self.hp.nonfinite_skips:
-            self.skipped.append({"step": step, "loss": repr(loss_value), "rows": str(report)})
+            self.skipped.append({"step": step, "loss": repr(loss), "rows": str(report)})
             self.log(f"{what}; skipped ({len(self.skipped)} of at most {self.hp.nonfinite_skips}); every row is in {report}")
-            return False
+            return
         resume = (
             f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint is not None
             else "no checkpoint was saved yet"
@@ -461,13 +456,16 @@ class ResumableRun:
             f"stage's `nonfinite_skips` param (now {self.hp.nonfinite_skips}), then run the stage again to resume."
         )
 
-    def end_step(self, step: int) -> None:
-        """Save a checkpoint when one is due or a stop signal came during the step; after a signal, stop.
+    def end_step(self, step: int, before_save: Callable[[], None] | None = None) -> None:
+        """Save a checkpoint when one is due or a stop signal came during the step (`before_save()` first);
+        after a signal, stop.
 
         In a data-parallel run a signal to any rank stops them all after the same step, once rank 0's
         checkpoint is complete (a rank that left earlier would have torchrun kill the others mid-save)."""
         stop_signal = self.ranks.max(self._stop_signal or 0)
         if step % self.hp.checkpoint_every == 0 or step == self.hp.max_steps or stop_signal:
+            if before_save is not None:
+                before_save()
             self.save(step)
         if stop_signal:
             self.ranks.barrier()

@@ -25,6 +25,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ldm.errors import InputError
+
 
 @dataclass(frozen=True)
 class DataParallel:
@@ -50,7 +52,7 @@ class DataParallel:
     def share(self, total: int, what: str) -> slice:
         """This rank's contiguous part of `total` rows of a global batch; `total` must split evenly."""
         if total % self.world_size:
-            raise ValueError(
+            raise InputError(
                 f"{what} of {total} does not split evenly over {self.world_size} ranks; make it a multiple of "
                 f"{self.world_size} or run on a number of ranks that divides it"
             )

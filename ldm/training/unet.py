@@ -1,21 +1,17 @@
 """Training the text-conditioned UNet from the latent cache: neither the VAE nor the text encoder runs in the loop.
 
-Each step, for a batch of cached rows:
+Each step, for a batch of cached rows: a fresh posterior sample of each row's cached latents, in diffusion
+space, is the clean z0 of the denoising objective (`ldm.training.denoising`), with the caption's cached hidden
+states as its context:
 
-    z0      = (mean + exp(logvar / 2) * e - shift) * scale     a fresh posterior sample, in diffusion space
-    t       ~ U{0, T-1};  noise ~ N(0, I) (+ noise_offset * N(0, I) per sample and channel)
-    z_t     = sqrt(abar_t) * z0 + sqrt(1 - abar_t) * noise
-    context = the caption's cached hidden states, or the empty prompt's with probability caption_dropout
-    loss    = mean over the batch of w(t) * mean((unet(z_t, t, context) - target)^2)
+    z0      = (mean + exp(logvar / 2) * e - shift) * scale
+    loss    = denoising_loss(unet, z0, t, noise, context)
 
-The target is what the schedule's prediction type asks for (epsilon, v or the clean latents). w(t) is 1, or
-with min-SNR-gamma min(SNR, gamma) / SNR expressed for the prediction type (Hang et al. 2023). Caption dropout
-teaches the unconditional prediction that classifier-free guidance subtracts.
-
-AdamW with linear warmup and cosine decay, gradient-norm clipping, gradient accumulation (`batch_size` rows
-per micro-batch, `grad_accumulation` micro-batches per optimizer step), optional bf16 autocast, and an EMA of
-the weights that is the model sampling uses. Checkpoints hold everything a bit-for-bit resume needs: weights,
-EMA, optimizer, LR schedule, generator states and the data position (epoch and batches consumed in it).
+The loop is the engine's (`ldm.training.engine`): AdamW with linear warmup and cosine decay, gradient-norm
+clipping, gradient accumulation (`batch_size` rows per micro-batch, `grad_accumulation` micro-batches per
+optimizer step), autocast, and an EMA of the weights that is the model sampling uses. Checkpoints hold
+everything a bit-for-bit resume needs: weights, EMA, optimizer, LR schedule, generator states and the data
+position (epoch and batches consumed in it).
 """
 
 from __future__ import annotations
@@ -23,13 +19,12 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchvision.utils import make_grid
 
 from ldm.data.images import tensor_to_pil
@@ -37,43 +32,25 @@ from ldm.data.latent_cache import LatentCache, TextTable
 from ldm.data.order import CacheOrder, check_lanes
 from ldm.diffusion.pipeline import denoise
 from ldm.diffusion.schedule import NoiseSchedule
+from ldm.errors import InputError
 from ldm.models.text_encoder import TextEmbedding
 from ldm.models.unet import UNet, UNetConfig
 from ldm.models.vae import VAE
-from ldm.training.checkpoint import ResumableRun, TrainingState, run_fingerprint
+from ldm.training.checkpoint import run_fingerprint
+from ldm.training.denoising import DenoisingConfig, denoising_loss, draw_noise
 from ldm.training.distributed import SINGLE_PROCESS, DataParallel
-from ldm.training.loss_history import LossHistory
-from ldm.training.optim import adamw, warmup_cosine
+from ldm.training.engine import StepCallback, train, trajectory
 
 logger = logging.getLogger(__name__)
 
-# Fields that change neither the weights reached at a step nor the data seen: a run may resume across them.
-_BOOKKEEPING = ("checkpoint_every", "keep_checkpoints", "nonfinite_skips", "log_every", "validate_every")
-
-StepCallback = Callable[[int, int, dict[str, float]], None]
 ValidationCallback = Callable[[int, Image.Image], None]
 
 
 @dataclass(frozen=True, kw_only=True)
-class UNetTrainingConfig:
+class UNetTrainingConfig(DenoisingConfig):
     """The training hyperparameters (the params schema's `train_unet` section holds their defaults)."""
 
     batch_size: int  # rows per micro-batch
-    grad_accumulation: int  # micro-batches per optimizer step
-    max_steps: int  # optimizer steps
-    lr: float
-    weight_decay: float
-    warmup_steps: int
-    grad_clip: float  # max global gradient norm
-    ema_decay: float
-    caption_dropout: float  # probability of training a row on the empty prompt
-    min_snr_gamma: float | None  # None: unweighted MSE
-    noise_offset: float
-    bf16: bool  # autocast the forward pass to bfloat16
-    checkpoint_every: int
-    keep_checkpoints: int
-    nonfinite_skips: int = 0  # steps with a NaN/inf loss or gradient to skip (counted) before stopping
-    log_every: int
     validate_every: int  # steps between validation grids (and one at the end)
     data_lanes: int | None = None  # streams a batch is drawn from (CacheOrder); None: one per rank
 
@@ -85,53 +62,11 @@ class UNetTrainingResult(NamedTuple):
     history: list[dict[str, float]]  # one row per logged step: step, loss, lr (kept across resumes)
 
 
-def loss_weights(schedule: NoiseSchedule, t: torch.Tensor, min_snr_gamma: float | None) -> torch.Tensor:
-    """Per-sample loss weights (B,): min(SNR, gamma) / SNR in x0-error units, converted to the prediction type.
-
-    The MSE of an epsilon prediction is SNR times the x0 error, of a v prediction (SNR + 1) times it, so the
-    same x0 weighting min(SNR, gamma) reads min(SNR, gamma) / SNR and min(SNR, gamma) / (SNR + 1) there.
-    """
-    if min_snr_gamma is None:
-        return torch.ones(t.shape, dtype=torch.float32)
-    snr = schedule.snr(t).float()
-    clipped = snr.clamp(max=min_snr_gamma)
-    if schedule.prediction_type == "epsilon":
-        return clipped / snr
-    if schedule.prediction_type == "v_prediction":
-        return clipped / (snr + 1)
-    return clipped
-
-
 def data_lanes(hp: UNetTrainingConfig, ranks: DataParallel) -> int:
     """The lanes a run reads (`CacheOrder`): hp.data_lanes, or one per rank; ValueError when they do not split."""
     lanes = ranks.world_size if hp.data_lanes is None else hp.data_lanes
     check_lanes(hp.batch_size, lanes, ranks)
     return lanes
-
-
-def denoising_loss(
-    model: Callable[..., torch.Tensor],
-    schedule: NoiseSchedule,
-    latents: torch.Tensor,
-    noise: torch.Tensor,
-    t: torch.Tensor,
-    context: TextEmbedding,
-    min_snr_gamma: float | None,
-    bf16: bool,
-    device: torch.device,
-) -> torch.Tensor:
-    """A batch's training loss (the module docstring's): `model(z_t, t, hidden_states, mask)` against the
-    schedule's target, per-sample MSE weighted by `loss_weights`. The inputs may be on the CPU: the noising
-    is done there, the model's call on `device`."""
-    noisy = schedule.add_noise(latents, noise, t).to(device)
-    target = schedule.training_target(latents, noise, t).to(device)
-    weights = loss_weights(schedule, t, min_snr_gamma).to(device)
-    t, context = t.to(device), context.to(device)
-    mask = None if context.attention_mask.all() else context.attention_mask
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        prediction = model(noisy, t, context.hidden_states, mask)
-    per_sample = F.mse_loss(prediction.float(), target, reduction="none").mean(dim=(1, 2, 3))
-    return (weights * per_sample).mean()
 
 
 def validation_prompts(cache: LatentCache, count: int) -> list[tuple[str, int]]:
@@ -215,14 +150,14 @@ def train_unet(
     """
     device = torch.device(device)
     if config.cross_attention_dim != cache.manifest.text_encoder.hidden_size:
-        raise ValueError(
+        raise InputError(
             f"the UNet cross-attends to {config.cross_attention_dim}-wide tokens but the cache's text encoder "
             f"{cache.manifest.text_encoder.name!r} gives {cache.manifest.text_encoder.hidden_size}; set "
             f"cross_attention_dim to {cache.manifest.text_encoder.hidden_size}"
         )
     latent_shape = tuple(cache.latent_shape)
     if (config.in_channels, config.sample_size, config.sample_size) != latent_shape:
-        raise ValueError(
+        raise InputError(
             f"the cache holds {latent_shape} latents but the UNet takes ({config.in_channels}, {config.sample_size}, "
             f"{config.sample_size}); match in_channels and sample_size to the cache"
         )
@@ -230,7 +165,7 @@ def train_unet(
     fingerprint = run_fingerprint(
         unet=config.model_dump(mode="json"),
         schedule=schedule.to_dict(),
-        training={k: v for k, v in asdict(hp).items() if k not in _BOOKKEEPING} | {"data_lanes": lanes},
+        training=trajectory(hp, ("validate_every",)) | {"data_lanes": lanes},
         seed=seed,
         cache=hashlib.sha256("".join(s.sha256 for s in cache.manifest.shards).encode()).hexdigest(),
     )
@@ -238,35 +173,15 @@ def train_unet(
         torch.manual_seed(seed)
         unet = UNet(config)
     unet.to(device).train()
-    ema = AveragedModel(unet, multi_avg_fn=get_ema_multi_avg_fn(hp.ema_decay), use_buffers=True)
-    model = ranks.wrap(unet)
-    optimizer = adamw(unet.parameters(), hp.lr, hp.weight_decay)
-    lr_schedule = warmup_cosine(optimizer, hp.warmup_steps, hp.max_steps)
     data_seed, noise_seed = torch.randint(2**62, (2,), generator=torch.Generator().manual_seed(seed)).tolist()
     noise_generator = torch.Generator().manual_seed(noise_seed)
     order = CacheOrder(cache, hp.batch_size, data_seed, lanes, ranks)
     mine = ranks.share(hp.batch_size, "batch_size")
-    state = TrainingState(
-        modules={"model": unet, "ema": ema},
-        optimizers={"optimizer": optimizer},
-        schedulers={"lr": lr_schedule},
-        generators={"noise": noise_generator},
-    )
     # Keep every caption's hidden states decoded: batches draw captions from all over the table.
     text = cache.open_text(cache_groups=None)
 
-    run = ResumableRun(checkpoint_dir, fingerprint, state, order, hp, "UNet", log, ranks)
-
-    grid_inputs = None
-    if validation is not None:
-        prompts = validation_prompts(cache, validation.prompts)
-        grid_inputs = (text.lookup([i for _, i in prompts]), text.lookup([text.empty_index]))
-
-    step_rows: list[str] = []  # the cache row ids of the step's micro-batches, to name them if its loss blows up
-
-    def micro_batch_loss() -> torch.Tensor:
+    def micro_batch(net: torch.nn.Module) -> tuple[torch.Tensor, list[str]]:
         batch = order.next_batch()
-        step_rows.extend(batch.id)
         # Every rank draws for the whole batch, in one order, and keeps its rows: the draws a single process makes.
         b, shape = hp.batch_size, (hp.batch_size, *latent_shape)
         eps = torch.randn(shape, generator=noise_generator)[mine]
@@ -274,16 +189,20 @@ def train_unet(
         dropped = (torch.rand(b, generator=noise_generator) < hp.caption_dropout)[mine]
         context = text.lookup(torch.where(dropped, text.empty_index, batch.text_index))
         t = torch.randint(schedule.num_train_timesteps, (b,), generator=noise_generator)[mine]
-        noise = torch.randn(shape, generator=noise_generator)[mine]
-        if hp.noise_offset:
-            noise = noise + hp.noise_offset * torch.randn(b, shape[1], 1, 1, generator=noise_generator)[mine]
-        return denoising_loss(model, schedule, latents, noise, t, context, hp.min_snr_gamma, hp.bf16, device)
+        noise = draw_noise(shape, hp.noise_offset, noise_generator, mine)
+        loss = denoising_loss(net, schedule, latents, noise, t, context, hp.min_snr_gamma, device)
+        return loss.reshape(1), batch.id
 
-    def emit_validation(step: int) -> None:
+    grid_inputs = None
+    if validation is not None:
+        prompts = validation_prompts(cache, validation.prompts)
+        grid_inputs = (text.lookup([i for _, i in prompts]), text.lookup([text.empty_index]))
+
+    def emit_validation(step: int, model: UNet) -> None:
         if validation is None or on_validation is None or not ranks.is_main:
             return
         cond, uncond = grid_inputs
-        model = ema.module.eval()
+        model.eval()
         grid = validation_grid(
             model, validation.vae, schedule, cond, uncond, list(validation.seeds), validation.guidance_scale,
             validation.steps, validation.sampler, validation.spacing,
@@ -291,46 +210,19 @@ def train_unet(
         model.train()
         on_validation(step, grid)
 
-    losses = LossHistory(("loss",), hp.log_every, hp.max_steps, device, run.history)
-    with run.session():
-        for step in range(run.start + 1, hp.max_steps + 1):
-            optimizer.zero_grad(set_to_none=True)
-            step_rows.clear()
-            loss_sum = torch.zeros((), device=device)
-            for _ in range(hp.grad_accumulation):
-                loss = micro_batch_loss() / hp.grad_accumulation
-                loss.backward()
-                loss_sum += loss.detach()
-            loss_sum = ranks.mean(loss_sum)
-            grad_norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), hp.grad_clip)
-            row = None
-            if run.finite(step, loss_sum, grad_norm, step_rows):
-                lr = optimizer.param_groups[0]["lr"]
-                optimizer.step()
-                ema.update_parameters(unet)
-                row = losses.add(step, loss_sum, lr)
-            lr_schedule.step()
-            run.end_step(step)
-            if row is not None and on_step is not None and ranks.is_main:
-                on_step(step, hp.max_steps, LossHistory.values(row))
-            if step % hp.validate_every == 0 and step != hp.max_steps:
-                emit_validation(step)
-    train_seconds = run.train_seconds()
-    emit_validation(hp.max_steps)
-
-    trained, averaged = unet.eval(), ema.module.eval()
+    trained = train(
+        "UNet", unet, micro_batch, order, hp, checkpoint_dir, fingerprint, device,
+        generators={"noise": noise_generator}, ranks=ranks, log=log, on_step=on_step,
+        validate=emit_validation, validate_every=hp.validate_every,
+    )
+    raw, averaged = unet.eval(), trained.ema.module.eval()
     if not ranks.is_main:
-        return UNetTrainingResult(trained, averaged, {}, run.history)
+        return UNetTrainingResult(raw, averaged, {}, trained.history)
     metrics = {
-        "train_loss_final": run.history[-1]["loss"] if run.history else float("nan"),
+        **trained.metrics(hp.max_steps, hp.batch_size * hp.grad_accumulation),
         "val_loss": validation_loss(averaged, cache, text, schedule, hp.batch_size, seed),
-        "steps": float(hp.max_steps),
-        # Over the whole run, resumed sessions included: a session that resumes at the last step trains none.
-        "samples_per_second": hp.max_steps * hp.batch_size * hp.grad_accumulation / train_seconds,
-        "train_seconds": train_seconds,
-        "skipped_steps": float(len(run.skipped)),
     }
-    return UNetTrainingResult(trained, averaged, metrics, run.history)
+    return UNetTrainingResult(raw, averaged, metrics, trained.history)
 
 
 @torch.no_grad()

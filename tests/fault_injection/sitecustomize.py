@@ -21,10 +21,10 @@ FAULT = os.environ.get("LDM_FAULT")
 def _inject(checkpoint, action: str, step: int) -> None:
     end_step, save_file = checkpoint.ResumableRun.end_step, checkpoint.save_file
 
-    def faulty_end_step(self, at: int) -> None:
+    def faulty_end_step(self, at: int, *args, **kwargs) -> None:
         if at == step and action in ("kill", "term"):
             os.kill(os.getpid(), signal.SIGKILL if action == "kill" else signal.SIGTERM)
-        end_step(self, at)
+        end_step(self, at, *args, **kwargs)
 
     def faulty_save_file(tensors, filename, metadata=None):
         save_file(tensors, filename, metadata=metadata)
