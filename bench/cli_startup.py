@@ -28,7 +28,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
-    runs = {name: (lambda argv=argv: subprocess.run(argv, check=True, capture_output=True)) for name, argv in COMMANDS.items()}
+    runs = {
+        name: (lambda argv=argv: subprocess.run(argv, check=True, capture_output=True))
+        for name, argv in COMMANDS.items()
+    }
     medians = interleaved_medians(runs, repeats=args.repeats)
     baseline = medians["python -c pass (baseline)"]
     print(f"{'command':40} {'median s':>9} {'x baseline':>11}")

@@ -100,9 +100,15 @@ def declared_code_deps() -> dict[str, list[str]]:
     declared: dict[str, list[str]] = {}
     with Repo(str(REPO)) as repo:
         for stage in repo.index.stages:
-            paths = [Path(dep.fs_path).resolve().relative_to(REPO) for dep in stage.deps if Path(dep.fs_path).resolve().is_relative_to(REPO)]
-            declared[stage.name] = [str(p) for p in paths if p.parts[0] in CODE_ROOTS]
+            paths = [Path(dep.fs_path).resolve() for dep in stage.deps]
+            inside = [p.relative_to(REPO) for p in paths if p.is_relative_to(REPO)]
+            declared[stage.name] = [str(p) for p in inside if p.parts[0] in CODE_ROOTS]
     return declared
+
+
+def _within(file: str, dep: str) -> bool:
+    """Whether declaring `dep` (a file or a folder) covers `file`."""
+    return file == dep or file.startswith(dep.rstrip("/") + "/")
 
 
 def problems() -> list[str]:
@@ -110,10 +116,9 @@ def problems() -> list[str]:
     lines = []
     for stage, declared in declared_code_deps().items():
         needed = closure_deps(stage)
-        covered = lambda f: any(f == d or f.startswith(d.rstrip("/") + "/") for d in declared)  # noqa: E731
-        for missing in (f for f in needed if not covered(f)):
+        for missing in (f for f in needed if not any(_within(f, d) for d in declared)):
             lines.append(f"stage {stage!r} runs {missing} but dvc.yaml does not list it as a dep")
-        for extra in (d for d in declared if not any(f == d or f.startswith(d.rstrip("/") + "/") for f in needed)):
+        for extra in (d for d in declared if not any(_within(f, d) for f in needed)):
             lines.append(f"stage {stage!r} lists {extra} as a dep but never imports it")
     return lines
 

@@ -23,7 +23,8 @@ def test_imports_under_type_checking_are_not_followed(tmp_path, monkeypatch):
     package = tmp_path / "ldm"
     package.mkdir()
     (package / "__init__.py").write_text(
-        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from ldm.heavy import X\nelse:\n    import ldm.light\n"
+        "from typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n    from ldm.heavy import X\nelse:\n    import ldm.light\n"
     )
     (package / "heavy.py").write_text("")
     (package / "light.py").write_text("def f():\n    from ldm.lazy import y\n")

@@ -23,23 +23,10 @@ from ldm.data.ingested import MANIFEST_NAME, REJECTS_NAME, SCHEMA, ShardWriter, 
 from ldm.data.shapes import parse_caption
 from stages.ingest import REASONS, main, run
 from stages.params import Params, ParamsError
+from tests.ci_stages import RecordingReporter
 from stages.sources import SourceError
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-class Recorder:
-    def __init__(self):
-        self.messages, self.progress_calls, self.reported = [], [], {}
-
-    def info(self, message):
-        self.messages.append(message)
-
-    def progress(self, task, done, total):
-        self.progress_calls.append((task, done, total))
-
-    def metrics(self, values, step=None):
-        self.reported.update(values)
 
 
 def params_for(tmp_path, source, **ingest):
@@ -52,9 +39,9 @@ def params_for(tmp_path, source, **ingest):
 def ingest(tmp_path, source, **knobs):
     """Run the stage; its metrics, output rows and rejects."""
     params = params_for(tmp_path, source, **knobs)
-    recorder = Recorder()
+    recorder = RecordingReporter()
     metrics = run(params, recorder).metrics
-    assert recorder.reported == metrics
+    assert recorder.final == metrics
     assert recorder.progress_calls[-1] == ("ingest", metrics["inputs"], metrics["inputs"])
     assert json.loads((tmp_path / "out" / "metrics" / "ingest.json").read_text()) == metrics
     assert metrics["accepted"] + metrics["rejected"] == metrics["inputs"]
@@ -365,7 +352,7 @@ def test_a_source_with_nothing_accepted_fails_and_keeps_the_old_output(tmp_path)
     before = sorted((tmp_path / "out" / "ingested").iterdir())
     root = write(tmp_path / "dataset", {"a.png": b"", "a.txt": "empty image"})
     with pytest.raises(SourceError, match="no input .* was accepted .*empty_file"):
-        run(params_for(tmp_path, root), Recorder())
+        run(params_for(tmp_path, root), RecordingReporter())
     assert sorted((tmp_path / "out" / "ingested").iterdir()) == before
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["ingested", "metrics"]
 
@@ -383,19 +370,19 @@ def test_a_source_with_nothing_accepted_fails_and_keeps_the_old_output(tmp_path)
 def test_unreadable_sources_stop_with_the_path_and_the_layouts(tmp_path, make, knobs, message):
     source = make(tmp_path / "dataset")
     with pytest.raises(SourceError, match=message) as error:
-        run(params_for(tmp_path, source, **knobs), Recorder())
+        run(params_for(tmp_path, source, **knobs), RecordingReporter())
     assert str(source) in str(error.value)
 
 
 def test_parquet_without_the_columns_names_them(tmp_path):
     pq.write_table(pa.table({"picture": [RED], "text": ["x"]}), tmp_path / "d.parquet")
     with pytest.raises(SourceError, match=r"no column 'image' \(its columns: \['picture', 'text'\]\).*image_column"):
-        run(params_for(tmp_path, tmp_path / "d.parquet"), Recorder())
+        run(params_for(tmp_path, tmp_path / "d.parquet"), RecordingReporter())
 
 
 def test_unknown_shape_names_are_a_params_error(tmp_path):
     with pytest.raises(ParamsError, match="ingest.shapes: unknown shapes \\['blob'\\].*hexagon"):
-        run(params_for(tmp_path, "shapes", shapes={"shapes": ["circle", "blob"]}), Recorder())
+        run(params_for(tmp_path, "shapes", shapes={"shapes": ["circle", "blob"]}), RecordingReporter())
 
 
 def test_command_line_reports_user_mistakes_in_one_message(tmp_path, capsys):

@@ -71,7 +71,8 @@ def test_help_is_answered_without_loading_torch_or_the_models(argv):
     script = (
         "import sys\nfrom ldm.cli import main\n"
         f"try:\n    main({argv!r})\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
-        "heavy = sorted(m for m in ('torch', 'transformers', 'PIL', 'mlflow', 'ldm.diffusion.pipeline') if m in sys.modules)\n"
+        "heavy = ('torch', 'transformers', 'PIL', 'mlflow', 'ldm.diffusion.pipeline')\n"
+        "heavy = sorted(m for m in heavy if m in sys.modules)\n"
         "print('LOADED', heavy)\n"
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=REPO).stdout
