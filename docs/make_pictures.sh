@@ -11,7 +11,7 @@ mkdir -p "$out"
 python - <<'PY'
 import random
 from PIL import Image
-from ldm.models.controlnet import control_map
+from ldm.data.control_maps import control_map
 from ldm.data.shapes import Scene, ShapeObject, render
 from torchvision.transforms.functional import to_pil_image
 
