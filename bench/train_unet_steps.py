@@ -30,6 +30,8 @@ _RUN = r"""
 import json, sys, tempfile, time
 from dataclasses import fields
 checkout, workspace, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
+# An editable install's finder would serve this workspace's modules to the other checkout's imports.
+sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
 sys.path.insert(0, checkout)
 from stages.params import load_params
 from stages.train_unet import unet_config

@@ -410,4 +410,5 @@ def test_stage_without_its_inputs_says_which_stage_to_run(tmp_path, ingested, va
         f"paths:\n  ingested: {tmp_path / 'none'}\n  vae: {vae_dir}\n  latents: {tmp_path / 'latents'}\n"
     )
     assert cache_latents.main(["--params", str(params_file)]) == 2
-    assert "run the ingest stage first" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "ingest a dataset there first" in err and "`dvc repro --force ingest`" in err

@@ -126,7 +126,7 @@ def test_user_mistakes_exit_2_with_one_line(tiny, tmp_path, capsys):
     missing = tmp_path / "no-model"
     assert main(["sample", "a", "--model", str(missing), "-o", str(tmp_path / "x.png")]) == 2
     line = error_line(capsys)
-    assert str(missing) in line and "dvc repro" in line
+    assert str(missing) in line and "does not exist" in line and "models:/ldm-text2img/latest" in line
 
     assert main(["sample", "a", "--model", str(folder), "--steps", "0"]) == 2
     assert "--steps" in error_line(capsys)

@@ -130,7 +130,7 @@ AutoModel.from_pretrained(f, trust_remote_code=True, use_safetensors=False)
     safe = "import numpy as np, torch\nnp.load(f)\nnp.load(f, allow_pickle=False)\ntorch.load(f, weights_only=True)\n"
     assert _pickle_problems(safe) == []
     assert {p.relative_to(REPO).parts[0] for p in CODE_FILES} == set(CODE_DIRS)
-    assert REPO / "ldm" / "modeling.py" in CODE_FILES
+    assert REPO / "ldm" / "models" / "modeling.py" in CODE_FILES
 
 
 @pytest.mark.parametrize("path", CODE_FILES, ids=lambda p: str(p.relative_to(REPO)))

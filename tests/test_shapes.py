@@ -85,8 +85,12 @@ def test_objects_are_drawn_in_their_cell_in_their_color(samples):
             ys, xs = np.nonzero((pixels == COLORS[color]).all(axis=-1))
             cells = {cell_of(x + 0.5, y + 0.5) for x, y in zip(xs, ys)}
             expected = {POSITIONS[o.position] for o in scene.objects if o.color == color}
-            # Every exact-colour pixel is in a cell of an object of that colour, and each such object shows.
-            assert cells == expected, caption(scene)
+            # Every exact-colour pixel is in a cell of an object of that colour, and each such object shows. Gray
+            # (128) is also what antialiasing makes of a black-white edge: with both in the scene it may show there.
+            if color == "gray" and {"black", "white"} <= {o.color for o in scene.objects} | {scene.background}:
+                assert expected <= cells, caption(scene)
+            else:
+                assert cells == expected, caption(scene)
 
 
 def centred_mask(shape, size):
