@@ -19,6 +19,17 @@ if TYPE_CHECKING:
 BIN = Path(sys.executable).parent
 
 
+def use_tracking_store(mp, uri: str) -> None:
+    """Point this process's MLflow at `uri` through the environment, as a served or CLI process finds it: a URI
+    set in-process earlier (mlflow.set_tracking_uri) would win over the environment, so it is cleared."""
+    import mlflow
+
+    mp.setenv("MLFLOW_TRACKING_URI", uri)
+    mp.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    mp.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
+    mp.setattr(mlflow.tracking._model_registry.utils, "_registry_uri", None)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -21,7 +21,7 @@ from flows.tracking import StageRun
 from ldm import Text2Image
 from ldm.models.lora import LoraSpec, load_loras
 from tests.adapters import save_random_lora
-from tests.servers import BIN, _server, free_port
+from tests.servers import BIN, _server, free_port, use_tracking_store
 from tests.test_text2img_model import LINEAGE, PROMPTS, _post, decode, direct, tiny_pipeline
 
 SEED, STEPS = 3, 2
@@ -50,10 +50,7 @@ def store(tmp_path_factory) -> Iterator[dict]:
         assert tracked.register_model(registered, "ldm-lora") == "1"  # as flows.stage_flow.record_results does
         client.set_registered_model_alias("ldm-lora", "champion", "1")
         client.set_terminated(run.info.run_id)
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.delenv("MLFLOW_REGISTRY_URI", raising=False)
-        mp.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
-        mp.setattr(mlflow.tracking._model_registry.utils, "_registry_uri", None)
+        use_tracking_store(mp, uri)
         yield {"pipeline": pipeline, "pipeline_dir": root / "pipeline", "uri": uri, "root": root,
                "shipped": shipped, "registered": registered}
 

@@ -27,7 +27,7 @@ from ldm.data.images import image_tensor, map_tensor, tensor_to_pil
 from ldm.models.lora import LoraSpec
 from ldm.models.presets import preset
 from tests.adapters import save_random_controlnet, save_random_lora
-from tests.servers import BIN, _server, free_port
+from tests.servers import BIN, _server, free_port, use_tracking_store
 
 PROMPTS = ["a red circle at the top left", "a blue square"]
 LINEAGE = {"mlflow.runName": "train_unet", "git_commit": "0123abc", "dvc_stage": "train_unet",
@@ -64,11 +64,7 @@ def store(tmp_path_factory) -> Iterator[dict]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
         uri, version, run_id = registered_store(root / "store", root / "pipeline")
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.delenv("MLFLOW_REGISTRY_URI", raising=False)
-        # A URI set in-process (mlflow.set_tracking_uri) would win over the environment.
-        mp.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
-        mp.setattr(mlflow.tracking._model_registry.utils, "_registry_uri", None)
+        use_tracking_store(mp, uri)
         yield {"pipeline": pipeline, "pipeline_dir": root / "pipeline", "uri": uri, "version": version,
                "run_id": run_id, "root": root}
 
