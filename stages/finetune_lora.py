@@ -9,13 +9,23 @@ writes: paths.lora                          the adapter only: adapter_model.safe
         paths.metrics/finetune_lora.json    adherence before and after, training numbers (a DVC metric)
         paths.plots/finetune_lora/loss.csv  step, loss, lr (a DVC plot)
         paths.plots/finetune_lora/concept.png   concept prompts: the base model (top), with the LoRA (middle),
-                                             real concept images (bottom)
+                                             real concept images (bottom), each column captioned
 
 The concept's images are encoded once (VAE posterior mean, text encoder) and the LoRA trains on the
 attention projections of the frozen UNet (`ldm.training.lora`). Its effect is measured on held-out concept
-captions (the concept's val split) and on one-object captions of the base data, each drawn with the base
-model and with the LoRA at scale 1, and read by an attribute classifier learnt from real base and concept
-images: the concept's adherence should rise from near zero and the base prompts' should hold.
+captions (the concept's val split) and on captions of the base data's val images, with the base model and
+with the LoRA at scale 1:
+
+- on any data, by the denoising loss at fixed draws (`ldm.evaluation.held_out`): the concept's should fall,
+  the base images' should hold (a rise is what the adapter made the model forget);
+- when both the concept and the base data are shapes data, also by prompt adherence: one-object captions
+  drawn and read by an attribute classifier learnt from real base and concept images. The concept's adherence
+  should rise from near zero and the base prompts' should hold.
+
+The default concept is the built-in hexagons, which only mean something to a model trained on shapes data. On
+other data, without a concept of your own named in `finetune_lora.concept.source`, the stage trains nothing:
+`status` in its metrics says `no_concept`, the adapter folder holds only `status.json`, `concept.png` says
+what to set, and no model version is registered.
 
     python -m stages.finetune_lora [--params params.yaml]
 """
@@ -29,13 +39,14 @@ import sys
 from pathlib import Path
 
 import torch
-from torchvision.utils import make_grid
 
-from ldm.data.images import png_to_tensor, tensor_to_pil
+from ldm.data.images import png_to_tensor
 from ldm.data.shapes import Scene
 from ldm.diffusion.pipeline import Text2Image
 from ldm.errors import InputError
 from ldm.evaluation.attributes import adherence
+from ldm.evaluation.grids import captioned_grid, notice
+from ldm.evaluation.held_out import fixed_draw_loss
 from ldm.models.lora import LoraSpec, save_lora
 from ldm.models.modeling import atomic_path
 from ldm.models.text_encoder import TextEmbedding, TextEncoderNotFoundError
@@ -50,6 +61,12 @@ STAGE = "finetune_lora"
 LOSS_COLUMNS = ("step", "loss", "lr")
 _ENCODE_BATCH = 256
 _GENERATE_BATCH = 100
+GRID_PROMPTS = 8
+NO_CONCEPT = (
+    "No concept to learn: the concept is the built-in shapes hexagons, which mean nothing to a model trained on "
+    "{source}. Name a folder (or Parquet) of your concept's images and captions in finetune_lora.concept.source, "
+    "read as ingest reads a source, then `dvc repro finetune_lora`."
+)
 
 
 class ConceptImages:
@@ -108,6 +125,9 @@ def run(params: Params, reporter: Reporter) -> StageResult:
         pipeline = Text2Image.from_pretrained(paths.text2img, device=device)
     except (FileNotFoundError, TextEncoderNotFoundError, ValueError) as e:
         raise InputError(f"{e} (to train the model: `dvc repro train_unet`)") from None
+    base_val = RealImages(paths.ingested, "val", None, params.seed)
+    if section.concept.source == "shapes" and base_val.scenes is None:
+        return nothing_to_learn(params, NO_CONCEPT.format(source=params.ingest.source), reporter)
     rows = read_concept(params, reporter)
     concept_train, concept_val = ConceptImages(rows, "train"), ConceptImages(rows, "val")
     if not len(concept_train):
@@ -139,35 +159,90 @@ def run(params: Params, reporter: Reporter) -> StageResult:
             "example_caption": concept_train.captions[0],
         })
 
+    metrics["status"] = "trained"
     metrics["concept_train_images"] = float(len(concept_train))
-    grid = None
-    base_val = RealImages(paths.ingested, "val", None, params.seed)
+    adapted = copy.copy(pipeline)
+    adapted.unet = copy.deepcopy(pipeline.unet)
+    adapted.load_loras([LoraSpec(Path(paths.lora), 1.0)], merge=True)
+    evaluated = concept_val if len(concept_val) else concept_train
+    if not len(concept_val):
+        reporter.info(f"{STAGE}: the concept has no val rows, so its loss is measured on its train rows")
+    metrics["held_out_loss"] = held_out_losses(params, pipeline, adapted, evaluated, base_val, device, reporter)
     if concept_val.scenes is not None and base_val.scenes is not None and len(concept_val):
-        evaluation, grid = evaluate_concept(params, pipeline, concept_train, concept_val, base_val, device, reporter)
-        metrics.update(evaluation)
+        metrics.update(evaluate_concept(params, pipeline, adapted, concept_train, concept_val, base_val, device,
+                                        reporter))
     else:
-        reporter.info(f"{STAGE}: the concept or the base data has no shapes attributes (or no val rows), so the "
-                      "concept's adherence is not measured")
+        reporter.info(f"{STAGE}: the concept or the base data is not shapes data, so prompt adherence is not "
+                      "measured (the held-out loss is)")
+    grid = concept_grid(params, pipeline, adapted, evaluated, reporter)
+    return write_outputs(params, metrics, history, grid, model_dir=Path(paths.lora))
 
-    metrics_path = write_json(Path(paths.metrics) / f"{STAGE}.json", metrics)
-    plots = Path(paths.plots) / STAGE
+
+def write_outputs(params: Params, metrics: dict, history: list[dict], grid, model_dir: Path | None) -> StageResult:
+    """The metrics, the loss curve and the picture: every declared output, whatever the stage found to do."""
+    metrics_path = write_json(Path(params.paths.metrics) / f"{STAGE}.json", metrics)
+    plots = Path(params.paths.plots) / STAGE
     plots.mkdir(parents=True, exist_ok=True)
-    loss_csv, artifacts = plots / "loss.csv", [metrics_path, plots / "loss.csv"]
-    write_csv(loss_csv, history, LOSS_COLUMNS)
-    if grid is not None:
-        with atomic_path(plots / "concept.png") as tmp:
-            grid.save(tmp, format="PNG")
-        artifacts.append(plots / "concept.png")
+    write_csv(plots / "loss.csv", history, LOSS_COLUMNS)
+    with atomic_path(plots / "concept.png") as tmp:
+        grid.save(tmp, format="PNG")
     numbers = {k: v for k, v in flatten(metrics).items() if isinstance(v, (int, float))}
-    return StageResult(metrics=numbers, artifacts=artifacts, model_dir=Path(paths.lora))
+    return StageResult(metrics=numbers, artifacts=[metrics_path, plots / "loss.csv", plots / "concept.png"],
+                       model_dir=model_dir)
+
+
+def nothing_to_learn(params: Params, why: str, reporter: Reporter) -> StageResult:
+    """No adapter: the declared outputs say so (`status: no_concept`), and nothing is registered."""
+    reporter.info(f"{STAGE}: {why}")
+    Path(params.paths.lora_checkpoints).mkdir(parents=True, exist_ok=True)  # declared, even with nothing in it
+    with atomic_directory(params.paths.lora) as tmp:
+        (tmp / "status.json").write_text(json.dumps({"adapter": None, "why": why}, indent=2) + "\n")
+    return write_outputs(params, {"status": "no_concept"}, [], notice(why), model_dir=None)
+
+
+def held_out_losses(
+    params: Params, pipeline: Text2Image, adapted: Text2Image, concept: ConceptImages, base_val: RealImages,
+    device: torch.device, reporter: Reporter,
+) -> dict[str, float]:
+    """The denoising loss at fixed draws of the concept's held-out images and of the base data's val images,
+    without and with the LoRA: the concept's should fall, the base images' should hold."""
+    count = params.finetune_lora.eval_prompts
+    losses = {}
+    for name, images, captions in (("concept", concept.images[:count], concept.captions[:count]),
+                                   ("base", base_val.images[:count], base_val.captions[:count])):
+        latents, contexts = encode(pipeline, images, captions)
+        for model_name, model in (("before", pipeline), ("after", adapted)):
+            losses[f"{name}_{model_name}"] = fixed_draw_loss(
+                model.unet, pipeline.schedule, latents, contexts, device, seed=params.seed
+            )
+    losses["concept_drop"] = losses["concept_before"] - losses["concept_after"]
+    losses["base_rise"] = losses["base_after"] - losses["base_before"]
+    reporter.info(
+        f"{STAGE}: held-out denoising loss with the LoRA: concept {losses['concept_before']:.4f} -> "
+        f"{losses['concept_after']:.4f}, base images {losses['base_before']:.4f} -> {losses['base_after']:.4f}"
+    )
+    return losses
+
+
+def concept_grid(
+    params: Params, pipeline: Text2Image, adapted: Text2Image, concept: ConceptImages, reporter: Reporter
+):
+    """The first concept captions drawn by the base model and with the LoRA, over the concept's real images."""
+    shown = min(GRID_PROMPTS, len(concept))
+    prompts = concept.captions[:shown]
+    rows = [
+        generate(model, prompts, model.sampler, model.steps, model.guidance_scale, params.seed, _GENERATE_BATCH,
+                 reporter, f"{STAGE} grid {name}")
+        for name, model in (("base", pipeline), ("lora", adapted))
+    ]
+    return captioned_grid([*rows, concept.images[:shown]], prompts, ["base model", "with the LoRA", "real"])
 
 
 def evaluate_concept(
-    params: Params, pipeline: Text2Image, concept_train: ConceptImages, concept_val: ConceptImages,
-    base_val: RealImages, device: torch.device, reporter: Reporter,
-):
-    """Adherence to held-out concept captions and to one-object base captions, without and with the LoRA;
-    and the picture of the concept prompts. -> (metrics, grid)"""
+    params: Params, pipeline: Text2Image, adapted: Text2Image, concept_train: ConceptImages,
+    concept_val: ConceptImages, base_val: RealImages, device: torch.device, reporter: Reporter,
+) -> dict:
+    """Adherence to held-out concept captions and to one-object base captions, without and with the LoRA."""
     section = params.finetune_lora
     count = section.eval_prompts
     concept_prompts, concept_scenes = concept_val.captions[:count], concept_val.scenes[:count]
@@ -183,11 +258,8 @@ def evaluate_concept(
         torch.cat([base_train.images, concept_train.images]), base_train.scenes + concept_train.scenes,
         concept_scenes + base_scenes, section.classifier_steps, params.seed, device, reporter,
     )
-    adapted = copy.copy(pipeline)
-    adapted.unet = copy.deepcopy(pipeline.unet)
-    adapted.load_loras([LoraSpec(Path(params.paths.lora), 1.0)], merge=True)
 
-    metrics, drawn = {}, {}
+    metrics = {}
     for model_name, model in (("base", pipeline), ("lora", adapted)):
         for prompts_name, prompts, scenes in (("concept", concept_prompts, concept_scenes),
                                               ("base_prompts", base_prompts, base_scenes)):
@@ -195,7 +267,6 @@ def evaluate_concept(
                 model, prompts, model.sampler, model.steps, model.guidance_scale, params.seed, _GENERATE_BATCH, reporter,
                 f"{STAGE} {model_name} {prompts_name}",
             )
-            drawn[model_name, prompts_name] = images
             scores = adherence(classifier.read(images.to(device)), scenes)
             metrics[f"{prompts_name}.{model_name}"] = {k: v for k, v in scores.items() if not k.endswith("images")}
     concept_before, concept_after = metrics["concept.base"]["all"], metrics["concept.lora"]["all"]
@@ -209,10 +280,7 @@ def evaluate_concept(
         f"{STAGE}: concept adherence {concept_before:.2%} -> {concept_after:.2%} with the LoRA; base prompts "
         f"{base_before:.2%} -> {base_after:.2%} ({len(concept_prompts)} and {len(base_prompts)} prompts)"
     )
-    shown = min(8, len(concept_prompts))
-    rows = [drawn["base", "concept"][:shown], drawn["lora", "concept"][:shown], concept_val.images[:shown]]
-    grid = tensor_to_pil(make_grid(torch.cat(rows), nrow=shown, pad_value=0.0))
-    return metrics, grid
+    return metrics
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,11 +9,18 @@ writes: paths.controlnet/                        config.json + model.safetensors
                                                  the control_scale to sample with
         paths.metrics/train_controlnet.json      training numbers and the position evaluation below
         paths.plots/train_controlnet/loss.csv    step, loss, lr (a DVC plot)
-        paths.plots/train_controlnet/control.png the first 8 evaluation cases: edge maps, then the unplaced
-                                                 prompts drawn without control, then with it
+        paths.plots/train_controlnet/control.png the first 8 evaluation cases, captioned: edge maps, then the
+                                                 prompts drawn without control, then with it (on shapes data
+                                                 the position cases below; on any other, the edge cases)
         paths.controlnet_checkpoints/            resumable checkpoints; an interrupted run continues from the newest
 
-Evaluation (shapes data only): the first `eval_prompts` one-object val scenes, in a seeded order, each with its
+Edge agreement (any data): the first `eval_prompts` val images in a seeded order give the control maps, made
+as the training ones are; their captions are drawn without control and with it at `control_scale`. The
+generated images' own edge maps (same Canny thresholds) are compared with the control maps
+(`ldm.evaluation.edges.edge_agreement`: precision, recall and F1 within one pixel). Without control the
+score is what the captions alone bring; with it, a ControlNet that steers scores well above that.
+
+Position evaluation (shapes data only): the first `eval_prompts` one-object val scenes, in a seeded order, each with its
 object moved to the next position of `ingest.shapes.positions`. The moved scene is rendered and its edge map is
 the control image. Two kinds of prompt go with it: `unplaced`, the caption without positions ("a large red
 circle on a white background": the place is left to the edge map), and `conflicting`, the original caption,
@@ -26,7 +33,8 @@ train images reads where the object landed:
     shape_color_adherence      an object is read with the caption's shape and colour (wherever it is)
 
 `classifier.*` is the classifier's accuracy on the rendered moved scenes themselves: how far its reading is to
-be trusted. On data without shapes attributes the evaluation is skipped and `evaluation_skipped` says why.
+be trusted. On data without shapes attributes it is skipped: `position_evaluation` says `skipped`, and the log
+says why.
 
     python -m stages.train_controlnet [--params params.yaml]
 """
@@ -43,16 +51,17 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.utils import make_grid
 
 from ldm.data.control_maps import control_map, control_maps_from_pngs
-from ldm.data.images import image_tensor, tensor_to_pil
+from ldm.data.images import image_tensor, png_to_tensor, tensor_to_pil
 from ldm.data.ingested import IngestedDataError, read_table
 from ldm.data.latent_cache import LatentCache, LatentCacheError, vae_hash
 from ldm.data.shapes import Scene, ShapeObject, caption_without_positions, render
 from ldm.diffusion.pipeline import Text2Image
 from ldm.errors import InputError
 from ldm.evaluation.attributes import scene_accuracy
+from ldm.evaluation.edges import edge_agreement
+from ldm.evaluation.grids import captioned_grid
 from ldm.models.controlnet import CONTROL_CONFIG_NAME, ControlNet
 from ldm.models.text_encoder import TextEncoderNotFoundError
 from ldm.training.checkpoint import atomic_directory
@@ -167,16 +176,17 @@ def run(params: Params, reporter: Reporter) -> StageResult:
         (tmp / CONTROL_CONFIG_NAME).write_text(json.dumps(control_config(section), indent=2) + "\n")
 
     pipeline.controlnet = controlnet
-    evaluation, grid = evaluate_control(params, pipeline, device, reporter)
+    metrics["edge_agreement"], edge_grid = evaluate_edges(params, pipeline, reporter)
+    evaluation, position_grid = evaluate_control(params, pipeline, device, reporter)
     metrics.update(evaluation)
+    grid = position_grid or edge_grid
 
     metrics_path = write_json(Path(paths.metrics) / f"{STAGE}.json", metrics)
     plots = Path(paths.plots) / STAGE
     # The whole folder is replaced, so a control.png of an earlier run never outlives a skipped evaluation.
     with atomic_directory(plots) as tmp:
         write_csv(tmp / "loss.csv", history, LOSS_COLUMNS)
-        if grid is not None:
-            grid.save(tmp / "control.png", format="PNG")
+        grid.save(tmp / "control.png", format="PNG")
 
     reporter.info(f"{STAGE}: final loss {metrics['train_loss_final']:.4f}; saved to {model_dir}")
     numbers = {k: float(v) for k, v in flatten(metrics).items() if isinstance(v, (int, float))}
@@ -241,7 +251,7 @@ def evaluate_control(
             raise EvaluationSkipped("the ingested train data has no shapes attributes to train the classifier on")
     except EvaluationSkipped as e:
         reporter.info(f"{STAGE}: position evaluation skipped: {e}")
-        return {"evaluation_skipped": str(e)}, None
+        return {"position_evaluation": "skipped"}, None
 
     size = pipeline.unet.config.sample_size * pipeline.vae.downsampling_factor
     rendered = [render(scene, size, random.Random(f"{STAGE}:{params.seed}:{i}")) for i, scene in enumerate(moved)]
@@ -273,9 +283,52 @@ def evaluate_control(
                 "of rendered positions right)"
             )
     cases = min(GRID_CASES, len(captions))
-    edges = controls[:cases].expand(-1, 3, -1, -1) * 2 - 1  # white edges on black, in [-1, 1] like the images
-    rows = [edges, drawn["unplaced", "without_control"][:cases], drawn["unplaced", "with_control"][:cases]]
-    grid = tensor_to_pil(make_grid(torch.cat(rows), nrow=cases, pad_value=0.0))
+    rows = [as_image(controls[:cases]), drawn["unplaced", "without_control"][:cases],
+            drawn["unplaced", "with_control"][:cases]]
+    unplaced = [caption_without_positions(s) for s in scenes[:cases]]
+    return results, captioned_grid(rows, unplaced, ["edge map", "without control", "with control"])
+
+
+def as_image(maps: torch.Tensor) -> torch.Tensor:
+    """Control maps (N, 1, H, W) in [0, 1] as images in [-1, 1]: white edges on black."""
+    return maps.expand(-1, 3, -1, -1) * 2 - 1
+
+
+def evaluate_edges(params: Params, pipeline: Text2Image, reporter: Reporter) -> tuple[dict, Image.Image]:
+    """Edge agreement (module docstring) of the first val images' captions drawn without and with their control
+    maps: its metrics and the picture of its first cases."""
+    section = params.train_controlnet
+    try:
+        table = read_table(params.paths.ingested, "val", columns=["image", "caption"])
+    except (FileNotFoundError, IngestedDataError) as e:
+        raise InputError(f"{e} ({REBUILD_INGESTED})") from None
+    if not table.num_rows:
+        raise InputError(f"the ingested data in {params.paths.ingested} has no val rows to measure the ControlNet "
+                         "on; raise ingest.val_fraction")
+    chosen = np.random.default_rng(params.seed).permutation(table.num_rows)[: section.eval_prompts].tolist()
+    pngs = [table.column("image")[i].as_py() for i in chosen]
+    captions = [table.column("caption")[i].as_py() for i in chosen]
+    controls = control_maps_from_pngs(section.control_map, pngs, section.low_threshold, section.high_threshold)
+    results, drawn = {"eval_images": len(captions)}, {}
+    for key, control in (("without_control", None), ("with_control", controls)):
+        drawn[key] = generate(
+            pipeline, captions, pipeline.sampler, pipeline.steps, pipeline.guidance_scale, params.seed,
+            section.batch_size, reporter, f"{STAGE} edges {key}", controls=control, control_scale=section.control_scale,
+        )
+        edges = torch.stack([
+            control_map(section.control_map, tensor_to_pil(image), section.low_threshold, section.high_threshold)
+            for image in drawn[key]
+        ])
+        results[key] = edge_agreement(edges, controls)
+    without, with_control = results["without_control"]["f1"], results["with_control"]["f1"]
+    reporter.info(
+        f"{STAGE}: edges of {len(captions)} val captions' images against their control maps: F1 {without:.2f} "
+        f"without control, {with_control:.2f} with it"
+    )
+    cases = min(GRID_CASES, len(captions))
+    real = torch.stack([png_to_tensor(png) for png in pngs[:cases]])
+    rows = [as_image(controls[:cases]), drawn["without_control"][:cases], drawn["with_control"][:cases], real]
+    grid = captioned_grid(rows, captions[:cases], ["edge map", "without control", "with control", "real"])
     return results, grid
 
 
@@ -303,7 +356,9 @@ def main(argv: list[str] | None = None) -> int:
         lambda r: (
             f"with control the object lands at the edge map's position in "
             f"{r.metrics['unplaced.with_control.position_follows_control']:.0%} of images; saved to {r.model_dir}"
-            if "unplaced.with_control.position_follows_control" in r.metrics else f"saved to {r.model_dir}"
+            if "unplaced.with_control.position_follows_control" in r.metrics
+            else f"edge F1 {r.metrics['edge_agreement.with_control.f1']:.2f} with control, "
+            f"{r.metrics['edge_agreement.without_control.f1']:.2f} without; saved to {r.model_dir}"
         ),
         argv,
     )

@@ -3,6 +3,8 @@ the stages that build on a trained text-to-image model."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from pathlib import Path
 
 import torch
@@ -12,7 +14,8 @@ import yaml
 from stages import cache_latents, ingest, train_unet, train_vae
 from stages.params import Params
 
-CI_PARAMS = Path(__file__).resolve().parents[1] / "configs" / "ci.yaml"
+REPO = Path(__file__).resolve().parents[1]
+CI_PARAMS = REPO / "configs" / "ci.yaml"
 
 
 def ci_params(root: Path) -> Params:
@@ -20,6 +23,24 @@ def ci_params(root: Path) -> Params:
     raw = yaml.safe_load(CI_PARAMS.read_text())
     raw["paths"] = {key: str(root / value) for key, value in raw["paths"].items()}
     return Params(**raw)
+
+
+def copy_repo(dst: Path, params: Path) -> None:
+    """This repo's files (tracked, and untracked ones git does not ignore) as a fresh git repo in `dst`, with
+    `params` as its params.yaml: a workspace `dvc repro` can run in without touching this one."""
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO, capture_output=True, text=True,
+        check=True,
+    ).stdout.split()
+    for name in files:
+        if (REPO / name).is_file():
+            (dst / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, dst / name)
+    shutil.copy2(params, dst / "params.yaml")
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
+    subprocess.run(["git", "init", "-q"], cwd=dst, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=dst, check=True)
+    subprocess.run([*git, "commit", "-qm", f"params from {params.name}"], cwd=dst, check=True)
 
 
 def write_params(params: Params, path: Path) -> Path:

@@ -70,8 +70,13 @@ def test_writes_the_adapter_its_metrics_and_picture_and_resumes(params):
     assert [(int(r["step"]), {"loss": r["loss"], "lr": r["lr"]}) for r in rows] == reporter.step_metrics
     assert [step for step, _ in reporter.step_metrics] == [5, 10]
     assert saved["train_loss_final"] == rows[-1]["loss"]
-    # The grid: base model, LoRA, real images, of the 4 eval prompts (16 px tiles, 2 px padding).
-    assert Image.open(plots / "concept.png").size == (4 * 18 + 2, 3 * 18 + 2)
+    # The grid: base model, LoRA, real images, of the 7 concept val prompts: 16 px images shown at 8x, captioned.
+    width, height = Image.open(plots / "concept.png").size
+    assert width == 96 + 7 * (128 + 4) + 4 and height > 3 * (128 + 4) + 4
+    assert saved["status"] == "trained"
+    losses = saved["held_out_loss"]
+    assert losses["concept_drop"] == losses["concept_before"] - losses["concept_after"] > 0
+    assert losses["base_rise"] == losses["base_after"] - losses["base_before"]
     assert first.model_dir == Path(paths.lora)
     assert first.artifacts == [Path(paths.metrics) / "finetune_lora.json", plots / "loss.csv", plots / "concept.png"]
 

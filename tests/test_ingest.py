@@ -19,12 +19,20 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from ldm.data.images import ImageRejected, load_image
-from ldm.data.ingested import MANIFEST_NAME, REJECTS_NAME, SCHEMA, ShardWriter, content_id, read_table, split_of
+from ldm.data.ingested import (
+    MANIFEST_NAME,
+    REJECTS_NAME,
+    SCHEMA,
+    ShardWriter,
+    content_id,
+    read_table,
+    split_of,
+)
 from ldm.data.shapes import parse_caption
 from stages.ingest import REASONS, main, run
 from stages.params import Params, ParamsError
-from tests.ci_stages import RecordingReporter
 from stages.sources import SourceError
+from tests.ci_stages import RecordingReporter
 
 REPO = Path(__file__).resolve().parents[1]
 

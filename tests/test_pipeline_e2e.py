@@ -21,6 +21,7 @@ from mlflow import MlflowClient
 from flows.tracking import dependency_hashes
 from ldm.cli import main as cli_main
 from stages.reporting import flatten
+from tests.ci_stages import CI_PARAMS, copy_repo
 from tests.servers import mlflow_server, prefect_client, prefect_server
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,28 +35,12 @@ SECRET_ENV = {"AWS_SECRET_ACCESS_KEY": SECRET, "HF_TOKEN": SECRET, "MLFLOW_TRACK
               "MLFLOW_TRACKING_PASSWORD": SECRET}
 
 
-def _copy_repo(dst: Path) -> None:
-    files = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO, capture_output=True, text=True,
-        check=True,
-    ).stdout.split()
-    for name in files:
-        if (REPO / name).is_file():
-            (dst / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, dst / name)
-    shutil.copy2(REPO / "configs" / "ci.yaml", dst / "params.yaml")
-    git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
-    subprocess.run(["git", "init", "-q"], cwd=dst, check=True)
-    subprocess.run(["git", "add", "-A"], cwd=dst, check=True)
-    subprocess.run([*git, "commit", "-qm", "ci profile"], cwd=dst, check=True)
-
-
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     repo = root / "repo"
     repo.mkdir()
-    _copy_repo(repo)
+    copy_repo(repo, CI_PARAMS)
     with prefect_server(root / "prefect") as prefect_env, mlflow_server(root / "mlflow") as mlflow_env:
         env = {
             **os.environ, **prefect_env, **mlflow_env,

@@ -72,7 +72,7 @@ def test_metrics_file_result_reporter_and_loss_plot_agree(trained):
 def test_reports_where_the_object_lands(trained):
     params, result, reporter = trained
     metrics = json.loads((Path(params.paths.metrics) / "train_controlnet.json").read_text())
-    assert "evaluation_skipped" not in metrics
+    assert "position_evaluation" not in metrics
     assert metrics["eval_prompts"] == 4 and metrics["steps"] == 10
     for kind in ("unplaced", "conflicting"):
         for key in ("without_control", "with_control"):
@@ -85,11 +85,22 @@ def test_reports_where_the_object_lands(trained):
     assert 0.0 <= metrics["classifier"]["position"] <= 1.0
     plots = Path(params.paths.plots) / "train_controlnet"
     assert result.artifacts == [Path(params.paths.metrics) / "train_controlnet.json", plots]
-    grid = Image.open(plots / "control.png")
-    # Three rows (edge maps, without control, with it) of the 4 cases: 16 px tiles, 2 px padding.
-    assert grid.size == (4 * 18 + 2, 3 * 18 + 2)
+    width, height = Image.open(plots / "control.png").size
+    # Three rows (edge maps, without control, with it) of the 4 cases: 16 px images shown at 8x, captioned.
+    assert width == 96 + 4 * (128 + 4) + 4 and height > 3 * (128 + 4) + 4
     assert any("unplaced prompts with control" in line for line in reporter.lines), reporter.lines
     assert (plots / "loss.csv").read_text().splitlines()[0] == "step,loss,lr"
+
+
+def test_reports_how_well_the_drawn_edges_follow_the_control_maps(trained):
+    params, result, reporter = trained
+    edges = json.loads((Path(params.paths.metrics) / "train_controlnet.json").read_text())["edge_agreement"]
+    assert edges["eval_images"] == 4
+    for key in ("without_control", "with_control"):
+        scores = edges[key]
+        assert set(scores) == {"precision", "recall", "f1"} and all(0.0 <= v <= 1.0 for v in scores.values())
+        assert result.metrics[f"edge_agreement.{key}.f1"] == scores["f1"]
+    assert any("F1" in line and "without control" in line for line in reporter.lines), reporter.lines
 
 
 def evaluation_cases(params: Params) -> tuple[list[str], torch.Tensor]:

@@ -1,0 +1,72 @@
+"""Edge agreement (the ControlNet's measure on any data), the held-out loss at fixed draws, and the captioned
+grids every stage draws."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ldm.diffusion.schedule import NoiseSchedule
+from ldm.evaluation.edges import edge_agreement
+from ldm.evaluation.grids import captioned_grid, upscale_factor
+from ldm.evaluation.held_out import fixed_draw_loss
+from ldm.models.text_encoder import TextEmbedding
+
+
+def square(size: int, lo: int, hi: int) -> torch.Tensor:
+    """(1, 1, size, size): the one-pixel outline of the square [lo, hi]."""
+    edges = torch.zeros(1, 1, size, size)
+    edges[..., lo, lo : hi + 1] = edges[..., hi, lo : hi + 1] = 1
+    edges[..., lo : hi + 1, lo] = edges[..., lo : hi + 1, hi] = 1
+    return edges
+
+
+def test_edge_agreement_counts_matches_within_the_tolerance():
+    wanted = square(16, 4, 11)
+    assert edge_agreement(wanted, wanted) == {"precision": 1.0, "recall": 1.0, "f1": 1.0}
+    shifted = wanted.roll(1, dims=3)  # every edge pixel one column over: within a pixel of the wanted ones
+    assert edge_agreement(shifted, wanted)["f1"] == 1.0
+    assert edge_agreement(shifted, wanted, tolerance=0)["f1"] < 0.6  # only the shared stretches of the rows
+    inner = square(16, 6, 9)  # a smaller square two pixels inside: none of its 12 pixels is near the outline
+    both = torch.clamp(wanted + inner, max=1)
+    scores = edge_agreement(both, wanted)
+    assert scores["recall"] == 1.0 and scores["precision"] == pytest.approx(28 / 40)
+    assert scores["f1"] == pytest.approx(2 * (28 / 40) / (1 + 28 / 40))
+    assert edge_agreement(torch.zeros_like(wanted), wanted) == {"precision": 0.0, "recall": 0.0, "f1": 0.0}
+    with pytest.raises(ValueError, match=r"\(N, 1, H, W\)"):
+        edge_agreement(wanted, wanted[..., :8])
+
+
+def test_fixed_draw_loss_is_the_same_for_the_same_model_and_tells_a_better_one():
+    schedule = NoiseSchedule(prediction_type="epsilon")
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(6, 4, 4, 4, generator=generator)
+    context = TextEmbedding(torch.zeros(6, 3, 8), torch.ones(6, 3, dtype=torch.bool))
+
+    def zero(noisy, t, states, mask):  # predicts no noise: the loss is the noise's variance, about 1
+        return torch.zeros_like(noisy)
+
+    def oracle(noisy, t, states, mask):  # eps from x_t and the true x0 (the rows are in order)
+        a, s = schedule.alphas_cumprod[t].sqrt(), (1 - schedule.alphas_cumprod[t]).sqrt()
+        return (noisy - a.view(-1, 1, 1, 1) * latents[: len(noisy)]) / s.view(-1, 1, 1, 1)
+
+    first = fixed_draw_loss(zero, schedule, latents, context, torch.device("cpu"), draws=3, batch_size=6)
+    assert first == fixed_draw_loss(zero, schedule, latents, context, torch.device("cpu"), draws=3, batch_size=6)
+    assert 0.7 < first < 1.3
+    assert fixed_draw_loss(oracle, schedule, latents, context, torch.device("cpu"), draws=3, batch_size=6) < 1e-6
+
+
+def test_captioned_grid_upscales_small_images_and_writes_the_captions():
+    rows = [torch.full((3, 3, 16, 16), -1.0), torch.full((3, 3, 16, 16), 1.0)]  # black, then white
+    grid = captioned_grid(rows, ["a cat", "a dog", "a long caption " * 8], ["generated", "real"])
+    assert upscale_factor(16, 16) == 8 and upscale_factor(200, 300) == 1 and upscale_factor(32, 64) == 4
+    pixels = np.asarray(grid)
+    width, height = grid.size
+    assert width == 96 + 3 * (128 + 4) + 4
+    # The first image, 8x: a 128 px black square from (100, 4); under both rows, dark caption text on white.
+    assert (pixels[4:132, 100:228] == 0).all() and (pixels[136:264, 100:228] == 255).all()
+    caption_band = pixels[268:, 100:]
+    assert caption_band.min() < 128 and height > 268
+    with pytest.raises(ValueError, match="captions"):
+        captioned_grid(rows, ["one caption"])
