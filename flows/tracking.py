@@ -30,12 +30,16 @@ from dvc_data.hashfile.db import HashFileDB
 from dvc_objects.fs.local import LocalFileSystem
 from dvc_objects.fs.memory import MemoryFileSystem
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunStatus
+from mlflow.entities import Dataset, DatasetInput, Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
 
+from ldm.data.ingested import MANIFEST_NAME
 from ldm.urls import redacted
 
 EXPERIMENT = "ldm-pipeline"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = {EXPERIMENT_KIND_TAG: "custom_model_development"}
+CODE_FOLDERS = ("ldm/", "stages/")  # a stage's deps under these are its code, not its data
 DVC_FILE = "dvc.yaml"
 PARAMS_FILE = "params.yaml"  # DVC's default params file: the one `${}` templates and bare `params:` keys read
 # Set by flows/pipeline.py (`python -m flows.pipeline`, the Prefect deployment) to its MLflow run "pipeline",
@@ -280,6 +284,16 @@ class StageRun:
             shutil.copy2(path, kept)
         return kept
 
+    def log_dataset(self, path: Path, digest: str, rows: int | None) -> bool:
+        """The dataset the run reads, as an MLflow dataset input (the run page's "Datasets"): named by its
+        folder, with DVC's hash of it as the digest, so a run's data is matched to dvc.lock by eye."""
+        dataset = Dataset(
+            name=path.name, digest=digest, source_type="local", source=json.dumps({"uri": path.resolve().as_uri()}),
+            profile=json.dumps({"rows": rows}) if rows is not None else None,
+        )
+        send = partial(self.client.log_inputs, self.run_id, datasets=[DatasetInput(dataset)])
+        return self._record(Unsent(send, f"dataset input {path.name}"))
+
     def register_model(self, model_dir: Path, name: str, artifact_path: str = "model") -> str | None:
         """Log the model folder as the run's artifact `artifact_path` and add it to the registry as a new
         version of `name`, carrying the run's lineage tags (git commit, stage, dependency hashes, the stage's
@@ -335,13 +349,37 @@ class StageRun:
 
 
 def pipeline_experiment(client: MlflowClient, repo: Path) -> str:
-    """The id of the experiment every pipeline run goes to, created on first use."""
+    """The id of the experiment every pipeline run goes to, created on first use, of MLflow 3's model-training
+    kind: untagged, the UI opens it in its GenAI view, without the runs' charts and comparisons."""
     experiment = client.get_experiment_by_name(EXPERIMENT)
-    if experiment is not None:
-        return experiment.experiment_id
-    # The local store keeps artifacts beside it; a server decides for itself where they go.
-    location = None if os.environ.get("MLFLOW_TRACKING_URI") else (repo / "mlartifacts").resolve().as_uri()
-    return client.create_experiment(EXPERIMENT, artifact_location=location)
+    if experiment is None:
+        # The local store keeps artifacts beside it; a server decides for itself where they go.
+        location = None if os.environ.get("MLFLOW_TRACKING_URI") else (repo / "mlartifacts").resolve().as_uri()
+        experiment_id = client.create_experiment(EXPERIMENT, artifact_location=location, tags=EXPERIMENT_KIND)
+    else:
+        experiment_id = experiment.experiment_id
+        if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND[EXPERIMENT_KIND_TAG]:
+            client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND[EXPERIMENT_KIND_TAG])
+    return experiment_id
+
+
+def dataset_read(stages: dict[str, DvcStage], stage: str) -> str | None:
+    """The dependency path of the dataset `stage` reads: for ingest its source (its one dep outside the code),
+    for the stages that read ingest's output that output; None for the others."""
+    ingest = stages.get("ingest")
+    if ingest is None:
+        return None
+    if stage == "ingest":
+        return next((d for d in ingest.deps if not d.startswith(CODE_FOLDERS)), None)
+    return next((out for out in ingest.outs if out in stages[stage].deps), None)
+
+
+def dataset_rows(path: Path) -> int | None:
+    """The rows of an ingested dataset (its manifest's count); None for a source ingest has not read yet."""
+    manifest = path / MANIFEST_NAME
+    if not manifest.is_file():
+        return None
+    return sum(shard["rows"] for shard in json.loads(manifest.read_text())["shards"])
 
 
 def warn_on_stderr(message: str) -> None:
@@ -395,6 +433,8 @@ def stage_run(
     run = client.create_run(experiment_id, tags=tags, run_name=stage)
     client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in flatten(params).items()])
     tracked = StageRun(client, run.info.run_id, tags)
+    if (dataset := dataset_read(stages, stage)) and (digest := tags.get(f"dvc_dep.{dataset}")):
+        tracked.log_dataset(repo / dataset, digest, dataset_rows(repo / dataset))
     finished = False
     try:
         yield tracked

@@ -123,9 +123,9 @@ def _check_options(args: argparse.Namespace) -> None:
 
 def _sample(args: argparse.Namespace) -> str:
     import torch
-    from torchvision.utils import make_grid
 
     from ldm.data.images import image_tensor, map_tensor, tensor_to_pil
+    from ldm.evaluation.grids import prompt_sheet
     from ldm.models.lora import parse_lora_spec
 
     if args.steps is not None and args.steps < 1:
@@ -180,9 +180,8 @@ def _sample(args: argparse.Namespace) -> str:
     image_format = None if output.suffix else "PNG"  # PIL picks the format from the suffix; none: PNG
     pictures = [tensor_to_pil(image) for image in images]
     if len(prompts) > 1:
-        grid = make_grid(images.float().cpu(), nrow=math.ceil(math.sqrt(len(prompts))), padding=2, pad_value=1.0)
         paths.append(output.with_name(f"{output.stem}-grid{output.suffix}"))
-        pictures.append(tensor_to_pil(grid))
+        pictures.append(prompt_sheet(pictures, prompts, columns=math.ceil(math.sqrt(len(prompts)))))
     for picture, path in zip(pictures, paths):
         try:
             picture.save(path, format=image_format)

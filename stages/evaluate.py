@@ -52,9 +52,18 @@ from ldm.evaluation.attributes import (
     adherence,
     scene_accuracy,
 )
+from ldm.evaluation.distribution import (
+    median_bandwidth,
+    mmd_rbf,
+    nearest_cosine,
+    nearest_psnr,
+    pair_spread,
+    seed_spread,
+)
 from ldm.evaluation.evaluator import (
     ContrastiveEvaluatorConfig,
     frechet_distance,
+    image_embeddings,
     image_text_score,
     inception_fid,
     retrieval_top1,
@@ -66,7 +75,14 @@ from ldm.models.text_encoder import TextEmbedding, TextEncoderNotFoundError
 from ldm.training.checkpoint import atomic_directory
 from stages.evaluation import RealImages, fit_attribute_classifier, generate
 from stages.params import EvaluateParams, Params, resolve_device
-from stages.reporting import Reporter, StageResult, flatten, stage_main, write_csv, write_json
+from stages.reporting import (
+    Reporter,
+    StageResult,
+    flatten,
+    stage_main,
+    write_csv,
+    write_json,
+)
 
 STAGE = "evaluate"
 
@@ -174,6 +190,17 @@ def run(params: Params, reporter: Reporter) -> StageResult:
         "retrieval_chance": 1 / len(prompt_text),
         "evaluator_seconds": time.perf_counter() - began,
     }
+    # The floors: how far apart two samples of the real data are (train images, as many as the val ones), which
+    # the generated images cannot beat. The Fréchet distance shrinks with the sample size, so only its ratio to
+    # the floor at the same size means something.
+    val_features = image_embeddings(evaluator, val.images)
+    floor_images = train.images[: len(val)]
+    bandwidth = median_bandwidth(val_features)
+    metrics["real"] |= {
+        "frechet_distance_train_vs_val": frechet_distance(evaluator, val.images, floor_images),
+        "mmd_train_vs_val": mmd_rbf(val_features, image_embeddings(evaluator, floor_images), bandwidth),
+        "mmd_bandwidth": bandwidth,
+    }
 
     metrics["samplers"], rows, grids = {}, [], {}
     for run_spec in section.samplers:
@@ -189,7 +216,13 @@ def run(params: Params, reporter: Reporter) -> StageResult:
             "frechet_distance": frechet_distance(evaluator, val.images, generated),
             "image_text_score": image_text_score(evaluator, generated, prompt_text, prompt_ids),
             "retrieval_top1": retrieval_top1(evaluator, generated, prompt_text, prompt_ids),
+            "mmd": mmd_rbf(val_features, image_embeddings(evaluator, generated), bandwidth),
         }
+        result["frechet_ratio_to_floor"] = result["frechet_distance"] / max(
+            metrics["real"]["frechet_distance_train_vs_val"], 1e-12
+        )
+        if not metrics["samplers"]:
+            headline_images = generated
         fid, skipped = inception_fid(val.images, generated)
         if fid is not None:
             result["inception_fid"] = fid
@@ -225,6 +258,16 @@ def run(params: Params, reporter: Reporter) -> StageResult:
     if section.quality_per_compute is not None:
         metrics["quality_per_compute"], compute_rows = quality_per_compute(pipeline, score, prompts, section, reporter)
 
+    pictures = {}
+    if section.memorisation is not None:
+        metrics["memorisation"], pictures["nearest_train.png"] = memorisation(
+            pipeline, evaluator, train, val, val_features, prompts, headline_images, section, reporter
+        )
+    if section.diversity is not None:
+        metrics["diversity"], pictures["diversity.png"] = diversity(
+            pipeline, evaluator, prompts, val_features, section, reporter
+        )
+
     first = metrics["samplers"][f"{section.samplers[0].sampler}-{section.samplers[0].steps}"]
     if classifier is not None:
         metrics["headline"] = {"prompt_adherence": first["adherence"]["all"]} | {
@@ -243,18 +286,108 @@ def run(params: Params, reporter: Reporter) -> StageResult:
                 "(often near-copies of training images); judge adherence by the grids"
             )
 
+    metrics["headline"]["frechet_ratio_to_floor"] = first["frechet_ratio_to_floor"]
+    if "memorisation" in metrics and metrics["memorisation"]["unseen"]["images"]:
+        metrics["headline"]["copy_rate_unseen"] = metrics["memorisation"]["unseen"]["copy_rate_pixels"]
+    if "diversity" in metrics:
+        metrics["headline"]["diversity_ratio"] = metrics["diversity"]["ratio"]
+
     out = Path(paths.eval)
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.json"
     with atomic_directory(out / "plots") as tmp:
-        for key, grid in grids.items():
-            grid.save(tmp / f"{key}.png", format="PNG")
+        for name, picture in ({f"{key}.png": grid for key, grid in grids.items()} | pictures).items():
+            picture.save(tmp / name, format="PNG")
         write_csv(tmp / "adherence.csv", rows, tuple(dict.fromkeys(k for row in rows for k in row)))
         # Declared as a plot, so written even when the sweep is off (params null): a header, no rows.
         write_csv(tmp / QUALITY_PER_COMPUTE_CSV, compute_rows, tuple(compute_rows[0]) if compute_rows else ("steps",))
     write_json(metrics_path, metrics)
     numbers = {k: v for k, v in flatten(metrics).items() if isinstance(v, (int, float))}
     return StageResult(metrics=numbers, artifacts=[metrics_path, out / "plots"])
+
+
+def memorisation(
+    pipeline: Text2Image, evaluator, train: RealImages, val: RealImages, val_features: torch.Tensor,
+    prompts: list[str], generated: torch.Tensor, section: EvaluateParams, reporter: Reporter,
+):
+    """Each generated image's nearest train image, by pixels (PSNR) and by evaluator features (cosine), for
+    seen captions (val prompts that are also train captions, and `seen_prompts` train captions drawn here) and
+    unseen ones apart. A copy is an image nearer its nearest train image than `copy_quantile` of the real val
+    images are to theirs: real val images are new draws of the data, so that is how near chance alone comes.
+    -> (metrics, the picture of the nearest train images)"""
+    knobs, first = section.memorisation, section.samplers[0]
+    train_features = image_embeddings(evaluator, train.images)
+    real_psnr, _ = nearest_psnr(val.images, train.images)
+    real_cosine = nearest_cosine(val_features, train_features)
+    psnr_bar = torch.quantile(real_psnr, knobs.copy_quantile).item()
+    cosine_bar = torch.quantile(real_cosine, knobs.copy_quantile).item()
+    seen_prompts = train.captions[: knobs.seen_prompts]
+    drawn_seen = generate(pipeline, seen_prompts, first.sampler, first.steps, section.guidance_scale, section.seed,
+                          section.batch_size, reporter, f"{STAGE} memorisation seen captions")
+    seen = torch.tensor([p in train.all_captions for p in prompts], dtype=torch.bool)
+    groups = {
+        "seen": (torch.cat([generated[seen], drawn_seen]), [p for p, s in zip(prompts, seen) if s] + seen_prompts),
+        "unseen": (generated[~seen], [p for p, s in zip(prompts, seen) if not s]),
+    }
+    results: dict = {"thresholds": {"psnr": psnr_bar, "cosine": cosine_bar}}
+    results["real_val"] = _nearness(real_psnr, real_cosine, psnr_bar, cosine_bar)
+    shown: list[tuple[torch.Tensor, torch.Tensor, list[str]]] = []
+    for name, (images, captions) in groups.items():
+        if not len(images):
+            results[name] = {"images": 0}
+            continue
+        psnr, index = nearest_psnr(images, train.images)
+        results[name] = _nearness(psnr, nearest_cosine(image_embeddings(evaluator, images), train_features),
+                                  psnr_bar, cosine_bar)
+        count = min(4, len(images))
+        shown.append((images[:count], train.images[index[:count]],
+                      [f"{p:.1f} dB, {name}: {c}" for c, p in zip(captions[:count], psnr[:count].tolist())]))
+        reporter.info(
+            f"{STAGE}: memorisation, {name} captions: {results[name]['copy_rate_pixels']:.0%} of {len(images)} images "
+            f"are copies by pixels, {results[name]['copy_rate_features']:.0%} by features (real val images: "
+            f"{results['real_val']['copy_rate_pixels']:.0%} and {results['real_val']['copy_rate_features']:.0%}); "
+            f"median PSNR to the nearest train image {results[name]['nearest_psnr_median']:.1f} dB "
+            f"(real val {results['real_val']['nearest_psnr_median']:.1f} dB)"
+        )
+    picture = captioned_grid(
+        [torch.cat([g for g, _, _ in shown]), torch.cat([t for _, t, _ in shown])],
+        [c for _, _, captions in shown for c in captions], ["generated", "nearest train image"],
+    )
+    return results, picture
+
+
+def _nearness(psnr: torch.Tensor, cosine: torch.Tensor, psnr_bar: float, cosine_bar: float) -> dict[str, float]:
+    return {
+        "images": len(psnr),
+        "copy_rate_pixels": (psnr >= psnr_bar).float().mean().item(),
+        "copy_rate_features": (cosine >= cosine_bar).float().mean().item(),
+        "nearest_psnr_median": psnr.median().item(),
+        "nearest_cosine_median": cosine.median().item(),
+    }
+
+
+def diversity(
+    pipeline: Text2Image, evaluator, prompts: list[str], val_features: torch.Tensor, section: EvaluateParams,
+    reporter: Reporter,
+):
+    """The first prompts drawn with several seeds: the mean feature distance between one prompt's images, beside
+    the mean distance between real val images. A model that ignores its noise (one image per prompt, as a
+    memorised one draws) scores 0. -> (metrics, the picture: one column per prompt, one row per seed)"""
+    knobs, first = section.diversity, section.samplers[0]
+    chosen = prompts[: knobs.prompts]
+    images = generate(pipeline, chosen * knobs.seeds, first.sampler, first.steps, section.guidance_scale,
+                      section.seed, section.batch_size, reporter, f"{STAGE} diversity")
+    features = image_embeddings(evaluator, images).view(knobs.seeds, len(chosen), -1).transpose(0, 1)
+    spread, real = seed_spread(features), pair_spread(val_features)
+    results = {"prompts": len(chosen), "seeds": knobs.seeds, "seed_spread": spread, "real_val_spread": real,
+               "ratio": spread / real if real > 0 else 0.0}
+    reporter.info(
+        f"{STAGE}: diversity: one prompt's images over {knobs.seeds} seeds are {spread:.3f} apart (cosine distance), "
+        f"real val images {real:.3f}: ratio {results['ratio']:.2f}"
+    )
+    shown = min(8, len(chosen))
+    rows = [images[s * len(chosen) : s * len(chosen) + shown] for s in range(knobs.seeds)]
+    return results, captioned_grid(rows, chosen[:shown], [f"seed {s + 1}" for s in range(knobs.seeds)])
 
 
 def relative_retrieval(generated: float, real: float, chance: float) -> float:

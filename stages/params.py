@@ -210,6 +210,21 @@ class QualityPerComputeParams(Section):
     num_prompts: int = Field(200, ge=1)
 
 
+class MemorisationParams(Section):
+    """Each generated image's nearest train image, against how near real val images come to theirs."""
+
+    seen_prompts: int = Field(200, ge=0)  # train captions drawn too, beside the val prompts (mostly unseen)
+    # A generated image nearer its nearest train image than this share of real val images are to theirs is a copy.
+    copy_quantile: float = Field(0.95, gt=0.0, lt=1.0)
+
+
+class DiversityParams(Section):
+    """The spread of one prompt's images over seeds, against the spread of the real val images."""
+
+    prompts: int = Field(50, ge=1)  # the first val prompts
+    seeds: int = Field(4, ge=2)
+
+
 class EvaluateParams(Section):
     # The first entry is the headline: its prompt adherence picks the registry's `champion`.
     samplers: list[SamplerRun] = [
@@ -228,6 +243,8 @@ class EvaluateParams(Section):
     # The prompts asking for this colour are drawn again with it as the negative prompt; null: skip.
     negative_color: str | None = "red"
     quality_per_compute: QualityPerComputeParams | None = QualityPerComputeParams()  # null: skip
+    memorisation: MemorisationParams | None = MemorisationParams()  # null: skip
+    diversity: DiversityParams | None = DiversityParams()  # null: skip
 
 
 class SampleParams(Section):

@@ -13,23 +13,21 @@ from __future__ import annotations
 
 import json
 import sys
-import textwrap
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from ldm.data.images import tensor_to_pil
 from ldm.diffusion.pipeline import Text2Image
 from ldm.errors import InputError
+from ldm.evaluation.grids import prompt_sheet
 from ldm.models.text_encoder import TextEncoderNotFoundError
 from ldm.training.checkpoint import atomic_directory
 from stages.params import Params, resolve_device
 from stages.reporting import Reporter, StageResult, stage_main
 
 STAGE = "sample"
-CELL = 128  # the grid shows each image at least this wide, so 32x32 samples are visible
-CAPTION_LINES = 6  # a two-object caption wraps to five lines at CELL pixels
 
 
 def load_pipeline(path: str, sampler: str, device: torch.device) -> Text2Image:
@@ -39,27 +37,6 @@ def load_pipeline(path: str, sampler: str, device: torch.device) -> Text2Image:
         raise InputError(f"{e} (to train the model: `dvc repro train_unet`)") from None
     pipeline.sampler = sampler
     return pipeline
-
-
-def captioned_grid(images: list[Image.Image], captions: list[str], columns: int = 4) -> Image.Image:
-    """Images upscaled (nearest) to CELL pixels, each above its wrapped caption, `columns` to a row."""
-    scale = max(1, CELL // images[0].width)
-    width, height = images[0].width * scale, images[0].height * scale
-    chars = max(8, width // 6)  # PIL's default bitmap font is about 6 pixels per character
-    text_height = 11 * CAPTION_LINES + 4
-    columns = min(columns, len(images))
-    rows = -(-len(images) // columns)
-    grid = Image.new("RGB", (columns * (width + 4) + 4, rows * (height + text_height + 4) + 4), "white")
-    draw = ImageDraw.Draw(grid)
-    for i, (image, caption) in enumerate(zip(images, captions)):
-        x = 4 + (i % columns) * (width + 4)
-        y = 4 + (i // columns) * (height + text_height + 4)
-        grid.paste(image.resize((width, height), Image.NEAREST), (x, y))
-        # A grey frame: the images' white background would otherwise run into the grid's.
-        draw.rectangle((x - 1, y - 1, x + width, y + height), outline="gray")
-        lines = textwrap.wrap(caption, chars)[:CAPTION_LINES]
-        draw.multiline_text((x, y + height + 2), "\n".join(lines), fill="black", spacing=1)
-    return grid
 
 
 def run(params: Params, reporter: Reporter) -> StageResult:
@@ -92,7 +69,7 @@ def run(params: Params, reporter: Reporter) -> StageResult:
     with atomic_directory(out) as tmp:
         for name, image in zip(names, images):
             image.save(tmp / name, format="PNG")
-        captioned_grid(images, prompts).save(tmp / "grid.png", format="PNG")
+        prompt_sheet(images, prompts).save(tmp / "grid.png", format="PNG")
         (tmp / "prompts.json").write_text(json.dumps(record, indent=2) + "\n")
     reporter.info(f"{STAGE}: wrote {len(images)} images and grid.png to {out}")
     return StageResult(metrics={"images": float(len(images))}, artifacts=[out])

@@ -11,6 +11,7 @@ from diffusers import (
 )
 
 from ldm import Text2Image, TextEncoder, UNet
+from ldm.diffusion.names import SAMPLERS
 from ldm.diffusion.pipeline import InitLatents, denoise, rescale_guidance
 from ldm.diffusion.schedule import NoiseSchedule
 from ldm.interop.diffusers import from_diffusers, unet_config_to_diffusers, vae_config_to_diffusers
@@ -87,6 +88,19 @@ def test_seed_negative_prompt_and_guidance_change_the_image(models):
         pipe(PROMPTS[:1], negative_prompt=["a", "b"], steps=2)
     with pytest.raises(ValueError, match="unknown sampler 'plms'"):
         Text2Image(vae=ours_vae, unet=ours_unet, text_encoder=encoder, sampler="plms")
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_every_sampler_draws_another_image_for_another_seed(models, sampler):
+    """A model that has not memorised its prompt (random weights here) gives each seed its own image on every
+    sampling path, so identical images over seeds, as evaluate's diversity measures them, can only be the model's."""
+    ours_unet, ours_vae, _, _, encoder = models
+    pipe = Text2Image(vae=ours_vae, unet=ours_unet, text_encoder=encoder, sampler=sampler)
+    first, second = pipe(PROMPTS[:1] * 2, steps=4, seed=[1, 2])
+    assert (first - second).abs().mean() > 1e-2
+    other = Text2Image(vae=ours_vae, unet=ours_unet, text_encoder=encoder,
+                       sampler="dpmpp_2m" if sampler != "dpmpp_2m" else "euler_ancestral")
+    assert (other(PROMPTS[:1], steps=4, seed=1)[0] - first).abs().mean() > 1e-4
 
 
 def test_pipeline_folder_round_trip(models, tmp_path):

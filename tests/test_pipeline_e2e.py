@@ -121,6 +121,18 @@ def test_runs_tags_metrics_and_registry_in_mlflow(pipeline):
         assert run.data.tags["profile"] == "ci"
         for dep in lock[stage]["deps"]:
             assert run.data.tags[f"dvc_dep.{dep['path']}"] == dep["md5"], dep["path"]
+    # The experiment opens in MLflow 3's model-training view; each run lists the data it read, by DVC's hash.
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    ingested = next(out for out in lock["ingest"]["outs"] if out["path"] == "data/ingested")["md5"]
+    counts = json.loads((repo / "metrics" / "ingest.json").read_text())
+    rows = counts["train_rows"] + counts["val_rows"]
+    for stage in ("train_vae", "cache_latents", "evaluate", "finetune_lora", "train_controlnet"):
+        inputs = client.get_run(runs[stage].info.run_id).inputs.dataset_inputs
+        assert [(i.dataset.name, i.dataset.digest) for i in inputs] == [("ingested", ingested)], stage
+        assert json.loads(inputs[0].dataset.profile) == {"rows": rows}
+    source = client.get_run(runs["ingest"].info.run_id).inputs.dataset_inputs
+    shapes = next(dep for dep in lock["ingest"]["deps"] if dep["path"] == "shapes")["md5"]
+    assert [(i.dataset.name, i.dataset.digest) for i in source] == [("shapes", shapes)]
     train = runs["train_vae"]
     assert "train_vae.lr" in train.data.params
     assert len(client.get_metric_history(train.info.run_id, "loss")) >= 2

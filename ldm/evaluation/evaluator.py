@@ -278,6 +278,13 @@ def retrieval_top1(
 
 
 @torch.no_grad()
+def image_embeddings(evaluator: ContrastiveEvaluator, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """The evaluator's features of `images` (N, 3, H, W) in [-1, 1]: (N, E) on the unit sphere, on the CPU."""
+    device = _device(evaluator)
+    return torch.cat([evaluator.image_features(b.to(device, torch.float32)).cpu() for b in images.split(batch_size)])
+
+
+@torch.no_grad()
 def frechet_distance(
     evaluator: ContrastiveEvaluator, real_images: torch.Tensor, generated_images: torch.Tensor, batch_size: int = 256
 ) -> float:

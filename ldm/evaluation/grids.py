@@ -1,5 +1,6 @@
-"""Pictures a person reads: images in rows of the same prompts, upscaled so a 32 px image is legible, with each
-column's caption under it and each row's label beside it."""
+"""Pictures a person reads, upscaled so a 32 px image is legible and captioned: rows of the same prompts
+(a caption under each column, a label beside each row), or a sheet of different prompts, each image above
+its own caption."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from ldm.data.images import tensor_to_pil
 MIN_CELL = 128  # pixels: smaller images are upscaled by a whole factor until their shorter side reaches it
 _PAD = 4
 _FONT_SIZE = 11
-_CAPTION_LINES = 4
+_CAPTION_LINES = 6  # a two-object shapes caption takes five lines at 128 pixels
 _LABEL_WIDTH = 96
 
 
@@ -41,9 +42,9 @@ def captioned_grid(
     cell_h, cell_w = height * factor, width * factor
     font = ImageFont.load_default(size=_FONT_SIZE)
     line_height = _FONT_SIZE + 3
-    chars_per_line = max(8, cell_w // (_FONT_SIZE * 6 // 10))
     wrapped = [
-        textwrap.wrap(c, chars_per_line, max_lines=_CAPTION_LINES, placeholder=" ...") for c in (captions or [])
+        textwrap.wrap(c, _chars_per_line(cell_w), max_lines=_CAPTION_LINES, placeholder=" ...")
+        for c in (captions or [])
     ]
     caption_h = (max((len(w) for w in wrapped), default=0) * line_height + _PAD) if captions else 0
     label_w = _LABEL_WIDTH if row_labels else 0
@@ -67,6 +68,36 @@ def captioned_grid(
         draw.multiline_text((label_w + _PAD + i * (cell_w + _PAD), len(rows) * (cell_h + _PAD) + _PAD),
                             "\n".join(lines), fill="black", font=font, spacing=3)
     return sheet
+
+
+def prompt_sheet(images: list[Image.Image], captions: list[str], columns: int = 4,
+                 min_cell: int = MIN_CELL) -> Image.Image:
+    """Images of different prompts, `columns` to a row, each upscaled (nearest) and above its wrapped caption."""
+    if len(images) != len(captions) or not images:
+        raise ValueError(f"prompt_sheet needs one caption per image, got {len(images)} and {len(captions)}")
+    factor = upscale_factor(images[0].height, images[0].width, min_cell)
+    width, height = images[0].width * factor, images[0].height * factor
+    font = ImageFont.load_default(size=_FONT_SIZE)
+    line_height = _FONT_SIZE + 3
+    wrapped = [textwrap.wrap(c, _chars_per_line(width), max_lines=_CAPTION_LINES, placeholder=" ...")
+               for c in captions]
+    text_height = max(len(w) for w in wrapped) * line_height + _PAD
+    columns = min(columns, len(images))
+    rows = -(-len(images) // columns)
+    sheet = Image.new("RGB", (columns * (width + _PAD) + _PAD, rows * (height + text_height + _PAD) + _PAD), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (image, lines) in enumerate(zip(images, wrapped)):
+        x = _PAD + (i % columns) * (width + _PAD)
+        y = _PAD + (i // columns) * (height + text_height + _PAD)
+        sheet.paste(image.resize((width, height), Image.NEAREST), (x, y))
+        # A grey frame: the images' white background would otherwise run into the sheet's.
+        draw.rectangle((x - 1, y - 1, x + width, y + height), outline="gray")
+        draw.multiline_text((x, y + height + 2), "\n".join(lines), fill="black", font=font, spacing=3)
+    return sheet
+
+
+def _chars_per_line(width: int) -> int:
+    return max(8, width // (_FONT_SIZE * 6 // 10))
 
 
 def notice(text: str, width: int = 480) -> Image.Image:

@@ -1,5 +1,5 @@
-"""Edge agreement (the ControlNet's measure on any data), the held-out loss at fixed draws, and the captioned
-grids every stage draws."""
+"""The measures that work on any data (edge agreement, the held-out loss at fixed draws, MMD, nearest train
+images, spread over seeds) and the captioned grids every stage draws."""
 
 from __future__ import annotations
 
@@ -8,6 +8,14 @@ import pytest
 import torch
 
 from ldm.diffusion.schedule import NoiseSchedule
+from ldm.evaluation.distribution import (
+    median_bandwidth,
+    mmd_rbf,
+    nearest_cosine,
+    nearest_psnr,
+    pair_spread,
+    seed_spread,
+)
 from ldm.evaluation.edges import edge_agreement
 from ldm.evaluation.grids import captioned_grid, upscale_factor
 from ldm.evaluation.held_out import fixed_draw_loss
@@ -70,3 +78,37 @@ def test_captioned_grid_upscales_small_images_and_writes_the_captions():
     assert caption_band.min() < 128 and height > 268
     with pytest.raises(ValueError, match="captions"):
         captioned_grid(rows, ["one caption"])
+
+
+def test_mmd_is_about_zero_for_two_samples_of_one_distribution_and_grows_with_a_shift():
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(200, 8, generator=generator), torch.randn(200, 8, generator=generator)
+    bandwidth = median_bandwidth(a)
+    assert bandwidth == pytest.approx(4.0, rel=0.1)  # sqrt(2 * 8) for unit Gaussians
+    same = mmd_rbf(a, b, bandwidth)
+    shifted, far = mmd_rbf(a, b + 0.5, bandwidth), mmd_rbf(a, b + 2.0, bandwidth)
+    assert abs(same) < 0.01 < shifted < far
+    with pytest.raises(ValueError, match="at least two"):
+        mmd_rbf(a[:1], b, bandwidth)
+
+
+def test_nearest_psnr_finds_the_nearest_reference_and_copies_score_highest():
+    generator = torch.Generator().manual_seed(0)
+    references = torch.rand(50, 3, 8, 8, generator=generator) * 2 - 1
+    queries = torch.cat([references[7:8], references[3:4] + 0.1, torch.rand(1, 3, 8, 8, generator=generator)])
+    psnr, index = nearest_psnr(queries, references, chunk=2)
+    brute = ((queries[:, None] - references[None]) ** 2).mean((2, 3, 4))
+    assert index.tolist() == brute.argmin(1).tolist() and index[:2].tolist() == [7, 3]
+    assert psnr[0] >= 99 and psnr[1] == pytest.approx(10 * np.log10(4 / 0.01), abs=0.01) and psnr[2] < 15
+    assert nearest_cosine(queries.flatten(1), references.flatten(1))[0] == pytest.approx(1.0)
+
+
+def test_seed_spread_is_zero_when_every_seed_gives_one_image():
+    generator = torch.Generator().manual_seed(0)
+    one_image = torch.randn(5, 1, 16, generator=generator).expand(5, 4, 16)
+    assert seed_spread(one_image) == pytest.approx(0.0, abs=1e-6)
+    different = torch.randn(5, 4, 16, generator=generator)
+    assert seed_spread(different) == pytest.approx(1.0, abs=0.3)  # random directions: cosine about 0
+    assert pair_spread(different[:, 0]) == pytest.approx(seed_spread(different[None, :, 0]))
+    with pytest.raises(ValueError, match="seeds >= 2"):
+        seed_spread(different[:, :1])
