@@ -7,6 +7,7 @@ writes: paths.eval/metrics.json             every number below (a DVC metric, co
         paths.eval/plots/quality_per_compute.csv  adherence of every sampler at every step count (a DVC plot)
         paths.eval/plots/<sampler>-<steps>.png   generated images over the real val images of the same prompts,
                                                  each column captioned
+        paths.eval/plots/nearest_train.png, diversity.png   memorisation and diversity, below
 
 The prompts are the captions of the first `num_prompts` val rows (in a seeded order), so the generated set
 has the data's mix of one- and two-object captions and a real image for each; each is drawn once per sampler
@@ -16,8 +17,21 @@ in `samplers` with seed `evaluate.seed + i`.
   images (its accuracy on real val images is reported: the reading is only as good as it is) reads every
   generated image; `ldm.evaluation.attributes.adherence` compares that with the prompt's scene.
 - For any data: a small image encoder trained contrastively against the frozen text encoder on the real
-  train images (`ldm.evaluation.evaluator`) gives a Fréchet distance between real val and generated images in its
-  feature space, an image-text score and caption retrieval top-1 among the prompts' distinct captions.
+  train images (`ldm.evaluation.evaluator`) gives, in its feature space, an image-text score and caption
+  retrieval top-1 among the prompts' distinct captions, and each number is put beside the same measurement
+  of real images (`real`):
+  - Fréchet distance and an unbiased RBF MMD (`ldm.evaluation.distribution`) of the generated images to a
+    sample of real train images, beside the real val images' distance to the same sample (the floor a
+    perfect model reaches): `frechet_ratio_to_floor` near 1 is as good as real; (`frechet_distance` is to
+    the val images themselves, which share the generated images' captions);
+  - memorisation (`evaluate.memorisation`): each generated image's nearest train image by pixels (PSNR) and
+    by features, for seen and unseen captions apart; a copy is nearer than `copy_quantile` of the real val
+    images come to theirs (so about 5% of real val images count as copies: the rate chance gives);
+    `eval/plots/nearest_train.png` shows generated images over their nearest train images;
+  - diversity (`evaluate.diversity`): one prompt's images over several seeds, their mean feature distance
+    beside that of real images sharing a caption (or, on data whose captions do not repeat, of real val
+    images of different captions: an upper bound); near 0 means the noise is ignored;
+    `eval/plots/diversity.png` shows them.
   Inception FID through torchmetrics when its weights are on this machine; otherwise the reason it was
   skipped is recorded.
 - The VAE's reconstruction PSNR / SSIM on the val images.
@@ -190,15 +204,18 @@ def run(params: Params, reporter: Reporter) -> StageResult:
         "retrieval_chance": 1 / len(prompt_text),
         "evaluator_seconds": time.perf_counter() - began,
     }
-    # The floors: how far apart two samples of the real data are (train images, as many as the val ones), which
-    # the generated images cannot beat. The Fréchet distance shrinks with the sample size, so only its ratio to
-    # the floor at the same size means something.
+    # The floors. The generated images are drawn for the val captions, so they are set against an independent
+    # sample of train images (as many as the val ones) exactly as the real val images are: the val images'
+    # distance to that sample is what a perfect model would reach. (Against the val images themselves the
+    # generated ones would have the advantage of sharing their captions.) The Fréchet distance shrinks with
+    # the sample size, so only its ratio to the floor at the same size means something.
     val_features = image_embeddings(evaluator, val.images)
-    floor_images = train.images[: len(val)]
-    bandwidth = median_bandwidth(val_features)
+    reference = train.images[: len(val)]
+    reference_features = image_embeddings(evaluator, reference)
+    bandwidth = median_bandwidth(reference_features)
     metrics["real"] |= {
-        "frechet_distance_train_vs_val": frechet_distance(evaluator, val.images, floor_images),
-        "mmd_train_vs_val": mmd_rbf(val_features, image_embeddings(evaluator, floor_images), bandwidth),
+        "frechet_distance_val_to_train": frechet_distance(evaluator, reference, val.images),
+        "mmd_val_to_train": mmd_rbf(reference_features, val_features, bandwidth),
         "mmd_bandwidth": bandwidth,
     }
 
@@ -216,10 +233,11 @@ def run(params: Params, reporter: Reporter) -> StageResult:
             "frechet_distance": frechet_distance(evaluator, val.images, generated),
             "image_text_score": image_text_score(evaluator, generated, prompt_text, prompt_ids),
             "retrieval_top1": retrieval_top1(evaluator, generated, prompt_text, prompt_ids),
-            "mmd": mmd_rbf(val_features, image_embeddings(evaluator, generated), bandwidth),
+            "frechet_distance_to_train": frechet_distance(evaluator, reference, generated),
+            "mmd_to_train": mmd_rbf(reference_features, image_embeddings(evaluator, generated), bandwidth),
         }
-        result["frechet_ratio_to_floor"] = result["frechet_distance"] / max(
-            metrics["real"]["frechet_distance_train_vs_val"], 1e-12
+        result["frechet_ratio_to_floor"] = result["frechet_distance_to_train"] / max(
+            metrics["real"]["frechet_distance_val_to_train"], 1e-12
         )
         if not metrics["samplers"]:
             headline_images = generated
@@ -265,7 +283,7 @@ def run(params: Params, reporter: Reporter) -> StageResult:
         )
     if section.diversity is not None:
         metrics["diversity"], pictures["diversity.png"] = diversity(
-            pipeline, evaluator, prompts, val_features, section, reporter
+            pipeline, evaluator, prompts, train, val_features, section, reporter
         )
 
     first = metrics["samplers"][f"{section.samplers[0].sampler}-{section.samplers[0].steps}"]
@@ -367,27 +385,50 @@ def _nearness(psnr: torch.Tensor, cosine: torch.Tensor, psnr_bar: float, cosine_
 
 
 def diversity(
-    pipeline: Text2Image, evaluator, prompts: list[str], val_features: torch.Tensor, section: EvaluateParams,
-    reporter: Reporter,
+    pipeline: Text2Image, evaluator, prompts: list[str], train: RealImages, val_features: torch.Tensor,
+    section: EvaluateParams, reporter: Reporter,
 ):
-    """The first prompts drawn with several seeds: the mean feature distance between one prompt's images, beside
-    the mean distance between real val images. A model that ignores its noise (one image per prompt, as a
-    memorised one draws) scores 0. -> (metrics, the picture: one column per prompt, one row per seed)"""
+    """The first prompts drawn with several seeds: the mean feature distance between one prompt's images (0: the
+    model ignores its noise, as a memorised one does), beside the same for real images of one caption (pairs of
+    train images sharing a caption) when the data has enough such pairs, or else beside the distance between
+    real val images of different captions (an upper bound: one caption's images vary less than the data).
+    -> (metrics, the picture: one column per prompt, one row per seed)"""
     knobs, first = section.diversity, section.samplers[0]
     chosen = prompts[: knobs.prompts]
     images = generate(pipeline, chosen * knobs.seeds, first.sampler, first.steps, section.guidance_scale,
                       section.seed, section.batch_size, reporter, f"{STAGE} diversity")
     features = image_embeddings(evaluator, images).view(knobs.seeds, len(chosen), -1).transpose(0, 1)
-    spread, real = seed_spread(features), pair_spread(val_features)
-    results = {"prompts": len(chosen), "seeds": knobs.seeds, "seed_spread": spread, "real_val_spread": real,
-               "ratio": spread / real if real > 0 else 0.0}
+    spread = seed_spread(features)
+    pairs = same_caption_pairs(train.captions, knobs.prompts)
+    if len(pairs) == knobs.prompts:
+        pair_images = train.images[torch.tensor(pairs).flatten()]
+        real, reference = seed_spread(image_embeddings(evaluator, pair_images).view(len(pairs), 2, -1)), "same_caption"
+    else:
+        real, reference = pair_spread(val_features), "different_captions"
+    results = {"prompts": len(chosen), "seeds": knobs.seeds, "seed_spread": spread, "real_spread": real,
+               "real_reference": reference, "ratio": spread / real if real > 0 else 0.0}
     reporter.info(
         f"{STAGE}: diversity: one prompt's images over {knobs.seeds} seeds are {spread:.3f} apart (cosine distance), "
-        f"real val images {real:.3f}: ratio {results['ratio']:.2f}"
+        f"real images of {reference.replace('_', ' ')} {real:.3f}: ratio {results['ratio']:.2f}"
     )
     shown = min(8, len(chosen))
     rows = [images[s * len(chosen) : s * len(chosen) + shown] for s in range(knobs.seeds)]
     return results, captioned_grid(rows, chosen[:shown], [f"seed {s + 1}" for s in range(knobs.seeds)])
+
+
+def same_caption_pairs(captions: list[str], limit: int) -> list[tuple[int, int]]:
+    """Up to `limit` pairs of indices of two images with one caption, one pair per caption, in order."""
+    first: dict[str, int | None] = {}
+    pairs = []
+    for i, caption in enumerate(captions):
+        if caption not in first:
+            first[caption] = i
+        elif first[caption] is not None:
+            pairs.append((first[caption], i))
+            first[caption] = None
+            if len(pairs) == limit:
+                break
+    return pairs
 
 
 def relative_retrieval(generated: float, real: float, chance: float) -> float:

@@ -16,8 +16,8 @@ attention projections of the frozen UNet (`ldm.training.lora`). Its effect is me
 captions (the concept's val split) and on captions of the base data's val images, with the base model and
 with the LoRA at scale 1:
 
-- on any data, by the denoising loss at fixed draws (`ldm.evaluation.held_out`): the concept's should fall,
-  the base images' should hold (a rise is what the adapter made the model forget);
+- on any data, by the denoising loss at fixed draws (`ldm.training.denoising.fixed_draw_loss`): the
+  concept's should fall, the base images' should hold (a rise is what the adapter made the model forget);
 - when both the concept and the base data are shapes data, also by prompt adherence: one-object captions
   drawn and read by an attribute classifier learnt from real base and concept images. The concept's adherence
   should rise from near zero and the base prompts' should hold.
@@ -46,11 +46,11 @@ from ldm.diffusion.pipeline import Text2Image
 from ldm.errors import InputError
 from ldm.evaluation.attributes import adherence
 from ldm.evaluation.grids import captioned_grid, notice
-from ldm.evaluation.held_out import fixed_draw_loss
 from ldm.models.lora import LoraSpec, save_lora
 from ldm.models.modeling import atomic_path
 from ldm.models.text_encoder import TextEmbedding, TextEncoderNotFoundError
 from ldm.training.checkpoint import atomic_directory
+from ldm.training.denoising import fixed_draw_loss
 from ldm.training.lora import LoraTrainingConfig, finetune_lora
 from stages.evaluation import RealImages, fit_attribute_classifier, generate
 from stages.params import Params, resolve_device
@@ -212,8 +212,10 @@ def held_out_losses(
                                    ("base", base_val.images[:count], base_val.captions[:count])):
         latents, contexts = encode(pipeline, images, captions)
         for model_name, model in (("before", pipeline), ("after", adapted)):
+            batches = ((latents[i : i + _ENCODE_BATCH], contexts[i : i + _ENCODE_BATCH])
+                       for i in range(0, len(latents), _ENCODE_BATCH))
             losses[f"{name}_{model_name}"] = fixed_draw_loss(
-                model.unet, pipeline.schedule, latents, contexts, device, seed=params.seed
+                model.unet, pipeline.schedule, batches, device, params.seed
             )
     losses["concept_drop"] = losses["concept_before"] - losses["concept_after"]
     losses["base_rise"] = losses["base_after"] - losses["base_before"]

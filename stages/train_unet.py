@@ -6,8 +6,13 @@ writes: paths.text2img/                     the complete text-to-image model (`T
             vae/  unet/ (EMA weights, what sampling uses)  unet_raw/ (the raw weights)  pipeline.json
         paths.metrics/train_unet.json       train_loss_final, val_loss, samples_per_second, train_seconds, ...
         paths.plots/train_unet/loss.csv     step, loss, lr (a DVC plot)
+        paths.plots/train_unet/val_loss.csv step, val_loss: the EMA model's loss on the val split at fixed
+                                            timesteps and noise, every validate_every steps (a DVC plot)
         paths.plots/train_unet/validation.png   the final validation grid (fixed val prompts x fixed seeds)
-        paths.unet_checkpoints/             resumable checkpoints; an interrupted run continues from the newest
+        paths.unet_checkpoints/             resumable checkpoints; an interrupted run continues from the newest,
+                                            and a raised max_steps extends a finished run from its last one
+
+A val loss that rises while the train loss falls is memorisation: the log warns and `val_loss_rising` is 1.
 
     python -m stages.train_unet [--params params.yaml]
     torchrun --nproc-per-node N -m stages.train_unet    # data-parallel: each rank reads its own cache shards
@@ -37,6 +42,7 @@ from stages.reporting import Reporter, StageResult, stage_main, training_progres
 
 STAGE = "train_unet"
 LOSS_COLUMNS = ("step", "loss", "lr")
+VAL_LOSS_COLUMNS = ("step", "val_loss")
 
 
 def open_inputs(params: Params) -> tuple[LatentCache, VAE]:
@@ -101,11 +107,15 @@ def _run(params: Params, reporter: Reporter, ranks: DataParallel, device: torch.
     on_step = training_progress(reporter, STAGE)
     grids: list[Image.Image] = []
 
-    def on_validation(step: int, grid: Image.Image) -> None:
-        grids[:] = [grid]
-        reporter.image("validation", grid, step)
+    def on_validation(step: int, values: dict[str, float], grid: Image.Image | None) -> None:
+        if values:
+            reporter.metrics({"val_loss_by_step": values["val_loss"]}, step)  # "val_loss" is the final metric
+            reporter.info(f"{STAGE}: step {step}: val loss {values['val_loss']:.4f}")
+        if grid is not None:
+            grids[:] = [grid]
+            reporter.image("validation", grid, step)
 
-    unet, ema, metrics, history = train_unet(
+    unet, ema, metrics, history, validations = train_unet(
         config, cache, schedule, hp, paths.unet_checkpoints, params.seed, device, validation, on_step, on_validation,
         reporter.info, ranks,
     )
@@ -124,8 +134,9 @@ def _run(params: Params, reporter: Reporter, ranks: DataParallel, device: torch.
     write_json(Path(paths.metrics) / f"{STAGE}.json", metrics)
     plots = Path(paths.plots) / STAGE
     plots.mkdir(parents=True, exist_ok=True)
-    loss_csv, grid_png = plots / "loss.csv", plots / "validation.png"
+    loss_csv, val_loss_csv, grid_png = plots / "loss.csv", plots / "val_loss.csv", plots / "validation.png"
     write_csv(loss_csv, history, LOSS_COLUMNS)
+    write_csv(val_loss_csv, validations, VAL_LOSS_COLUMNS)
     with atomic_path(grid_png) as tmp:
         grids[-1].save(tmp, format="PNG")
 
@@ -133,7 +144,7 @@ def _run(params: Params, reporter: Reporter, ranks: DataParallel, device: torch.
         f"{STAGE}: val loss {metrics['val_loss']:.4f}, {metrics['samples_per_second']:.0f} samples/s, "
         f"{metrics['train_seconds']:.0f} s of training; saved to {model_dir}"
     )
-    return StageResult(metrics=metrics, artifacts=[grid_png, loss_csv], model_dir=model_dir / "unet")
+    return StageResult(metrics=metrics, artifacts=[grid_png, loss_csv, val_loss_csv], model_dir=model_dir / "unet")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,5 @@
-"""The measures that work on any data (edge agreement, the held-out loss at fixed draws, MMD, nearest train
-images, spread over seeds) and the captioned grids every stage draws."""
+"""The measures that work on any data (edge agreement, the loss at fixed draws, MMD, nearest train images,
+spread over seeds) and the captioned grids every stage draws."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from ldm.evaluation.distribution import (
 )
 from ldm.evaluation.edges import edge_agreement
 from ldm.evaluation.grids import captioned_grid, upscale_factor
-from ldm.evaluation.held_out import fixed_draw_loss
 from ldm.models.text_encoder import TextEmbedding
+from ldm.training.denoising import fixed_draw_loss
 
 
 def square(size: int, lo: int, hi: int) -> torch.Tensor:
@@ -51,18 +51,29 @@ def test_fixed_draw_loss_is_the_same_for_the_same_model_and_tells_a_better_one()
     generator = torch.Generator().manual_seed(0)
     latents = torch.randn(6, 4, 4, 4, generator=generator)
     context = TextEmbedding(torch.zeros(6, 3, 8), torch.ones(6, 3, dtype=torch.bool))
+    seen = []
 
     def zero(noisy, t, states, mask):  # predicts no noise: the loss is the noise's variance, about 1
+        seen.append(t)
         return torch.zeros_like(noisy)
 
-    def oracle(noisy, t, states, mask):  # eps from x_t and the true x0 (the rows are in order)
+    def oracle(noisy, t, states, mask):  # eps from x_t and the true x0 (one batch of all rows, in order)
         a, s = schedule.alphas_cumprod[t].sqrt(), (1 - schedule.alphas_cumprod[t]).sqrt()
-        return (noisy - a.view(-1, 1, 1, 1) * latents[: len(noisy)]) / s.view(-1, 1, 1, 1)
+        return (noisy - a.view(-1, 1, 1, 1) * latents) / s.view(-1, 1, 1, 1)
 
-    first = fixed_draw_loss(zero, schedule, latents, context, torch.device("cpu"), draws=3, batch_size=6)
-    assert first == fixed_draw_loss(zero, schedule, latents, context, torch.device("cpu"), draws=3, batch_size=6)
-    assert 0.7 < first < 1.3
-    assert fixed_draw_loss(oracle, schedule, latents, context, torch.device("cpu"), draws=3, batch_size=6) < 1e-6
+    def loss(model, batch_size: int) -> float:
+        batches = [(latents[i : i + batch_size], context[i : i + batch_size]) for i in range(0, 6, batch_size)]
+        return fixed_draw_loss(model, schedule, batches, torch.device("cpu"), seed=3)
+
+    first = loss(zero, 6)
+    assert first == loss(zero, 6) and 0.5 < first < 1.5
+    # The timesteps spread evenly over the schedule within a batch, offset by the rows before it.
+    assert seen[0].tolist() == [0, 166, 333, 500, 666, 833]
+    loss(zero, 3)
+    assert [t.tolist() for t in seen[-2:]] == [[0, 333, 666], [3, 336, 669]]
+    assert loss(oracle, 6) < 1e-6
+    assert fixed_draw_loss(zero, schedule, [], torch.device("cpu"), seed=3) != fixed_draw_loss(
+        zero, schedule, [], torch.device("cpu"), seed=3)  # NaN: no batch, no loss
 
 
 def test_captioned_grid_upscales_small_images_and_writes_the_captions():

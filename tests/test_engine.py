@@ -2,6 +2,7 @@
 
 import copy
 import dataclasses
+import math
 import socket
 
 import pytest
@@ -204,3 +205,43 @@ def test_a_trainable_subset_is_what_trains_and_what_checkpoints_hold(tmp_path):
     saved = load_file(tmp_path / "step-000012" / "tensors.safetensors")
     assert {k.split("/")[1] for k in saved if k.startswith("modules/")} == {"model"}
     assert {k for k in saved if k.startswith("modules/model/")} == {"modules/model/weight", "modules/model/bias"}
+
+
+def test_raising_max_steps_extends_a_finished_run_on_the_longer_schedule(tmp_path):
+    finished = Regression(HP)
+    finished.run(tmp_path)
+    assert engine.trajectory(HP) == engine.trajectory(dataclasses.replace(HP, max_steps=20))  # one run's fingerprint
+    longer = dataclasses.replace(HP, max_steps=20)
+    extended, messages = Regression(longer), []
+    trained = extended.run(tmp_path, log=messages.append)
+    assert any("resuming regression training" in m and "step 12 of 20" in m for m in messages), messages
+    assert any("max_steps changed from 12 to 20" in m for m in messages), messages
+    assert [row["step"] for row in trained.history] == [3, 6, 9, 12, 15, 18, 20]
+    # Steps 13-15 ran on the 20-step cosine: the row of step 15 holds the rate of its last step (14 done).
+    factor = 0.5 * (1 + math.cos(math.pi * (14 - HP.warmup_steps) / (20 - HP.warmup_steps)))
+    assert trained.history[4]["lr"] == pytest.approx(HP.lr * factor)
+    assert latest_checkpoint(tmp_path).step == 20
+
+
+def test_lowering_max_steps_below_the_newest_checkpoint_is_refused_and_keeps_it(tmp_path):
+    Regression(HP).run(tmp_path)
+    with pytest.raises(InputError, match=r"step 12, past max_steps 8: a run can be extended, not shortened"):
+        Regression(dataclasses.replace(HP, max_steps=8)).run(tmp_path)
+    assert latest_checkpoint(tmp_path).step == 12
+
+
+def test_validations_are_kept_in_the_checkpoints_and_the_last_is_taken_again_after_a_resume_at_the_end(tmp_path):
+    calls = []
+
+    def validate(step, model):
+        calls.append(step)
+        return {"score": float(step) / 100}
+
+    first = Regression(HP).run(tmp_path, validate=validate, validate_every=5)
+    assert calls == [5, 10, 12]
+    assert first.validations == [{"step": 5, "score": 0.05}, {"step": 10, "score": 0.1}, {"step": 12, "score": 0.12}]
+    again = Regression(HP).run(tmp_path, validate=validate, validate_every=5)
+    assert calls[3:] == [12] and again.validations == first.validations
+    extended = Regression(dataclasses.replace(HP, max_steps=16)).run(tmp_path, validate=validate, validate_every=5)
+    assert calls[4:] == [15, 16]
+    assert [v["step"] for v in extended.validations] == [5, 10, 12, 15, 16]

@@ -284,6 +284,8 @@ def test_odd_images_and_captions_are_converted(tmp_path):
         "cmyk.jpg": encode(Image.new("CMYK", (32, 32), (0, 255, 255, 0)), "JPEG", quality=95),
         "sixteen.png": encode(Image.fromarray(np.full((32, 32), 32768, dtype=np.uint16))),
         "rgba.png": encode(two_halves("RGBA", (0, 0, 0, 0), (0, 0, 255, 255))),
+        # An RGB image whose transparency is a colour key (a tRNS chunk), as some tux paint stamps have.
+        "color_key.png": encode(two_halves("RGB", (0, 0, 0), (0, 0, 255)), transparency=(0, 0, 0)),
         "exif.jpg": encode(two_halves("RGB", (255, 0, 0), (0, 0, 255), size=(64, 32)), "JPEG", exif=exif, quality=95),
         "unicode.png": RED,
         "long.png": BLUE,
@@ -304,6 +306,7 @@ def test_odd_images_and_captions_are_converted(tmp_path):
     assert (pixel["gray_alpha.png"][:, :14] == 255).all() and (pixel["gray_alpha.png"][:, 18:] == 0).all()
     assert (pixel["palette.png"][:, :14] == 255).all() and (pixel["palette.png"][:, 18:] == (0, 0, 255)).all()
     assert (pixel["rgba.png"][:, :14] == 255).all() and (pixel["rgba.png"][:, 18:] == (0, 0, 255)).all()
+    assert (pixel["color_key.png"][:, :14] == 255).all() and (pixel["color_key.png"][:, 18:] == (0, 0, 255)).all()
     assert (abs(pixel["sixteen.png"] - 128) <= 1).all()
     assert (abs(pixel["cmyk.jpg"] - (255, 0, 0)) < 40).all()
     # Shown upright the red half is on top: the crop of the 32x64 portrait keeps red above, blue below.

@@ -125,6 +125,37 @@ def test_evaluation_reports_adherence_relative_to_real_images_and_skips_the_shap
     assert float(rows[1]["ddim"]) == metrics["quality_per_compute"]["ddim-5"]["adherence"]
 
 
+def test_evaluation_puts_each_distance_beside_its_real_floor_and_looks_for_copies_and_diversity(own_data):
+    repo, *_ = own_data
+    metrics = read_json(repo / "eval" / "metrics.json")
+    real, first = metrics["real"], metrics["samplers"]["dpmpp_2m-5"]
+    assert real["frechet_distance_val_to_train"] > 0
+    assert first["frechet_ratio_to_floor"] == first["frechet_distance_to_train"] / real["frechet_distance_val_to_train"]
+    assert metrics["headline"]["frechet_ratio_to_floor"] == first["frechet_ratio_to_floor"]
+    assert real["mmd_bandwidth"] > 0 and isinstance(first["mmd_to_train"], float)
+
+    memorised = metrics["memorisation"]
+    # Seen: the val prompts that are also train captions (few: each stamp has its own), and 8 train captions.
+    unseen = round(metrics["prompts_unseen_in_training"] * metrics["prompts"])
+    assert unseen > metrics["prompts"] / 2
+    assert memorised["unseen"]["images"] == unseen and memorised["seen"]["images"] == 8 + metrics["prompts"] - unseen
+    real_val = memorised["real_val"]
+    # The threshold is the 95th percentile of the real val images' own nearness: about 5% of them pass it.
+    assert real_val["images"] == metrics["prompts"] and 0 < real_val["copy_rate_pixels"] <= 0.1
+    for group in ("seen", "unseen", "real_val"):
+        assert 0.0 <= memorised[group]["copy_rate_features"] <= 1.0
+        assert memorised[group]["nearest_psnr_median"] > 0
+    assert metrics["headline"]["copy_rate_unseen"] == memorised["unseen"]["copy_rate_pixels"]
+
+    spread = metrics["diversity"]
+    assert (spread["prompts"], spread["seeds"]) == (4, 4) and spread["real_spread"] > 0
+    # Few stamps share a caption, so the reference is the spread of val images of different captions.
+    assert spread["real_reference"] == "different_captions"
+    assert spread["ratio"] == spread["seed_spread"] / spread["real_spread"]
+    pictures = {p.name for p in (repo / "eval" / "plots").iterdir()}
+    assert {"nearest_train.png", "diversity.png", "dpmpp_2m-5.png"} <= pictures
+
+
 def test_a_concept_of_the_users_own_trains_the_lora_and_is_measured_by_held_out_loss(own_data):
     repo, _, root, dvc, client = own_data
     concept = debian_dataset(root / "concept", CONCEPT_IMAGES, seed=1)

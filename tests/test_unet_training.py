@@ -16,7 +16,7 @@ from ldm.models.text_encoder import TextEncoder
 from ldm.models.unet import UNetConfig
 from ldm.models.vae import VAE, VAEConfig
 from ldm.training.denoising import loss_weights
-from ldm.training.unet import UNetTrainingConfig, train_unet
+from ldm.training.unet import UNetTrainingConfig, train_unet, val_loss_rising
 from stages import train_unet as stage
 from stages.params import Params
 from tests.ci_stages import RecordingReporter
@@ -154,7 +154,29 @@ def test_stage_writes_a_loadable_text_to_image_model(data, tmp_path):
     assert images.shape == (1, 3, SIZE, SIZE)
     assert json.loads((tmp_path / "metrics/train_unet.json").read_text()) == result.metrics
     assert (tmp_path / "plots/train_unet/loss.csv").read_text().splitlines()[0] == "step,loss,lr"
-    # One grid at step 5 and one at the end: 3 prompts across, 2 seeds down, make_grid's 2-pixel padding.
+    # One grid at step 5 and one at the end: 3 prompts across, 2 seeds down, shown at 8x and captioned.
     assert [(n, s) for n, _, s in reporter.images] == [("validation", 5), ("validation", 10)]
-    assert Image.open(tmp_path / "plots/train_unet/validation.png").size == (3 * SIZE + 8, 2 * SIZE + 6)
-    assert reporter.steps == [5, 10]
+    width, height = Image.open(tmp_path / "plots/train_unet/validation.png").size
+    assert width == 96 + 3 * (128 + 4) + 4 and height > 2 * (128 + 4) + 4
+    # The val loss at fixed draws, at each validation: a DVC plot, an MLflow curve, and the final metric.
+    curve = (tmp_path / "plots/train_unet/val_loss.csv").read_text().splitlines()
+    assert curve[0] == "step,val_loss" and [line.split(",")[0] for line in curve[1:]] == ["5", "10"]
+    assert float(curve[-1].split(",")[1]) == result.metrics["val_loss"]
+    assert [(step, list(values)) for step, values in reporter.step_metrics if "val_loss_by_step" in values] == [
+        (5, ["val_loss_by_step"]), (10, ["val_loss_by_step"])
+    ]
+    assert result.metrics["val_loss_best"] <= result.metrics["val_loss"] and result.metrics["val_loss_rising"] in (0, 1)
+    assert reporter.steps == [5, 5, 10, 10]
+
+
+def test_a_val_loss_rising_while_the_train_loss_falls_is_flagged():
+    history = [{"step": s, "loss": loss} for s, loss in ((100, 0.5), (200, 0.3), (300, 0.2), (400, 0.1))]
+    falling = [{"step": 200, "val_loss": 0.40}, {"step": 400, "val_loss": 0.39}]
+    assert val_loss_rising(falling, history) is None
+    within_tolerance = [{"step": 200, "val_loss": 0.40}, {"step": 400, "val_loss": 0.405}]
+    assert val_loss_rising(within_tolerance, history) is None
+    rising = [{"step": 100, "val_loss": 0.45}, {"step": 200, "val_loss": 0.40}, {"step": 400, "val_loss": 0.50}]
+    warning = val_loss_rising(rising, history)
+    assert "rose from 0.4000 at step 200 to 0.5000 at step 400" in warning and "0.3000 to 0.1000" in warning
+    both_rising = [{"step": 200, "val_loss": 0.40}, {"step": 400, "val_loss": 0.50}]
+    assert val_loss_rising(both_rising, [{"step": 200, "loss": 0.2}, {"step": 400, "loss": 0.3}]) is None

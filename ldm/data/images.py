@@ -89,11 +89,12 @@ def load_image(data: bytes, max_pixels: int, min_size: int = 1) -> Image.Image:
 
 def _to_rgb(image: Image.Image) -> Image.Image:
     mode = image.mode
-    if mode == "RGB":
-        return image
     if mode.startswith("I;16") or mode in ("I", "F"):
         return _high_depth_to_rgb(image)
+    # An RGB image can be transparent too: a colour key in its `transparency`.
     has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+    if mode == "RGB" and not has_alpha:
+        return image
     try:
         if has_alpha:
             rgba = image.convert("RGBA")

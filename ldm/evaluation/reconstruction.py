@@ -5,10 +5,9 @@ from __future__ import annotations
 import torch
 from PIL import Image
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
-from torchvision.utils import make_grid
 
-from ldm.data.images import tensor_to_pil
 from ldm.data.ingested import IngestedImages
+from ldm.evaluation.grids import captioned_grid
 from ldm.models.vae import VAE
 
 
@@ -46,12 +45,15 @@ def reconstruction_metrics(vae: VAE, data: IngestedImages, batch_size: int) -> d
 
 @torch.no_grad()
 def reconstruction_grid(vae: VAE, images: torch.Tensor) -> Image.Image:
-    """Originals (top row) over their reconstructions from the posterior mode (bottom row).
+    """Originals (top row) over their reconstructions from the posterior mode (bottom row), upscaled, each
+    column captioned with its PSNR.
 
     images: (N, 3, H, W) in [-1, 1].
     """
     device = next(vae.parameters()).device
-    reconstructions = vae.decode(vae.encode(images.to(device)).mode()).cpu()
-    # Mid-grey borders (0 in [-1, 1]) keep the cells apart on white and on black backgrounds alike.
-    grid = make_grid(torch.cat([images.cpu(), reconstructions]), nrow=len(images), pad_value=0.0)
-    return tensor_to_pil(grid)
+    originals = images.cpu()
+    reconstructions = vae.decode(vae.encode(images.to(device)).mode()).cpu().clamp(-1, 1)
+    mse = (reconstructions - originals).square().flatten(1).mean(1).clamp(min=1e-10)
+    psnr = 10 * torch.log10(4.0 / mse)  # peak-to-peak 2 in [-1, 1]: the PSNR of [0, 1] images at data_range 1
+    return captioned_grid([originals, reconstructions], [f"{p:.1f} dB" for p in psnr.tolist()],
+                          ["real", "reconstructed"])

@@ -31,7 +31,7 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +77,17 @@ class Checkpoint:
     path: Path
     step: int
     extra: dict[str, Any]  # what the caller passed to save_checkpoint, as JSON gave it back
+
+
+def tensors_digest(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """sha256 over names, dtypes, shapes and bytes: the identity of weights or of a training set, for a
+    fingerprint."""
+    digest = hashlib.sha256()
+    for name, tensor in tensors:
+        tensor = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def run_fingerprint(**parts: Any) -> str:
@@ -383,6 +394,7 @@ class ResumableRun:
         )
         self.what, self.log, self.ranks = what, log, ranks
         self.start, self.history, self.skipped, self._seconds_before = 0, [], [], 0.0
+        self.validations: list[dict[str, float]] = []  # what each validation measured, with its step
         self.last_checkpoint: Path | None = None
         self._began = time.perf_counter()
         self._stop_signal: int | None = None
@@ -396,8 +408,20 @@ class ResumableRun:
             self.history, self._seconds_before = loaded.extra["history"], loaded.extra["train_seconds"]
             # Checkpoints written before steps could be skipped have no record of them.
             self.skipped = loaded.extra.get("skipped", [])
+            self.validations = loaded.extra.get("validations", [])
             self.last_checkpoint = loaded.path
+            if self.start > hp.max_steps:
+                raise InputError(
+                    f"the newest {what} checkpoint {loaded.path} is at step {self.start}, past max_steps "
+                    f"{hp.max_steps}: a run can be extended, not shortened. Raise max_steps to at least "
+                    f"{self.start}, or remove {checkpoint_dir} to train from scratch"
+                )
             log(f"resuming {what} training from {loaded.path} (step {self.start} of {hp.max_steps})")
+            if loaded.extra.get("max_steps", hp.max_steps) != hp.max_steps:
+                log(
+                    f"max_steps changed from {loaded.extra['max_steps']} to {hp.max_steps}: the run goes on from step "
+                    f"{self.start}, with the learning-rate schedule laid over {hp.max_steps} steps from here on"
+                )
 
     @contextmanager
     def session(self) -> Iterator[None]:
@@ -479,8 +503,10 @@ class ResumableRun:
     def save(self, step: int) -> None:
         extra = {
             "fingerprint": self.fingerprint,
+            "max_steps": self.hp.max_steps,
             "data": self.data.state_dict(),
             "history": self.history,
+            "validations": self.validations,
             "skipped": self.skipped,
             "train_seconds": self.train_seconds(),
         }

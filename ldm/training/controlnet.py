@@ -29,7 +29,7 @@ from ldm.diffusion.schedule import NoiseSchedule
 from ldm.errors import InputError
 from ldm.models.controlnet import ControlNet
 from ldm.models.unet import UNet
-from ldm.training.checkpoint import run_fingerprint
+from ldm.training.checkpoint import run_fingerprint, tensors_digest
 from ldm.training.denoising import DenoisingConfig, denoising_loss, draw_noise
 from ldm.training.engine import StepCallback, train, trajectory
 
@@ -47,16 +47,6 @@ class ControlNetTrainingResult(NamedTuple):
     controlnet: ControlNet  # the trained weights, eval mode, on the training device
     metrics: dict[str, float]
     history: list[dict[str, float]]  # one row per logged step: step, loss, lr (kept across resumes)
-
-
-def weights_hash(module: nn.Module) -> str:
-    """sha256 of a module's state dict (names, dtypes, shapes and bytes): its weights' identity in a fingerprint."""
-    digest = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
-        tensor = tensor.detach().cpu().contiguous().reshape(-1)
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def batch_controls(batch: LatentBatch, control_of: ControlSource) -> torch.Tensor:
@@ -117,8 +107,8 @@ def train_controlnet(
         )
     fingerprint = run_fingerprint(
         controlnet=controlnet.config.model_dump(mode="json"),
-        base_unet=weights_hash(unet),
-        initial_controlnet=weights_hash(controlnet),
+        base_unet=tensors_digest(unet.state_dict().items()),
+        initial_controlnet=tensors_digest(controlnet.state_dict().items()),
         schedule=schedule.to_dict(),
         training=trajectory(hp),
         seed=seed,

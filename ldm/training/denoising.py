@@ -14,7 +14,7 @@ unconditional prediction which classifier-free guidance subtracts.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -83,3 +83,28 @@ def denoising_loss(
     prediction = model(noisy, t, context.hidden_states, mask)
     per_sample = F.mse_loss(prediction.float(), target, reduction="none").mean(dim=(1, 2, 3))
     return (weights * per_sample).mean()
+
+
+@torch.no_grad()
+def fixed_draw_loss(
+    model: Denoiser, schedule: NoiseSchedule, batches: Iterable[tuple[torch.Tensor, TextEmbedding]],
+    device: torch.device, seed: int,
+) -> float:
+    """The unweighted loss (MSE to the target, per element) over held-out `batches` of clean latents (B, C, h, w)
+    and their context, at fixed draws: the noise comes from `seed`, and the timesteps are spread evenly over
+    the schedule within each batch (offset by the rows before it). Two models, or two checkpoints of one run,
+    scored on the same batches meet the same draws, so a difference is theirs. NaN without a batch."""
+    generator = torch.Generator().manual_seed(seed)
+    steps = schedule.num_train_timesteps
+    total, count = 0.0, 0
+    for latents, context in batches:
+        b = len(latents)
+        t = (torch.arange(b) * steps // b + count) % steps
+        noise = torch.randn(latents.shape, generator=generator)
+        context = context.to(device)
+        mask = None if context.attention_mask.all() else context.attention_mask
+        prediction = model(schedule.add_noise(latents, noise, t).to(device), t.to(device), context.hidden_states, mask)
+        target = schedule.training_target(latents, noise, t).to(device)
+        total += F.mse_loss(prediction.float(), target, reduction="sum").item() / target[0].numel()
+        count += b
+    return total / count if count else float("nan")

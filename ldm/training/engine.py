@@ -16,10 +16,17 @@ one place as nanoGPT's train.py has it:
         at a logging step, a checkpoint step or the last:    (the step's one wait for the device)
             each non-finite step since the last check is skipped (counted) or stops the run
             the loss means since the last logged row; a checkpoint when due or after a stop signal
-        validate(step) every validate_every steps and after the last
+        validate(step) every validate_every steps and at the last (before that step's checkpoint, which
+        keeps what it measured)
 
 fp16 scales the loss (`torch.amp.GradScaler`, whose state the checkpoints keep): an overflowing gradient
 then skips the step without counting as a non-finite loss. bf16 needs no scaler.
+
+`max_steps` is outside a run's fingerprint: raised, it extends a finished or interrupted run from its newest
+checkpoint. The learning-rate schedule is then the one of the new length, taken up at the checkpoint's step
+(the cosine of a longer run is higher there, so the rate rises again and decays to zero at the new end); a
+run extended so is not the run that had the longer max_steps from the start. Lowered below the checkpoint's
+step, it stops with an error rather than discard the checkpoints.
 """
 
 from __future__ import annotations
@@ -52,7 +59,8 @@ StepCallback = Callable[[int, int, dict[str, float]], None]
 
 
 # Fields that change neither the weights reached at a step nor the data seen: a run may resume across them.
-BOOKKEEPING = ("checkpoint_every", "keep_checkpoints", "nonfinite_skips", "log_every")
+# max_steps changes the schedule ahead, not the steps taken: a run resumes across it (module docstring).
+BOOKKEEPING = ("checkpoint_every", "keep_checkpoints", "nonfinite_skips", "log_every", "max_steps")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,12 +91,14 @@ def trajectory(hp: TrainingConfig, bookkeeping: tuple[str, ...] = ()) -> dict:
 @dataclass
 class Trained:
     """What a run of the engine leaves: the EMA (None without one), the logged rows of the whole run, the
-    steps skipped as non-finite, and the loop's time over every session."""
+    steps skipped as non-finite, the loop's time over every session, and what each validation returned
+    ({"step": step, **values}, the last one after the last step)."""
 
     ema: AveragedModel | None
     history: list[dict[str, float]]
     skipped: list[dict]
     train_seconds: float
+    validations: list[dict[str, float]]
 
     def metrics(self, max_steps: int, rows_per_step: int) -> dict[str, float]:
         """The loop's own numbers, which every training reports: the last logged loss, the steps, the rows
@@ -140,7 +150,7 @@ def train(
     ranks: DataParallel = SINGLE_PROCESS,
     log: Callable[[str], None] = logger.info,
     on_step: StepCallback | None = None,
-    validate: Callable[[int, nn.Module], None] | None = None,
+    validate: Callable[[int, nn.Module], dict[str, float] | None] | None = None,
     validate_every: int | None = None,
 ) -> Trained:
     """Train `model` (in train mode, on `device`) with the loop of the module docstring, resuming from the
@@ -152,7 +162,8 @@ def train(
     the EMA and the checkpoints hold it, with `generators` (the training's random streams).
     `on_step(step, max_steps, {term: mean, ..., "lr"})` is called on rank 0 at each logged row, after any
     checkpoint of that step is written; `validate(step, model)` every `validate_every` steps and at the end,
-    with the model to judge: the EMA's copy, or the trained module without an EMA.
+    with the model to judge: the EMA's copy, or the trained module without an EMA. What it returns is kept
+    (in the checkpoints too) and returned in `Trained.validations`.
     """
     check_precision(hp.precision, device)
     trainable = model if trainable is None else trainable
@@ -169,6 +180,11 @@ def train(
         generators=generators or {},
     )
     run = ResumableRun(checkpoint_dir, fingerprint, state, data, hp, what, log, ranks)
+    if run.start:
+        # The optimizer holds the rate its checkpoint's schedule set for the next step; under a changed
+        # max_steps the schedule differs from here on (without a change this sets the same value).
+        for group, base, factor in zip(optimizer.param_groups, lr_schedule.base_lrs, lr_schedule.lr_lambdas):
+            group["lr"] = base * factor(lr_schedule.last_epoch)
     judged = trainable if ema is None else ema.module
     losses = LossHistory(terms, hp.log_every, hp.max_steps, device, run.history)
     autocast = torch.autocast(device.type, dtype=PRECISIONS[hp.precision], enabled=hp.precision != "fp32")
@@ -212,15 +228,22 @@ def train(
             row = None
             if step % hp.log_every == 0 or step == hp.max_steps:
                 row = losses.row(step, lr, _settle(run, unchecked, fp16=scaler is not None))
+            if validate is not None and (validate_every and step % validate_every == 0 or step == hp.max_steps):
+                _record_validation(run, step, validate(step, judged))
             run.end_step(step, before_save=lambda: _settle(run, unchecked, fp16=scaler is not None))
             if row is not None and on_step is not None and ranks.is_main:
                 on_step(step, hp.max_steps, LossHistory.values(row))
-            if validate is not None and validate_every and step % validate_every == 0 and step != hp.max_steps:
-                validate(step, judged)
     train_seconds = run.train_seconds()
-    if validate is not None:
-        validate(hp.max_steps, judged)
-    return Trained(ema, run.history, run.skipped, train_seconds)
+    if validate is not None and run.start == hp.max_steps:
+        # Resumed at the end, the loop ran no step; the caller still gets the final validation's pictures.
+        _record_validation(run, hp.max_steps, validate(hp.max_steps, judged))
+    return Trained(ema, run.history, run.skipped, train_seconds, run.validations)
+
+
+def _record_validation(run: ResumableRun, step: int, values: dict[str, float] | None) -> None:
+    """Keep what a validation measured; a step validated again (the end, after a resume there) keeps its last."""
+    if values:
+        run.validations[:] = [v for v in run.validations if v["step"] != step] + [{"step": step, **values}]
 
 
 def _settle(run: ResumableRun, unchecked: list[tuple[int, torch.Tensor, list[str]]], fp16: bool) -> bool:

@@ -10,9 +10,8 @@ generator states and the data position.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -26,7 +25,7 @@ from ldm.errors import InputError
 from ldm.models.lora import add_lora
 from ldm.models.text_encoder import TextEmbedding
 from ldm.models.unet import UNet
-from ldm.training.checkpoint import run_fingerprint
+from ldm.training.checkpoint import run_fingerprint, tensors_digest
 from ldm.training.denoising import DenoisingConfig, denoising_loss, draw_noise
 from ldm.training.engine import StepCallback, train, trajectory
 
@@ -48,16 +47,6 @@ class LoraTrainingResult(NamedTuple):
     unet: UNet  # the base UNet carrying the trained adapter "default", eval mode, on the training device
     metrics: dict[str, float]
     history: list[dict[str, float]]  # one row per logged step: step, loss, lr (kept across resumes)
-
-
-def _digest(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
-    """sha256 over names, shapes, dtypes and bytes: the identity of a base model or a training set."""
-    digest = hashlib.sha256()
-    for name, tensor in tensors:
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def _check_inputs(unet: UNet, latents: torch.Tensor, contexts: TextEmbedding, empty_context: TextEmbedding) -> None:
@@ -107,11 +96,11 @@ def finetune_lora(
     _check_inputs(unet, latents, contexts, empty_context)
     fingerprint = run_fingerprint(
         unet=unet.config.model_dump(mode="json"),
-        base=_digest(unet.state_dict().items()),
+        base=tensors_digest(unet.state_dict().items()),
         schedule=schedule.to_dict(),
         training=trajectory(hp),
         seed=seed,
-        data=_digest([("latents", latents), ("contexts", contexts.hidden_states),
+        data=tensors_digest([("latents", latents), ("contexts", contexts.hidden_states),
                       ("mask", contexts.attention_mask), ("empty", empty_context.hidden_states)]),
     )
     # Batches are assembled and noised on the CPU (where the generators are), then moved to `device`.

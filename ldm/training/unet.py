@@ -18,32 +18,38 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
-from torchvision.utils import make_grid
 
-from ldm.data.images import tensor_to_pil
 from ldm.data.latent_cache import LatentCache, TextTable
 from ldm.data.order import CacheOrder, check_lanes
 from ldm.diffusion.pipeline import denoise
 from ldm.diffusion.schedule import NoiseSchedule
 from ldm.errors import InputError
+from ldm.evaluation.grids import captioned_grid
 from ldm.models.text_encoder import TextEmbedding
 from ldm.models.unet import UNet, UNetConfig
 from ldm.models.vae import VAE
 from ldm.training.checkpoint import run_fingerprint
-from ldm.training.denoising import DenoisingConfig, denoising_loss, draw_noise
+from ldm.training.denoising import (
+    DenoisingConfig,
+    denoising_loss,
+    draw_noise,
+    fixed_draw_loss,
+)
 from ldm.training.distributed import SINGLE_PROCESS, DataParallel
 from ldm.training.engine import StepCallback, train, trajectory
 
 logger = logging.getLogger(__name__)
 
-ValidationCallback = Callable[[int, Image.Image], None]
+# on_validation(step, {"val_loss": ...}, the grid or None without a Validation)
+ValidationCallback = Callable[[int, dict[str, float], Image.Image | None], None]
+RISE_TOLERANCE = 0.02  # a val loss this much above its best counts as rising
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,7 +57,7 @@ class UNetTrainingConfig(DenoisingConfig):
     """The training hyperparameters (the params schema's `train_unet` section holds their defaults)."""
 
     batch_size: int  # rows per micro-batch
-    validate_every: int  # steps between validation grids (and one at the end)
+    validate_every: int  # steps between validations, the val loss and a grid (and one at the end)
     data_lanes: int | None = None  # streams a batch is drawn from (CacheOrder); None: one per rank
 
 
@@ -60,6 +66,7 @@ class UNetTrainingResult(NamedTuple):
     ema: UNet  # the EMA weights: the model to sample with
     metrics: dict[str, float]
     history: list[dict[str, float]]  # one row per logged step: step, loss, lr (kept across resumes)
+    validations: list[dict[str, float]]  # one row per validation: step, val_loss (kept across resumes)
 
 
 def data_lanes(hp: UNetTrainingConfig, ranks: DataParallel) -> int:
@@ -88,13 +95,15 @@ def validation_grid(
     schedule: NoiseSchedule,
     cond: TextEmbedding,
     uncond: TextEmbedding,
+    captions: list[str],
     seeds: list[int],
     guidance_scale: float,
     steps: int,
     sampler: str,
     spacing: str,
 ) -> Image.Image:
-    """One row per seed, one column per prompt (`cond`, B rows), from the same seeds at every call."""
+    """One row per seed, one column per prompt (`cond`, B rows, captioned with `captions`), from the same seeds
+    at every call."""
     device = next(unet.parameters()).device
     context = TextEmbedding.cat([uncond.repeat_interleave(len(cond)) if len(uncond) == 1 else uncond, cond])
     context = context.to(device)
@@ -105,7 +114,7 @@ def validation_grid(
             unet, context, guidance_scale, shape, schedule, sampler=sampler, steps=steps, spacing=spacing, seed=seed
         )
         rows.append(vae.decode(vae.unscale_latents(latents)).cpu())
-    return tensor_to_pil(make_grid(torch.cat(rows), nrow=len(cond), pad_value=0.0))
+    return captioned_grid(rows, captions, [f"seed {seed}" for seed in seeds])
 
 
 @dataclass(frozen=True)
@@ -143,10 +152,12 @@ def train_unet(
     result's metrics are empty.
 
     `on_step(step, max_steps, {"loss", "lr"})` is called every `log_every` steps (and at the last) with the
-    means since the previous call, after any checkpoint of that step is written; `on_validation(step, grid)`
-    every `validate_every` steps and at the last, with the EMA model's grid. Metrics: train_loss_final,
-    val_loss (EMA model, fixed timesteps and noise over the val split), steps, samples_per_second and
-    train_seconds (the loop alone, both over all sessions of a resumed run).
+    means since the previous call, after any checkpoint of that step is written; `on_validation(step,
+    {"val_loss"}, grid)` every `validate_every` steps and at the last, with the EMA model's val loss (fixed
+    timesteps and noise over the val split) and grid (None without `validation`). Metrics: train_loss_final,
+    val_loss (the last validation's), val_loss_best, val_loss_rising (1 when `val_loss_rising` warned: logged
+    too), steps, samples_per_second and train_seconds (the loop alone, both over all sessions of a resumed
+    run).
     """
     device = torch.device(device)
     if config.cross_attention_dim != cache.manifest.text_encoder.hidden_size:
@@ -193,60 +204,84 @@ def train_unet(
         loss = denoising_loss(net, schedule, latents, noise, t, context, hp.min_snr_gamma, device)
         return loss.reshape(1), batch.id
 
-    grid_inputs = None
+    grid_inputs, prompts = None, []
     if validation is not None:
         prompts = validation_prompts(cache, validation.prompts)
         grid_inputs = (text.lookup([i for _, i in prompts]), text.lookup([text.empty_index]))
 
-    def emit_validation(step: int, model: UNet) -> None:
-        if validation is None or on_validation is None or not ranks.is_main:
-            return
-        cond, uncond = grid_inputs
+    def validate(step: int, model: UNet) -> dict[str, float] | None:
+        if not ranks.is_main:
+            return None
         model.eval()
-        grid = validation_grid(
-            model, validation.vae, schedule, cond, uncond, list(validation.seeds), validation.guidance_scale,
-            validation.steps, validation.sampler, validation.spacing,
-        )
+        loss = validation_loss(model, cache, text, schedule, hp.batch_size, seed)
+        values = {} if math.isnan(loss) else {"val_loss": loss}  # NaN: the cache has no val split
+        grid = None
+        if validation is not None:
+            cond, uncond = grid_inputs
+            grid = validation_grid(
+                model, validation.vae, schedule, cond, uncond, [c for c, _ in prompts], list(validation.seeds),
+                validation.guidance_scale, validation.steps, validation.sampler, validation.spacing,
+            )
         model.train()
-        on_validation(step, grid)
+        if on_validation is not None:
+            on_validation(step, values, grid)
+        return values
 
     trained = train(
         "UNet", unet, micro_batch, order, hp, checkpoint_dir, fingerprint, device,
         generators={"noise": noise_generator}, ranks=ranks, log=log, on_step=on_step,
-        validate=emit_validation, validate_every=hp.validate_every,
+        validate=validate, validate_every=hp.validate_every,
     )
     raw, averaged = unet.eval(), trained.ema.module.eval()
     if not ranks.is_main:
-        return UNetTrainingResult(raw, averaged, {}, trained.history)
+        return UNetTrainingResult(raw, averaged, {}, trained.history, [])
+    rising = val_loss_rising(trained.validations, trained.history)
+    if rising:
+        log(rising)
+    scored = [v["val_loss"] for v in trained.validations]
     metrics = {
         **trained.metrics(hp.max_steps, hp.batch_size * hp.grad_accumulation),
-        "val_loss": validation_loss(averaged, cache, text, schedule, hp.batch_size, seed),
+        "val_loss": scored[-1] if scored else float("nan"),  # the last validation's: the EMA after the last step
+        "val_loss_best": min(scored, default=float("nan")),
+        "val_loss_rising": float(bool(rising)),
     }
-    return UNetTrainingResult(raw, averaged, metrics, trained.history)
+    return UNetTrainingResult(raw, averaged, metrics, trained.history, trained.validations)
 
 
-@torch.no_grad()
+def val_loss_rising(validations: list[dict[str, float]], history: list[dict[str, float]]) -> str | None:
+    """A warning when the last val loss is above its best by more than RISE_TOLERANCE while the train loss fell
+    since that best: the model learns its train images rather than the data (more steps make it worse;
+    fewer steps, more data, or augmentation help). None when it is not so."""
+    if len(validations) < 2:
+        return None
+    best, last = min(validations, key=lambda v: v["val_loss"]), validations[-1]
+
+    def train_loss_at(step: float) -> float | None:
+        rows = [r["loss"] for r in history if r["step"] <= step]
+        return rows[-1] if rows else None
+
+    train_then, train_now = train_loss_at(best["step"]), train_loss_at(last["step"])
+    if last["val_loss"] <= best["val_loss"] * (1 + RISE_TOLERANCE) or None in (train_then, train_now):
+        return None
+    if train_now >= train_then:
+        return None
+    return (
+        f"warning: the val loss rose from {best['val_loss']:.4f} at step {best['step']:.0f} to "
+        f"{last['val_loss']:.4f} at step {last['step']:.0f} while the train loss fell from {train_then:.4f} to "
+        f"{train_now:.4f}: the model is memorising its train images; the checkpoint of the best step is the better "
+        "model, and fewer steps, more images or augmentation (cache_latents.flip) help"
+    )
+
+
 def validation_loss(
     unet: UNet, cache: LatentCache, text: TextTable, schedule: NoiseSchedule, batch_size: int, seed: int
 ) -> float:
-    """Unweighted MSE to the training target over the val split, with noise and timesteps fixed by `seed`.
-
-    Every row is scored at the same stratified timesteps, so two runs' values compare. NaN without a val split.
-    """
+    """`fixed_draw_loss` over the val split (each row's posterior mean: no sampling noise in the score), with
+    the draws fixed by `seed`, so two runs' values compare. NaN without a val split."""
     if "val" not in cache.splits:
         return float("nan")
-    device = next(unet.parameters()).device
-    generator = torch.Generator().manual_seed(seed)
-    total, count = 0.0, 0
-    for batch in cache.iter_batches("val", batch_size):
-        latents = cache.scale_latents(batch.mean)  # the posterior mean: no sampling noise in the score
-        b = len(batch)
-        t = (torch.arange(b) * schedule.num_train_timesteps // b + count) % schedule.num_train_timesteps
-        noise = torch.randn(latents.shape, generator=generator)
-        context = text.lookup(batch.text_index).to(device)
-        mask = None if context.attention_mask.all() else context.attention_mask
-        prediction = unet(schedule.add_noise(latents, noise, t).to(device), t.to(device), context.hidden_states, mask)
-        target = schedule.training_target(latents, noise, t).to(device)
-        total += F.mse_loss(prediction.float(), target, reduction="sum").item() / target[0].numel()
-        count += b
-    return total / count
+    batches = (
+        (cache.scale_latents(batch.mean), text.lookup(batch.text_index))
+        for batch in cache.iter_batches("val", batch_size)
+    )
+    return fixed_draw_loss(unet, schedule, batches, next(unet.parameters()).device, seed)
