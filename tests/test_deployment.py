@@ -38,8 +38,8 @@ from flows.pipeline import (
 )
 from flows.tracking import pipeline_stages
 from stages.params import ParamsError
+from tests.ci_stages import CI_PARAMS, REPO, copy_repo
 from tests.servers import mlflow_server, prefect_client, prefect_server
-from tests.test_pipeline_e2e import REPO, _copy_repo
 
 DEPLOYMENT = "ldm-pipeline"
 # The stages to reproduce: train_vae and the stage before it, enough to show the deployment's path through
@@ -115,7 +115,7 @@ def deployment_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("deployment")
     repo = root / "repo"
     repo.mkdir()
-    _copy_repo(repo)
+    copy_repo(repo, CI_PARAMS)
     for key, value in (("user.name", "test"), ("user.email", "test@localhost")):  # `dvc exp run` commits
         subprocess.run(["git", "config", key, value], cwd=repo, check=True)
     with _both_servers(root) as (prefect_env, mlflow_env), prefect_client(prefect_env["PREFECT_API_URL"]) as client:

@@ -140,8 +140,12 @@ def test_evaluation_puts_each_distance_beside_its_real_floor_and_looks_for_copie
     assert unseen > metrics["prompts"] / 2
     assert memorised["unseen"]["images"] == unseen and memorised["seen"]["images"] == 8 + metrics["prompts"] - unseen
     real_val = memorised["real_val"]
-    # The threshold is the 95th percentile of the real val images' own nearness: about 5% of them pass it.
-    assert real_val["images"] == metrics["prompts"] and 0 < real_val["copy_rate_pixels"] <= 0.1
+    # The threshold is the 95th percentile of the real val images' own nearness: about 5% of them pass it, and
+    # at least the nearest one (1 in 5 of the ci profile's few val images).
+    count = real_val["images"]
+    copies = round(real_val["copy_rate_pixels"] * count)
+    assert count == metrics["prompts"] and real_val["copy_rate_pixels"] == pytest.approx(copies / count)
+    assert 1 <= copies <= max(0.1 * count, 1)
     for group in ("seen", "unseen", "real_val"):
         assert 0.0 <= memorised[group]["copy_rate_features"] <= 1.0
         assert memorised[group]["nearest_psnr_median"] > 0

@@ -178,5 +178,6 @@ def test_a_val_loss_rising_while_the_train_loss_falls_is_flagged():
     rising = [{"step": 100, "val_loss": 0.45}, {"step": 200, "val_loss": 0.40}, {"step": 400, "val_loss": 0.50}]
     warning = val_loss_rising(rising, history)
     assert "rose from 0.4000 at step 200 to 0.5000 at step 400" in warning and "0.3000 to 0.1000" in warning
+    assert "Fewer steps (about 200 here)" in warning
     both_rising = [{"step": 200, "val_loss": 0.40}, {"step": 400, "val_loss": 0.50}]
     assert val_loss_rising(both_rising, [{"step": 200, "loss": 0.2}, {"step": 400, "loss": 0.3}]) is None

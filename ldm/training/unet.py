@@ -268,8 +268,8 @@ def val_loss_rising(validations: list[dict[str, float]], history: list[dict[str,
     return (
         f"warning: the val loss rose from {best['val_loss']:.4f} at step {best['step']:.0f} to "
         f"{last['val_loss']:.4f} at step {last['step']:.0f} while the train loss fell from {train_then:.4f} to "
-        f"{train_now:.4f}: the model is memorising its train images; the checkpoint of the best step is the better "
-        "model, and fewer steps, more images or augmentation (cache_latents.flip) help"
+        f"{train_now:.4f}: the model is memorising its train images. Fewer steps (about {best['step']:.0f} here), "
+        "more images or augmentation (cache_latents.flip) help"
     )
 
 
