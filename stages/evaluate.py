@@ -38,9 +38,11 @@ in `samplers` with seed `evaluate.seed + i`.
 
 `headline` holds the first sampler's numbers; `headline.prompt_adherence` is what picks the registry's
 `champion`: on shapes data the attribute classifier's `all`; on other data caption retrieval top-1 of the
-generated images over that of the real val images (1 is as good as real). An evaluator that retrieves the
-captions of generated images better than those of real ones is not to be trusted:
-`headline.evaluator_prefers_generated` is then 1. The attribute measurements (classifier, adherence, negative
+generated images over that of the real val images (1 is as good as real), for the val captions that no train
+image has (`headline.adherence_prompts` of them; all val captions when each is also a train caption), capped
+at 1 (`retrieval_headline` says why). An evaluator that retrieves the captions of generated images better than
+those of real ones is not to be trusted: `headline.evaluator_prefers_generated` is then 1. The attribute
+measurements (classifier, adherence, negative
 prompt) need shapes data; on other data `attribute_measurements` says `not_shapes_data`, and quality per
 compute measures the relative retrieval instead.
 
@@ -168,10 +170,8 @@ def run(params: Params, reporter: Reporter) -> StageResult:
     val = RealImages(paths.ingested, "val", section.num_prompts, section.seed)
     prompts = val.captions
     image_size = val.images.shape[-1]
-    metrics: dict = {
-        "prompts": len(prompts),
-        "prompts_unseen_in_training": sum(p not in train.all_captions for p in prompts) / len(prompts),
-    }
+    seen = torch.tensor([p in train.all_captions for p in prompts], dtype=torch.bool)  # (N,) a train caption too
+    metrics: dict = {"prompts": len(prompts), "prompts_unseen_in_training": (~seen).float().mean().item()}
     reporter.info(f"{STAGE}: {len(prompts)} val prompts, {len(train)} real train images to learn the evaluators from")
 
     metrics["vae"] = reconstruction_metrics(pipeline.vae, IngestedImages(paths.ingested, "val"), section.batch_size)
@@ -204,14 +204,18 @@ def run(params: Params, reporter: Reporter) -> StageResult:
         "retrieval_chance": 1 / len(prompt_text),
         "evaluator_seconds": time.perf_counter() - began,
     }
+    if classifier is None and (~seen).any():
+        metrics["real"]["retrieval_top1_unseen"] = retrieval_top1(
+            evaluator, val.images[~seen], prompt_text, prompt_ids[~seen]
+        )
     # The floors. The generated images are drawn for the val captions, so they are set against an independent
     # sample of train images (as many as the val ones) exactly as the real val images are: the val images'
     # distance to that sample is what a perfect model would reach. (Against the val images themselves the
     # generated ones would have the advantage of sharing their captions.) The Fréchet distance shrinks with
     # the sample size, so only its ratio to the floor at the same size means something.
     val_features = image_embeddings(evaluator, val.images)
-    reference = train.images[: len(val)]
-    reference_features = image_embeddings(evaluator, reference)
+    train_features = image_embeddings(evaluator, train.images)
+    reference, reference_features = train.images[: len(val)], train_features[: len(val)]
     bandwidth = median_bandwidth(reference_features)
     metrics["real"] |= {
         "frechet_distance_val_to_train": frechet_distance(evaluator, reference, val.images),
@@ -219,7 +223,7 @@ def run(params: Params, reporter: Reporter) -> StageResult:
         "mmd_bandwidth": bandwidth,
     }
 
-    metrics["samplers"], rows, grids = {}, [], {}
+    metrics["samplers"], rows, grids, drawn = {}, [], {}, {}
     for run_spec in section.samplers:
         key = f"{run_spec.sampler}-{run_spec.steps}"
         began = time.perf_counter()
@@ -239,8 +243,7 @@ def run(params: Params, reporter: Reporter) -> StageResult:
         result["frechet_ratio_to_floor"] = result["frechet_distance_to_train"] / max(
             metrics["real"]["frechet_distance_val_to_train"], 1e-12
         )
-        if not metrics["samplers"]:
-            headline_images = generated
+        drawn[key] = generated
         fid, skipped = inception_fid(val.images, generated)
         if fid is not None:
             result["inception_fid"] = fid
@@ -252,6 +255,14 @@ def run(params: Params, reporter: Reporter) -> StageResult:
             result["retrieval_relative_to_real"] = relative_retrieval(
                 result["retrieval_top1"], metrics["real"]["retrieval_top1"], metrics["real"]["retrieval_chance"]
             )
+            if "retrieval_top1_unseen" in metrics["real"]:
+                result["retrieval_top1_unseen"] = retrieval_top1(
+                    evaluator, generated[~seen], prompt_text, prompt_ids[~seen]
+                )
+                result["retrieval_unseen_relative_to_real"] = relative_retrieval(
+                    result["retrieval_top1_unseen"], metrics["real"]["retrieval_top1_unseen"],
+                    metrics["real"]["retrieval_chance"],
+                )
         metrics["samplers"][key] = result
         rows.append({"sampler": run_spec.sampler, "steps": run_spec.steps, **flatten(result.get("adherence", {}))})
         grids[key] = comparison_grid(generated, val.images, prompts, section.grid_images)
@@ -276,33 +287,25 @@ def run(params: Params, reporter: Reporter) -> StageResult:
     if section.quality_per_compute is not None:
         metrics["quality_per_compute"], compute_rows = quality_per_compute(pipeline, score, prompts, section, reporter)
 
+    first_key = f"{section.samplers[0].sampler}-{section.samplers[0].steps}"
     pictures = {}
     if section.memorisation is not None:
         metrics["memorisation"], pictures["nearest_train.png"] = memorisation(
-            pipeline, evaluator, train, val, val_features, prompts, headline_images, section, reporter
+            pipeline, evaluator, train, train_features, val, val_features, prompts, seen, drawn[first_key], section,
+            reporter,
         )
     if section.diversity is not None:
         metrics["diversity"], pictures["diversity.png"] = diversity(
             pipeline, evaluator, prompts, train, val_features, section, reporter
         )
 
-    first = metrics["samplers"][f"{section.samplers[0].sampler}-{section.samplers[0].steps}"]
+    first = metrics["samplers"][first_key]
     if classifier is not None:
         metrics["headline"] = {"prompt_adherence": first["adherence"]["all"]} | {
             f"adherence_{k}": v for k, v in first["adherence"].items() if not k.endswith("images")
         }
     else:
-        prefers = first["retrieval_top1"] > metrics["real"]["retrieval_top1"]
-        metrics["headline"] = {
-            "prompt_adherence": first["retrieval_relative_to_real"], "evaluator_prefers_generated": float(prefers),
-        }
-        if prefers:
-            reporter.info(
-                f"{STAGE}: warning: the evaluator retrieves the captions of generated images "
-                f"({first['retrieval_top1']:.2%}) better than those of the real val images "
-                f"({metrics['real']['retrieval_top1']:.2%}): it rewards something other than matching the caption "
-                "(often near-copies of training images); judge adherence by the grids"
-            )
+        metrics["headline"] = retrieval_headline(first, metrics["real"], seen, reporter)
 
     metrics["headline"]["frechet_ratio_to_floor"] = first["frechet_ratio_to_floor"]
     if "memorisation" in metrics and metrics["memorisation"]["unseen"]["images"]:
@@ -324,9 +327,34 @@ def run(params: Params, reporter: Reporter) -> StageResult:
     return StageResult(metrics=numbers, artifacts=[metrics_path, out / "plots"])
 
 
+def retrieval_headline(first: dict, real: dict, seen: torch.Tensor, reporter: Reporter) -> dict[str, float]:
+    """The headline adherence on data without shapes attributes: caption retrieval of the generated images
+    relative to the real val images', over the val prompts whose captions no train image has (all prompts when
+    every val caption is also a train caption). Unseen captions, because the evaluator learnt the train
+    images: a model that redraws the train image of a seen caption is retrieved better than a real image is,
+    for copying, not for following the caption. Capped at 1: an evaluator that rates generated images above
+    real ones measures something other than adherence, and must not crown the registry's champion for it."""
+    scope = "_unseen" if "retrieval_top1_unseen" in real else ""
+    generated_top1, real_top1 = first[f"retrieval_top1{scope}"], real[f"retrieval_top1{scope}"]
+    prefers = generated_top1 > real_top1
+    if prefers:
+        reporter.info(
+            f"{STAGE}: warning: the evaluator retrieves the captions of generated images ({generated_top1:.2%}) "
+            f"better than those of the real val images ({real_top1:.2%}){' for unseen captions' if scope else ''}: "
+            "it rewards something other than matching the caption (often near-copies of training images); "
+            "judge adherence by the grids. The headline adherence is capped at 1"
+        )
+    return {
+        "prompt_adherence": min(first[f"retrieval{scope}_relative_to_real"], 1.0),
+        "adherence_prompts": float((~seen).sum() if scope else len(seen)),
+        "evaluator_prefers_generated": float(prefers),
+    }
+
+
 def memorisation(
-    pipeline: Text2Image, evaluator, train: RealImages, val: RealImages, val_features: torch.Tensor,
-    prompts: list[str], generated: torch.Tensor, section: EvaluateParams, reporter: Reporter,
+    pipeline: Text2Image, evaluator, train: RealImages, train_features: torch.Tensor, val: RealImages,
+    val_features: torch.Tensor, prompts: list[str], seen: torch.Tensor, generated: torch.Tensor,
+    section: EvaluateParams, reporter: Reporter,
 ):
     """Each generated image's nearest train image, by pixels (PSNR) and by evaluator features (cosine), for
     seen captions (val prompts that are also train captions, and `seen_prompts` train captions drawn here) and
@@ -334,7 +362,6 @@ def memorisation(
     images are to theirs: real val images are new draws of the data, so that is how near chance alone comes.
     -> (metrics, the picture of the nearest train images)"""
     knobs, first = section.memorisation, section.samplers[0]
-    train_features = image_embeddings(evaluator, train.images)
     real_psnr, _ = nearest_psnr(val.images, train.images)
     real_cosine = nearest_cosine(val_features, train_features)
     psnr_bar = torch.quantile(real_psnr, knobs.copy_quantile).item()
@@ -342,7 +369,6 @@ def memorisation(
     seen_prompts = train.captions[: knobs.seen_prompts]
     drawn_seen = generate(pipeline, seen_prompts, first.sampler, first.steps, section.guidance_scale, section.seed,
                           section.batch_size, reporter, f"{STAGE} memorisation seen captions")
-    seen = torch.tensor([p in train.all_captions for p in prompts], dtype=torch.bool)
     groups = {
         "seen": (torch.cat([generated[seen], drawn_seen]), [p for p, s in zip(prompts, seen) if s] + seen_prompts),
         "unseen": (generated[~seen], [p for p, s in zip(prompts, seen) if not s]),
@@ -400,16 +426,22 @@ def diversity(
     features = image_embeddings(evaluator, images).view(knobs.seeds, len(chosen), -1).transpose(0, 1)
     spread = seed_spread(features)
     pairs = same_caption_pairs(train.captions, knobs.prompts)
+    unrelated = pair_spread(val_features)
     if len(pairs) == knobs.prompts:
         pair_images = train.images[torch.tensor(pairs).flatten()]
         real, reference = seed_spread(image_embeddings(evaluator, pair_images).view(len(pairs), 2, -1)), "same_caption"
     else:
-        real, reference = pair_spread(val_features), "different_captions"
+        real, reference = unrelated, "different_captions"
     results = {"prompts": len(chosen), "seeds": knobs.seeds, "seed_spread": spread, "real_spread": real,
-               "real_reference": reference, "ratio": spread / real if real > 0 else 0.0}
+               "real_reference": reference, "ratio": spread / real if real > 0 else 0.0,
+               # Near 1: one prompt's images differ as much as real images of unrelated captions do, so the
+               # prompt hardly narrows what is drawn.
+               "real_spread_different_captions": unrelated,
+               "ratio_to_different_captions": spread / unrelated if unrelated > 0 else 0.0}
     reporter.info(
         f"{STAGE}: diversity: one prompt's images over {knobs.seeds} seeds are {spread:.3f} apart (cosine distance), "
-        f"real images of {reference.replace('_', ' ')} {real:.3f}: ratio {results['ratio']:.2f}"
+        f"real images of {reference.replace('_', ' ')} {real:.3f}: ratio {results['ratio']:.2f}; "
+        f"real images of different captions {unrelated:.3f}: ratio {results['ratio_to_different_captions']:.2f}"
     )
     shown = min(8, len(chosen))
     rows = [images[s * len(chosen) : s * len(chosen) + shown] for s in range(knobs.seeds)]

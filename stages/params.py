@@ -123,6 +123,7 @@ class TrainVAEParams(TrainingLoopParams):
     # 1e-5 left posterior noise above the signal in 3 of 4 latent channels, which the UNet then learns
     kl_weight: float = Field(1e-6, ge=0.0)
     scaling_batches: int = Field(20, ge=1)  # train batches used to measure the latent std
+    flip: bool = False  # mirror images left to right at random (the VAE reads no captions, so any data may)
     grid_images: int = Field(8, ge=1)  # val images shown over their reconstructions in reconstructions.png
 
 

@@ -1,10 +1,13 @@
 """DVC stage `sample`: draw the params' prompts with the trained text-to-image model.
 
-reads:  paths.text2img; params seed, device, sample (prompts, negative prompt, sampler, steps, guidance, seed,
-        batch size)
+reads:  paths.text2img; paths.eval/metrics.json (the model's evaluation, when there is one); params seed,
+        device, sample (prompts, negative prompt, sampler, steps, guidance, seed, batch size)
 writes: paths.samples/000.png ...           one PNG per prompt (prompt i drawn with seed sample.seed + i)
         paths.samples/grid.png              all of them, each captioned with its prompt
-        paths.samples/prompts.json          which file shows which prompt, and how it was drawn
+        paths.samples/prompts.json          which file shows which prompt, how it was drawn, and the model's
+                                            evaluation headline (so samples are never read apart from it)
+
+In dvc.yaml the evaluation is a dependency, so `dvc repro sample` evaluates the model before drawing from it.
 
     python -m stages.sample [--params params.yaml]
 """
@@ -39,10 +42,25 @@ def load_pipeline(path: str, sampler: str, device: torch.device) -> Text2Image:
     return pipeline
 
 
+def evaluation_headline(eval_dir: str, reporter: Reporter) -> dict | None:
+    """The `headline` of the model's evaluation in `eval_dir`, or None (said in the log) when it has none."""
+    path = Path(eval_dir) / "metrics.json"
+    try:
+        headline = json.loads(path.read_text())["headline"]
+    except FileNotFoundError:
+        reporter.info(f"{STAGE}: the model has no evaluation ({path} does not exist; `dvc repro evaluate` makes it)")
+        return None
+    except (ValueError, KeyError) as e:
+        raise InputError(f"{path} is not an evaluation ({e!r}); run `dvc repro evaluate` again") from None
+    reporter.info(f"{STAGE}: the model's evaluation: " + ", ".join(f"{k} {v:.4g}" for k, v in headline.items()))
+    return headline
+
+
 def run(params: Params, reporter: Reporter) -> StageResult:
     section = params.sample
     device = resolve_device(params.device)
     pipeline = load_pipeline(params.paths.text2img, section.sampler, device)
+    headline = evaluation_headline(params.paths.eval, reporter)
     prompts = section.prompts
     reporter.info(
         f"{STAGE}: {len(prompts)} prompts, {section.sampler} {section.steps} steps, guidance {section.guidance_scale}"
@@ -63,7 +81,7 @@ def run(params: Params, reporter: Reporter) -> StageResult:
     names = [f"{i:03d}.png" for i in range(len(prompts))]
     record = {
         "sampler": section.sampler, "steps": section.steps, "guidance_scale": section.guidance_scale,
-        "negative_prompt": section.negative_prompt,
+        "negative_prompt": section.negative_prompt, "evaluation_headline": headline,
         "images": [{"file": n, "prompt": p, "seed": section.seed + i} for i, (n, p) in enumerate(zip(names, prompts))],
     }
     with atomic_directory(out) as tmp:

@@ -123,3 +123,33 @@ def test_seed_spread_is_zero_when_every_seed_gives_one_image():
     assert pair_spread(different[:, 0]) == pytest.approx(seed_spread(different[None, :, 0]))
     with pytest.raises(ValueError, match="seeds >= 2"):
         seed_spread(different[:, :1])
+
+
+class _Log:
+    def __init__(self):
+        self.lines = []
+
+    def info(self, line):
+        self.lines.append(line)
+
+
+def test_the_retrieval_headline_scores_unseen_captions_and_is_capped_where_generated_beat_real():
+    from stages.evaluate import retrieval_headline
+
+    seen = torch.tensor([True, True, False, False, False])
+    real = {"retrieval_top1": 0.2, "retrieval_top1_unseen": 0.3, "retrieval_chance": 0.2}
+    # Copies of train images for seen captions make the all-prompts ratio 2.5; the unseen ones decide.
+    modest = {"retrieval_top1": 0.5, "retrieval_relative_to_real": 2.5,
+              "retrieval_top1_unseen": 0.15, "retrieval_unseen_relative_to_real": 0.5}
+    log = _Log()
+    assert retrieval_headline(modest, real, seen, log) == {
+        "prompt_adherence": 0.5, "adherence_prompts": 3.0, "evaluator_prefers_generated": 0.0}
+    assert log.lines == []
+    fooled = modest | {"retrieval_top1_unseen": 0.6, "retrieval_unseen_relative_to_real": 2.0}
+    headline = retrieval_headline(fooled, real, seen, log)
+    assert headline["prompt_adherence"] == 1.0 and headline["evaluator_prefers_generated"] == 1.0
+    assert "warning" in log.lines[0] and "capped at 1" in log.lines[0]
+    # Every val caption is a train caption too: all prompts are scored.
+    everything_seen = {k: v for k, v in real.items() if k != "retrieval_top1_unseen"}
+    headline = retrieval_headline(modest, everything_seen, torch.ones(5, dtype=torch.bool), log)
+    assert headline == {"prompt_adherence": 1.0, "adherence_prompts": 5.0, "evaluator_prefers_generated": 1.0}

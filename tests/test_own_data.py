@@ -116,9 +116,14 @@ def test_evaluation_reports_adherence_relative_to_real_images_and_skips_the_shap
     assert 1 < candidates <= metrics["prompts"] and real["retrieval_chance"] == 1 / candidates
     assert first["retrieval_relative_to_real"] == first["retrieval_top1"] / max(real["retrieval_top1"],
                                                                               real["retrieval_chance"])
+    # The headline is scored on the val captions no train image has (each stamp's caption is its own here).
     headline = metrics["headline"]
-    assert headline["prompt_adherence"] == first["retrieval_relative_to_real"]
-    assert headline["evaluator_prefers_generated"] == float(first["retrieval_top1"] > metrics["real"]["retrieval_top1"])
+    unseen = round(metrics["prompts"] * metrics["prompts_unseen_in_training"])
+    assert unseen > 0 and headline["adherence_prompts"] == unseen
+    assert first["retrieval_unseen_relative_to_real"] == first["retrieval_top1_unseen"] / max(
+        real["retrieval_top1_unseen"], real["retrieval_chance"])
+    assert headline["prompt_adherence"] == min(first["retrieval_unseen_relative_to_real"], 1.0)
+    assert headline["evaluator_prefers_generated"] == float(first["retrieval_top1_unseen"] > real["retrieval_top1_unseen"])
     with open(repo / "eval" / "plots" / "quality_per_compute.csv") as f:
         rows = list(csv.DictReader(f))
     assert [row["steps"] for row in rows] == ["2", "5"]
@@ -156,6 +161,8 @@ def test_evaluation_puts_each_distance_beside_its_real_floor_and_looks_for_copie
     # Few stamps share a caption, so the reference is the spread of val images of different captions.
     assert spread["real_reference"] == "different_captions"
     assert spread["ratio"] == spread["seed_spread"] / spread["real_spread"]
+    assert spread["real_spread_different_captions"] == spread["real_spread"]
+    assert spread["ratio_to_different_captions"] == spread["ratio"]
     pictures = {p.name for p in (repo / "eval" / "plots").iterdir()}
     assert {"nearest_train.png", "diversity.png", "dpmpp_2m-5.png"} <= pictures
 

@@ -82,8 +82,9 @@ def test_outputs_and_lock(pipeline):
     assert [row["steps"] for row in rows] == ["2", "5"]
     assert {"dpmpp_2m", "ddim", "ddim_seconds_per_image"} <= set(rows[0])
     assert float(rows[1]["ddim"]) == evaluation["quality_per_compute"]["ddim-5"]["adherence"]
-    prompts = json.loads((repo / "samples" / "prompts.json").read_text())["images"]
-    assert [p["file"] for p in prompts] == ["000.png", "001.png"] and (repo / "samples" / "grid.png").is_file()
+    drawn = json.loads((repo / "samples" / "prompts.json").read_text())
+    assert [p["file"] for p in drawn["images"]] == ["000.png", "001.png"] and (repo / "samples" / "grid.png").is_file()
+    assert drawn["evaluation_headline"] == evaluation["headline"]  # sample ran after evaluate, on its model
     assert {p.name for p in (repo / "models" / "lora").iterdir()} == {"adapter_model.safetensors", "adapter_config.json"}
     assert (repo / "models" / "controlnet" / "control.json").is_file()
 

@@ -111,9 +111,11 @@ class Interrupted(Exception):
     pass
 
 
-def test_interrupted_and_resumed_training_is_bitwise_equal(splits, tmp_path):
+@pytest.mark.parametrize("flip", [False, True])
+def test_interrupted_and_resumed_training_is_bitwise_equal(splits, tmp_path, flip):
     train, val = splits
-    hp = dataclasses.replace(HP, max_steps=20, checkpoint_every=10, log_every=5, ema_decay=0.9, scaling_batches=2)
+    hp = dataclasses.replace(HP, max_steps=20, checkpoint_every=10, log_every=5, ema_decay=0.9, scaling_batches=2,
+                             flip=flip)
     straight = train_vae(CONFIG, train, val, hp, tmp_path / "straight", seed=3, device="cpu")
 
     def stop_at_10(step, total, values):
@@ -135,6 +137,46 @@ def test_interrupted_and_resumed_training_is_bitwise_equal(splits, tmp_path):
     assert {k: v for k, v in resumed.metrics.items() if k not in ("train_seconds", "samples_per_second")} == {
         k: v for k, v in straight.metrics.items() if k not in ("train_seconds", "samples_per_second")
     }
+
+
+def test_flipping_mirrors_about_half_of_the_images_it_trains_on(tmp_path, monkeypatch):
+    # Noise images: no mirrored image is a train image (the squares' set holds its own mirror images).
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for index in range(40):
+        pixels = torch.randint(256, (SIZE, SIZE, 3), generator=generator, dtype=torch.uint8).numpy()
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG")
+        rows.append({
+            "id": content_id(buffer.getvalue()), "image": buffer.getvalue(), "caption": "noise", "width": SIZE,
+            "height": SIZE, "source": "test", "split": "train" if index < 32 else "val", "attributes": None,
+        })
+    (tmp_path / "ingested").mkdir()
+    with ShardWriter(tmp_path / "ingested") as writer:
+        for row in rows:
+            writer.write(row)
+    train, val = IngestedImages(tmp_path / "ingested", "train"), IngestedImages(tmp_path / "ingested", "val")
+    seen = []
+    forward = VAE.forward
+
+    def recording(self, x, *args, **kwargs):
+        seen.append(x.clone())
+        return forward(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(VAE, "forward", recording)
+    hp = dataclasses.replace(HP, max_steps=8, checkpoint_every=8, log_every=4, scaling_batches=1, warmup_steps=2)
+    for flip in (False, True):
+        train_vae(CONFIG, train, val, dataclasses.replace(hp, flip=flip), tmp_path / str(flip), seed=1, device="cpu")
+    plain, flipped = torch.cat(seen[:8]), torch.cat(seen[8:16])  # the 8 training batches of each run
+    stored = torch.stack([train[i] for i in range(len(train))])
+
+    def matches(images):  # (N,) whether each image is a stored train image
+        return (images[:, None] == stored[None]).flatten(2).all(-1).any(-1)
+
+    assert matches(plain).all()
+    mirrored = ~matches(flipped)
+    assert matches(flipped[mirrored].flip(-1)).all()
+    assert 0.3 < mirrored.float().mean() < 0.7
 
 
 def stage_params(tmp_path, data_dir, **train_vae):

@@ -12,8 +12,10 @@ the encoder chooses, which is measured after training and stored as the config's
 The loop is the engine's (`ldm.training.engine`): AdamW, a linear warmup then cosine decay to zero,
 gradient-norm clipping, gradient accumulation, autocast, and an optional EMA of the weights; with an EMA, the
 EMA weights are the trained model. Data order is a fresh seeded permutation each epoch (the last incomplete
-batch of an epoch is dropped, so every batch has the same size); no flips, since left and right are part of
-what captions say.
+batch of an epoch is dropped, so every batch has the same size). With `flip`, each image is mirrored left to
+right with probability 1/2 (drawn from the data generator, so a resumed run draws the same flips): the VAE
+reads no captions, so a mirrored image is a new image to reconstruct on any data, even where captions say
+left or right; it narrowed the gap between train and val PSNR on 700 drawings.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class VAETrainingConfig(TrainingConfig):
     recon_loss: str  # a key of RECONSTRUCTION_LOSSES
     kl_weight: float
     scaling_batches: int  # train batches whose latents set the shift and scaling factors
+    flip: bool = False  # mirror each image left to right with probability 1/2
 
     def __post_init__(self) -> None:
         if self.recon_loss not in RECONSTRUCTION_LOSSES:
@@ -117,7 +120,8 @@ def train_vae(
     device = torch.device(device)
     fingerprint = run_fingerprint(
         vae=config.model_dump(mode="json"),
-        training=trajectory(hp, ("scaling_batches",)),
+        # Without flips the fingerprint is the one runs had before `flip` existed, so their checkpoints resume.
+        training=trajectory(hp, ("scaling_batches",) if hp.flip else ("scaling_batches", "flip")),
         seed=seed,
         train_images=hashlib.sha256("\n".join(train_data.ids).encode()).hexdigest(),
     )
@@ -138,6 +142,10 @@ def train_vae(
     def micro_batch(net: torch.nn.Module) -> tuple[torch.Tensor, list[str]]:
         indices = order.next_batch()[mine]
         images = _batch(train_data, indices, device)  # (B, 3, H, W)
+        if hp.flip:
+            # Drawn for the whole batch on every rank, so a data-parallel run flips what one process would.
+            mirrored = (torch.rand(hp.batch_size, generator=data_generator) < 0.5)[mine].to(device)
+            images = torch.where(mirrored[:, None, None, None], images.flip(-1), images)
         noise_shape = (hp.batch_size, config.latent_channels, images.shape[-2] // f, images.shape[-1] // f)
         noise = torch.randn(noise_shape, generator=noise_generator)[mine]
         reconstructions, posterior = net(images, noise=noise)
