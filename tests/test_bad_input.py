@@ -161,6 +161,20 @@ def test_the_ci_params_load():
     assert check_params(REPO / "configs" / "ci.yaml").profile == "ci"
 
 
+def test_the_own_data_profile_differs_from_the_default_only_where_the_readme_says():
+    own, default = check_params(REPO / "configs" / "own_data.yaml"), load_params(REPO / "params.yaml")
+    assert own.profile == "own_data" and own.ingest.source != "shapes"
+    assert own.train_vae.flip and own.cache_latents.flip
+    assert (own.train_unet.max_steps, own.train_unet.validate_every) == (700, 100)
+    same = own.model_copy(update={
+        "profile": default.profile, "ingest": default.ingest, "sample": default.sample,
+        "train_vae": own.train_vae.model_copy(update={"flip": False}),
+        "cache_latents": own.cache_latents.model_copy(update={"flip": False}),
+        "train_unet": own.train_unet.model_copy(update={"max_steps": 1600, "validate_every": 250}),
+    })
+    assert same == default
+
+
 HOSTILE_FILES = [
     b"",
     b"\n\n",

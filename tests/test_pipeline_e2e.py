@@ -202,6 +202,8 @@ def test_text2img_is_registered_and_the_evaluated_version_is_champion(pipeline):
     assert version.tags["text2img_md5"] == text2img_md5
     evaluation = json.loads((repo / "eval" / "metrics.json").read_text())
     assert float(version.tags["prompt_adherence"]) == pytest.approx(evaluation["headline"]["prompt_adherence"], abs=1e-6)
+    copies = evaluation["memorisation"]["seen"]["copy_rate_pixels"]
+    assert float(version.tags["copy_rate_seen"]) == pytest.approx(copies, abs=1e-6)  # the champion's tie-break
     assert client.get_model_version_by_alias("ldm-text2img", "champion").version == version.version
 
 

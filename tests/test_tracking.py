@@ -142,3 +142,23 @@ def test_git_commit_of_a_pipeline_in_a_subfolder_of_the_git_repository(tmp_path)
     assert git_commit(sub, {"dvc.lock"}) == head
     (sub / "code.py").write_text("changed")
     assert git_commit(sub, {"dvc.lock"}) == f"{head}-dirty"
+
+
+def test_the_champion_has_the_best_adherence_and_among_equals_copies_least():
+    from types import SimpleNamespace
+
+    from flows.evaluate import champion_of
+
+    def version(number, adherence=None, copies=None):
+        tags = {} if adherence is None else {"prompt_adherence": str(adherence)}
+        if copies is not None:
+            tags["copy_rate_seen"] = str(copies)
+        return SimpleNamespace(version=str(number), tags=tags)
+
+    # Two models at the capped adherence of 1: the one that redraws 61% of its train images loses.
+    memorising, generalising = version(1, 1.0, 0.61), version(2, 1.0, 0.03)
+    assert champion_of([memorising, generalising, version(3)]) is generalising
+    assert champion_of([generalising, memorising]) is generalising
+    assert champion_of([memorising, version(4, 0.98, 0.0)]) is memorising  # adherence comes first
+    assert champion_of([version(5, 0.9), version(6, 0.9, 0.5)]).version == "6"  # unknown copy rate ranks below
+    assert champion_of([version(7, 0.9, 0.1), version(8, 0.9, 0.1)]).version == "8"  # then the newest
