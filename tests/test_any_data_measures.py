@@ -20,6 +20,7 @@ from ldm.evaluation.edges import edge_agreement
 from ldm.evaluation.grids import captioned_grid, upscale_factor
 from ldm.models.text_encoder import TextEmbedding
 from ldm.training.denoising import fixed_draw_loss
+from tests.ci_stages import RecordingReporter
 
 
 def square(size: int, lo: int, hi: int) -> torch.Tensor:
@@ -125,14 +126,6 @@ def test_seed_spread_is_zero_when_every_seed_gives_one_image():
         seed_spread(different[:, :1])
 
 
-class _Log:
-    def __init__(self):
-        self.lines = []
-
-    def info(self, line):
-        self.lines.append(line)
-
-
 def test_the_retrieval_headline_scores_unseen_captions_and_is_capped_where_generated_beat_real():
     from stages.evaluate import retrieval_headline
 
@@ -141,7 +134,7 @@ def test_the_retrieval_headline_scores_unseen_captions_and_is_capped_where_gener
     # Copies of train images for seen captions make the all-prompts ratio 2.5; the unseen ones decide.
     modest = {"retrieval_top1": 0.5, "retrieval_relative_to_real": 2.5,
               "retrieval_top1_unseen": 0.15, "retrieval_unseen_relative_to_real": 0.5}
-    log = _Log()
+    log = RecordingReporter()
     assert retrieval_headline(modest, real, seen, log) == {
         "prompt_adherence": 0.5, "adherence_prompts": 3.0, "evaluator_prefers_generated": 0.0}
     assert log.lines == []

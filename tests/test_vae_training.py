@@ -30,27 +30,33 @@ HP = VAETrainingConfig(
 )
 
 
+def write_images(directory, images, captions, num_train):
+    """PIL images as ingested rows in `directory`, the first `num_train` of them train, the rest val."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with ShardWriter(directory) as writer:
+        for index, (image, caption) in enumerate(zip(images, captions)):
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            png = buffer.getvalue()
+            writer.write({
+                "id": content_id(png), "image": png, "caption": caption, "width": SIZE, "height": SIZE,
+                "source": "test", "split": "train" if index < num_train else "val", "attributes": None,
+            })
+    return directory
+
+
 def write_ingested(directory, num_train=256, num_val=32, seed=0):
     """Squares of 6 colours x 3 sizes x 5 places on a light background (like the shapes data), ingested-schema."""
     generator = torch.Generator().manual_seed(seed)
-    rows = []
-    for index in range(num_train + num_val):
+    images, captions = [], []
+    for _ in range(num_train + num_val):
         color, side, place = (int(torch.randint(n, (1,), generator=generator)) for n in (len(COLORS), 3, len(PLACES)))
         side, (cx, cy) = 4 + 2 * side, PLACES[place]
         image = Image.new("RGB", (SIZE, SIZE), (235, 235, 235))
         image.paste(COLORS[color], (cx - side // 2, cy - side // 2, cx + side // 2, cy + side // 2))
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        png = buffer.getvalue()
-        rows.append({
-            "id": content_id(png), "image": png, "caption": f"a square of side {side}", "width": SIZE,
-            "height": SIZE, "source": "test", "split": "train" if index < num_train else "val", "attributes": None,
-        })
-    directory.mkdir(parents=True, exist_ok=True)
-    with ShardWriter(directory) as writer:
-        for row in rows:
-            writer.write(row)
-    return directory
+        images.append(image)
+        captions.append(f"a square of side {side}")
+    return write_images(directory, images, captions, num_train)
 
 
 @pytest.fixture(scope="module")
@@ -142,20 +148,9 @@ def test_interrupted_and_resumed_training_is_bitwise_equal(splits, tmp_path, fli
 def test_flipping_mirrors_about_half_of_the_images_it_trains_on(tmp_path, monkeypatch):
     # Noise images: no mirrored image is a train image (the squares' set holds its own mirror images).
     generator = torch.Generator().manual_seed(0)
-    rows = []
-    for index in range(40):
-        pixels = torch.randint(256, (SIZE, SIZE, 3), generator=generator, dtype=torch.uint8).numpy()
-        buffer = io.BytesIO()
-        Image.fromarray(pixels).save(buffer, format="PNG")
-        rows.append({
-            "id": content_id(buffer.getvalue()), "image": buffer.getvalue(), "caption": "noise", "width": SIZE,
-            "height": SIZE, "source": "test", "split": "train" if index < 32 else "val", "attributes": None,
-        })
-    (tmp_path / "ingested").mkdir()
-    with ShardWriter(tmp_path / "ingested") as writer:
-        for row in rows:
-            writer.write(row)
-    train, val = IngestedImages(tmp_path / "ingested", "train"), IngestedImages(tmp_path / "ingested", "val")
+    noise = [torch.randint(256, (SIZE, SIZE, 3), generator=generator, dtype=torch.uint8).numpy() for _ in range(40)]
+    data = write_images(tmp_path / "ingested", [Image.fromarray(n) for n in noise], ["noise"] * 40, num_train=32)
+    train, val = IngestedImages(data, "train"), IngestedImages(data, "val")
     seen = []
     forward = VAE.forward
 
