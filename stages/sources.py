@@ -73,16 +73,15 @@ class _Input:
     reused_later: bool = False  # a later input names the same file
 
 
-def _row(png: bytes, text: str, width: int, height: int, source: str, val_fraction: float, attributes=None) -> dict:
-    image_id = content_id(png)
+def _row(png: bytes, text: str, width: int, height: int, source: str, split: str, attributes=None) -> dict:
     return {
-        "id": image_id,
+        "id": content_id(png),
         "image": png,
         "caption": text,
         "width": width,
         "height": height,
         "source": source,
-        "split": split_of(image_id, val_fraction),
+        "split": split,
         "attributes": attributes,
     }
 
@@ -125,7 +124,8 @@ def _shapes(
         for index in range(shapes.num_images):
             image, scene = generate(config, seed, index)
             attributes = json.dumps(scene.to_dict(), separators=(",", ":"))
-            row = _row(to_png(image), caption(scene), size, size, "shapes", val_fraction, attributes)
+            png = to_png(image)
+            row = _row(png, caption(scene), size, size, "shapes", split_of(content_id(png), val_fraction), attributes)
             yield f"shapes:{index}", [row]
 
     return shapes.num_images, outcomes()
@@ -397,7 +397,7 @@ def _convert_all(
 ) -> Iterator[tuple[str, list[dict] | Rejected]]:
     """Per input, in order: its name and its rows, or its name and why it was rejected."""
     # A file named by several metadata rows is decoded once and kept only until its next use.
-    kept: dict[str, tuple[bytes, int, int] | Rejected] = {}
+    kept: dict[str, tuple[bytes, int, int, str] | Rejected] = {}
     for item in inputs:
         key = os.path.normpath(item.file) if item.file else None
         image = kept.pop(key, None)
@@ -416,12 +416,17 @@ def _convert_all(
         if isinstance(image, Rejected):
             yield item.name, image
             continue
-        png, width, height = image
-        yield item.name, [_row(png, text, width, height, item.source, knobs.val_fraction) for text in captions]
+        png, width, height, split = image
+        yield item.name, [_row(png, text, width, height, item.source, split) for text in captions]
 
 
-def _image(root: Path, item: _Input, knobs: IngestParams, image_size: int) -> tuple[bytes, int, int] | Rejected:
-    """The training-size PNG of the input's image and its original size, or why it cannot be used."""
+def _image(
+    root: Path, item: _Input, knobs: IngestParams, image_size: int
+) -> tuple[bytes, int, int, str] | Rejected:
+    """The training-size PNG of the input's image, its original size and its split, or why it cannot be used.
+
+    The split hashes the source file's bytes, not the PNG made from them: an image stays on its side at any
+    image_size, and the same file under two names cannot land on both sides."""
     try:
         if item.file is not None:
             path = _inside(root, item.file)
@@ -436,4 +441,5 @@ def _image(root: Path, item: _Input, knobs: IngestParams, image_size: int) -> tu
         return e
     except ImageRejected as e:
         return Rejected(e.reason, str(e))
-    return to_png(resize_center_crop(image, image_size)), image.width, image.height
+    split = split_of(content_id(data), knobs.val_fraction)
+    return to_png(resize_center_crop(image, image_size)), image.width, image.height, split

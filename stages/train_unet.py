@@ -61,15 +61,19 @@ def open_inputs(params: Params) -> tuple[LatentCache, VAE]:
 
 
 def unet_config(params: Params, cache: LatentCache) -> UNetConfig:
-    m = params.train_unet.model
     channels, size, _ = cache.latent_shape
+    return model_config(params, channels, size, cache.manifest.text_encoder.hidden_size)
+
+
+def model_config(params: Params, latent_channels: int, latent_size: int, text_width: int) -> UNetConfig:
+    """train_unet.model on latents of (latent_channels, latent_size, latent_size) and text of text_width."""
+    m = params.train_unet.model
     try:
         return UNetConfig(
-            in_channels=channels, out_channels=channels, block_out_channels=tuple(m.block_out_channels),
+            in_channels=latent_channels, out_channels=latent_channels, block_out_channels=tuple(m.block_out_channels),
             layers_per_block=m.layers_per_block, attention_levels=tuple(m.attention_levels), num_heads=m.num_heads,
-            transformer_layers_per_block=m.transformer_layers_per_block,
-            cross_attention_dim=cache.manifest.text_encoder.hidden_size, norm_num_groups=m.norm_num_groups,
-            sample_size=size,
+            transformer_layers_per_block=m.transformer_layers_per_block, cross_attention_dim=text_width,
+            norm_num_groups=m.norm_num_groups, sample_size=latent_size,
         )
     except ValueError as e:
         raise ParamsError(f"train_unet.model is not a valid UNet: {e}") from None

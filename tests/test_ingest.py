@@ -337,6 +337,30 @@ def test_shapes_output_is_the_ingested_format_split_by_hash(tmp_path):
     assert metrics["images"] == len({row["id"] for row in rows})
 
 
+def test_a_source_images_split_is_the_same_at_every_image_size(tmp_path):
+    # The split hashes the source file's bytes: rows made at 16 and 32 px land on the same sides, and a copy of a
+    # file under another name lands beside it.
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    lines = []
+    for index in range(60):
+        (folder / f"{index}.png").write_bytes(noise(24, seed=index))
+        lines.append(json.dumps({"file_name": f"{index}.png", "text": f"noise {index}"}))
+    (folder / "copy.png").write_bytes((folder / "7.png").read_bytes())
+    lines.append(json.dumps({"file_name": "copy.png", "text": "a copy of noise 7"}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    splits = {}
+    for size in (16, 32):
+        params = params_for(tmp_path / str(size), folder, val_fraction=0.3).model_copy(update={"image_size": size})
+        run(params, RecordingReporter())
+        rows = read_table(params.paths.ingested).to_pylist()
+        splits[size] = {row["source"]: row["split"] for row in rows}
+        assert {row["split"] for row in rows} == {"train", "val"}
+        assert all(row["split"] == split_of(content_id((folder / row["source"]).read_bytes()), 0.3) for row in rows)
+    assert splits[16] == splits[32]
+    assert splits[16]["copy.png"] == splits[16]["7.png"]
+
+
 def test_shard_writer_splits_rows_into_numbered_shards(tmp_path):
     rows = [{"id": f"{i:064x}", "image": b"x", "caption": str(i), "split": "train"} for i in range(7)]
     with ShardWriter(tmp_path, rows_per_shard=3) as writer:

@@ -10,7 +10,8 @@ so a shard truncated or altered since it was written is reported by name and nev
     width       int32    original size, before resizing and cropping
     height      int32
     source      string   where it came from ("shapes", or the path relative to the dataset root)
-    split       string   "train" or "val", decided by the id's hash so it never depends on row order
+    split       string   "train" or "val", decided by a content hash (of the source file's bytes; of the
+                         image itself for generated data), so it never depends on row order or image size
     attributes  string   JSON of what the image shows (built-in shapes data), or null
 """
 
@@ -56,9 +57,9 @@ def content_id(png: bytes) -> str:
     return hashlib.sha256(png).hexdigest()
 
 
-def split_of(image_id: str, val_fraction: float) -> str:
-    """Deterministic train/val assignment from the content hash: the same image always lands the same side."""
-    bucket = int(image_id[:8], 16) / 0x1_0000_0000
+def split_of(content_hash: str, val_fraction: float) -> str:
+    """Deterministic train/val assignment from a content hash: the same image always lands the same side."""
+    bucket = int(content_hash[:8], 16) / 0x1_0000_0000
     return "val" if bucket < val_fraction else "train"
 
 

@@ -251,6 +251,11 @@ class TextEncoder(torch.nn.Module):
         return self.encode(prompts)
 
 
+def text_hidden_size(name: str) -> int:
+    """The width D of `name`'s hidden states (the UNet's cross_attention_dim), read from its local config alone."""
+    return AutoConfig.from_pretrained(resolve_folder(name), local_files_only=True).get_text_config().hidden_size
+
+
 def _hub_cache_dir() -> Path:
     # Read at call time with huggingface_hub's precedence: huggingface_hub itself reads these variables
     # once at import, so a cache chosen later in the process would be missed.
