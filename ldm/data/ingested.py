@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from ldm.data.buckets import Size, png_size
 from ldm.data.images import png_to_tensor
 from ldm.errors import InputError, InputNotFoundError
 from ldm.models.modeling import file_sha256
@@ -100,7 +101,8 @@ def read_table(directory: str | os.PathLike, split: str | None = None, columns: 
 class IngestedImages(torch.utils.data.Dataset):
     """The decoded images of one split, for training and encoding: item -> (3, H, W) in [-1, 1].
 
-    Holds the PNG bytes in memory (a few KB per training-size image) and decodes on access.
+    Holds the PNG bytes in memory (a few KB per training-size image) and decodes on access. Images may differ
+    in size (aspect-ratio buckets): `sizes` holds each one's (width, height), read from its PNG header.
     """
 
     def __init__(self, directory: str | os.PathLike, split: str | None = "train"):
@@ -110,6 +112,7 @@ class IngestedImages(torch.utils.data.Dataset):
         self._images: list[bytes] = table.column("image").to_pylist()
         if not self._images:
             raise InputError(f"the ingested dataset in {directory} has no {split!r} rows; ingest more data")
+        self.sizes: list[Size] = [png_size(png) for png in self._images]
 
     def __len__(self) -> int:
         return len(self._images)
@@ -117,10 +120,23 @@ class IngestedImages(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> torch.Tensor:
         return png_to_tensor(self._images[index])
 
-    def iter_batches(self, batch_size: int) -> Iterator[tuple[int, torch.Tensor]]:
-        """(start index, (B, 3, H, W)) over the split in order."""
-        for start in range(0, len(self), batch_size):
-            yield start, torch.stack([self[i] for i in range(start, min(start + batch_size, len(self)))])
+    def batch(self, indices: list[int]) -> torch.Tensor:  # (B, 3, H, W)
+        """The images at `indices`, stacked: they must share one size (`by_size` groups them)."""
+        return torch.stack([self[i] for i in indices])
+
+    def by_size(self, indices: list[int]) -> list[list[int]]:
+        """`indices` split into lists of one image size each, in order of each size's first index."""
+        groups: dict[Size, list[int]] = {}
+        for i in indices:
+            groups.setdefault(self.sizes[i], []).append(i)
+        return list(groups.values())
+
+    def iter_batches(self, batch_size: int) -> Iterator[tuple[list[int], torch.Tensor]]:
+        """(indices, (B, 3, H, W)) over the split: each size's images in order, batches of one size."""
+        for group in self.by_size(list(range(len(self)))):
+            for start in range(0, len(group), batch_size):
+                chunk = group[start : start + batch_size]
+                yield chunk, self.batch(chunk)
 
 
 ROWS_PER_SHARD = 4096

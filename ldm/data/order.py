@@ -1,12 +1,13 @@
 """The order training reads its rows in: resumable from a few JSON numbers.
 
-`EpochOrder` draws indices of an in-memory dataset; `CacheOrder` streams global batches from the latent cache,
+`EpochOrder` draws indices of an in-memory dataset, `BucketOrder` those of one with images of several sizes
+(batches of one size each); `CacheOrder` streams global batches from the latent cache,
 the same batches on any number of data-parallel ranks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -49,6 +50,66 @@ class EpochOrder:
         self.epoch, self.position, self.order_seed = state["epoch"], state["position"], state["order_seed"]
         if self.epoch >= 0:
             self.order = self._permutation()
+
+
+class BucketOrder:
+    """Batches of dataset indices of one image size each (aspect-ratio buckets); its position is three JSON
+    numbers, as EpochOrder's.
+
+    Each epoch, from an order seed drawn from `generator`: every bucket's indices are permuted and cut into
+    batches (a bucket's last incomplete batch is left out of that epoch, a different one each epoch), and the
+    batches of all buckets are shuffled together. A bucket's share of the batches is so its share of the
+    images, and a batch never mixes sizes.
+    """
+
+    def __init__(self, sizes: Sequence[tuple[int, int]], batch_size: int, generator: torch.Generator):
+        buckets: dict[tuple[int, int], list[int]] = {}
+        for index, size in enumerate(sizes):
+            buckets.setdefault(size, []).append(index)
+        self.buckets = [torch.tensor(indices) for indices in buckets.values()]
+        if all(len(b) < batch_size for b in self.buckets):
+            largest = max(len(b) for b in self.buckets)
+            raise InputError(
+                f"no image size (bucket) has a batch of {batch_size} images, the largest {largest}; lower batch_size"
+            )
+        self.batch_size, self.generator = batch_size, generator
+        self.batches_per_epoch = sum(len(b) // batch_size for b in self.buckets)
+        self.epoch, self.position, self.order_seed = -1, self.batches_per_epoch, 0
+        self.order: list[torch.Tensor] = []
+
+    def _batches(self) -> list[torch.Tensor]:
+        generator = torch.Generator().manual_seed(self.order_seed)
+        batches = []
+        for bucket in self.buckets:
+            shuffled = bucket[torch.randperm(len(bucket), generator=generator)]
+            whole = len(bucket) // self.batch_size * self.batch_size
+            batches.extend(shuffled[:whole].split(self.batch_size))
+        return [batches[i] for i in torch.randperm(len(batches), generator=generator)]
+
+    def next_batch(self) -> list[int]:
+        if self.position == self.batches_per_epoch:
+            self.epoch, self.position = self.epoch + 1, 0
+            self.order_seed = int(torch.randint(2**62, (1,), generator=self.generator))
+            self.order = self._batches()
+        self.position += 1
+        return self.order[self.position - 1].tolist()
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position, "order_seed": self.order_seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position, self.order_seed = state["epoch"], state["position"], state["order_seed"]
+        if self.epoch >= 0:
+            self.order = self._batches()
+
+
+def index_order(
+    sizes: Sequence[tuple[int, int]], batch_size: int, generator: torch.Generator
+) -> EpochOrder | BucketOrder:
+    """The order to train on images of these sizes in: EpochOrder when they share one, BucketOrder if not."""
+    if len(set(sizes)) == 1:
+        return EpochOrder(len(sizes), batch_size, generator)
+    return BucketOrder(sizes, batch_size, generator)
 
 
 def check_lanes(batch_size: int, lanes: int, ranks: DataParallel) -> None:

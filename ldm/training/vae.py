@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ldm.data.ingested import IngestedImages
-from ldm.data.order import EpochOrder
+from ldm.data.order import index_order
 from ldm.errors import InputError
 from ldm.evaluation.reconstruction import reconstruction_metrics
 from ldm.models.vae import VAE, VAEConfig
@@ -70,8 +70,6 @@ class VAETrainingResult(NamedTuple):
     history: list[dict[str, float]]  # one row per logged step: step, loss, recon, kl, lr (kept across resumes)
 
 
-def _batch(data: IngestedImages, indices: list[int], device: torch.device) -> torch.Tensor:  # (B, 3, H, W)
-    return torch.stack([data[i] for i in indices]).to(device)
 
 
 @torch.no_grad()
@@ -86,8 +84,9 @@ def latent_statistics(
     device = next(vae.parameters()).device
     chosen = torch.randperm(len(data), generator=generator)[: batch_size * num_batches]
     samples = [
-        vae.encode(_batch(data, indices.tolist(), device)).sample(generator).double().cpu()
+        vae.encode(data.batch(group).to(device)).sample(generator).double().cpu().flatten()
         for indices in chosen.split(batch_size)
+        for group in data.by_size(indices.tolist())
     ]
     std, mean = torch.std_mean(torch.cat(samples))
     return mean.item(), std.item()
@@ -134,14 +133,14 @@ def train_vae(
     data_seed, noise_seed = torch.randint(2**62, (2,), generator=torch.Generator().manual_seed(seed)).tolist()
     data_generator = torch.Generator().manual_seed(data_seed)
     noise_generator = torch.Generator().manual_seed(noise_seed)
-    order = EpochOrder(len(train_data), hp.batch_size, data_generator)
+    order = index_order(train_data.sizes, hp.batch_size, data_generator)
     reconstruction_loss = RECONSTRUCTION_LOSSES[hp.recon_loss]
     mine = ranks.share(hp.batch_size, "batch_size")
     f = vae.downsampling_factor
 
     def micro_batch(net: torch.nn.Module) -> tuple[torch.Tensor, list[str]]:
         indices = order.next_batch()[mine]
-        images = _batch(train_data, indices, device)  # (B, 3, H, W)
+        images = train_data.batch(indices).to(device)  # (B, 3, H, W)
         if hp.flip:
             # Drawn for the whole batch on every rank, so a data-parallel run flips what one process would.
             mirrored = (torch.rand(hp.batch_size, generator=data_generator) < 0.5)[mine].to(device)
