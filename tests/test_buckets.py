@@ -3,6 +3,8 @@ resumable order, and a VAE trained on images of three shapes."""
 
 import dataclasses
 import io
+import json
+from collections import Counter
 
 import pytest
 import torch
@@ -11,10 +13,15 @@ from PIL import Image
 from ldm.data.buckets import bucket_sizes, check_buckets, fit_to_bucket, nearest_bucket, png_size
 from ldm.data.images import resize_center_crop
 from ldm.data.ingested import IngestedImages
-from ldm.data.order import BucketOrder, EpochOrder, index_order
+from ldm.data.latent_cache import LatentCache, vae_hash, write_latent_cache
+from ldm.data.order import BucketOrder, CacheOrder, EpochOrder, index_order
+from ldm.diffusion.schedule import NoiseSchedule
 from ldm.errors import InputError
 from ldm.evaluation.reconstruction import reconstruction_metrics
+from ldm.models.text_encoder import TextEncoder
+from ldm.models.unet import UNetConfig
 from ldm.models.vae import VAE
+from ldm.training.unet import UNetTrainingConfig, train_unet
 from ldm.training.vae import train_vae
 from tests.test_vae_training import CONFIG, HP, write_images
 
@@ -146,9 +153,6 @@ def test_a_vae_trains_on_images_of_three_shapes_and_resumes_bitwise(mixed, tmp_p
     shapes = {tuple(x.shape[-2:]) for _, x in val.iter_batches(16)}
     assert shapes <= {(20, 12), (16, 16), (12, 20)} and len(shapes) > 1
 
-    class Interrupted(Exception):
-        pass
-
     def stop_at_40(step, total, values):
         if step == 40:
             raise Interrupted
@@ -171,3 +175,96 @@ def test_reconstruction_metrics_batch_each_size_alone(mixed):
         torch.manual_seed(0)
         metrics = reconstruction_metrics(VAE(CONFIG).eval(), val, 5)
     assert 0 < metrics["val_psnr"] < 10  # an untrained VAE (measured 6.7 dB), on every image
+
+
+# ------------------------------------------------------------------------- the latent cache and UNet training
+
+
+@pytest.fixture(scope="module")
+def bucketed_cache(tmp_path_factory):
+    """The three-shape images with captions of their colour, a tiny f=2 VAE and their latent cache."""
+    root = tmp_path_factory.mktemp("bucketed")
+    images = mixed_images(120, seed=1)
+    captions = [f"a square {i % 7}" for i in range(120)]
+    write_images(root / "ingested", images, captions, num_train=100)
+    torch.manual_seed(0)
+    VAE(CONFIG).save_pretrained(root / "vae")
+    vae = VAE.from_pretrained(root / "vae")
+    encoder = TextEncoder.from_pretrained()
+    summary = write_latent_cache(root / "ingested", root / "latents", vae, vae_hash(root / "vae"), encoder,
+                                 batch_size=32, rows_per_group=8, rows_per_shard=16)
+    return root, vae, summary
+
+
+def test_the_cache_stores_each_bucket_at_its_own_shape(bucketed_cache):
+    root, vae, summary = bucketed_cache
+    cache = LatentCache(root / "latents")
+    train = IngestedImages(root / "ingested", "train")
+    expected = Counter((4, h // 2, w // 2) for w, h in train.sizes)
+    assert cache.latent_shapes("train") == dict(sorted(expected.items())) and len(expected) == 3
+    assert cache.latent_shape == (4, 8, 8)  # the square training size's: the VAE's 16 px over f=2
+    manifest = json.loads((root / "latents" / "manifest.json").read_text())
+    assert {tuple(s.get("latent_shape", (4, 8, 8))) for s in manifest["shards"] if s["split"] == "train"} == set(expected)
+    with pytest.raises(InputError, match="aspect-ratio buckets.*shape="):
+        next(cache.iter_batches("train", 4))
+    index = {image_id: i for i, image_id in enumerate(train.ids)}
+    for shape, rows in cache.latent_shapes("train").items():
+        batches = list(cache.iter_batches("train", 5, shape=shape))
+        assert sum(len(b) for b in batches) == rows == cache.num_rows("train", shape=shape)
+        for batch in batches[:2]:
+            assert batch.mean.shape[1:] == shape
+            images = train.batch([index[i] for i in batch.id])
+            with torch.no_grad():
+                torch.testing.assert_close(batch.mean, vae.encode(images).mean, rtol=2**-10, atol=1e-4)
+
+
+def test_cache_batches_are_one_bucket_each_in_proportion_and_resume(bucketed_cache):
+    root, _, _ = bucketed_cache
+    cache = LatentCache(root / "latents")
+    order = CacheOrder(cache, 4, data_seed=3)
+    per_shape = {shape: rows // 4 for shape, rows in cache.latent_shapes("train").items()}
+    assert order.batches_per_shape == per_shape and order.batches_per_epoch == sum(per_shape.values())
+    epoch = [order.next_batch() for _ in range(order.batches_per_epoch)]
+    assert Counter(tuple(b.mean.shape[1:]) for b in epoch) == Counter(per_shape)
+    shapes = [tuple(b.mean.shape[1:]) for b in epoch]
+    assert len({s for s in shapes[:6]}) > 1  # buckets interleave, not one after another
+    nxt = [order.next_batch().id for _ in range(5)]
+    assert order.epoch == 1 and [b.id for b in epoch] != nxt
+    again = CacheOrder(cache, 4, data_seed=3)
+    again.load_state_dict({"epoch": 0, "taken": 7})
+    assert [again.next_batch().id for _ in range(order.batches_per_epoch - 7)] == [b.id for b in epoch[7:]]
+
+
+def test_a_unet_trains_on_buckets_and_resumes_bitwise(bucketed_cache, tmp_path):
+    root, _, _ = bucketed_cache
+    cache = LatentCache(root / "latents")
+    config = UNetConfig(block_out_channels=(16, 32), layers_per_block=1, attention_levels=(True, True), num_heads=2,
+                        cross_attention_dim=384, norm_num_groups=4, sample_size=8)
+    hp = UNetTrainingConfig(
+        batch_size=4, grad_accumulation=1, max_steps=40, lr=2e-3, weight_decay=0.0, warmup_steps=2, grad_clip=1.0,
+        ema_decay=0.9, caption_dropout=0.1, min_snr_gamma=None, noise_offset=0.0, precision="fp32",
+        checkpoint_every=10, keep_checkpoints=2, log_every=5, validate_every=20,
+    )
+    schedule = NoiseSchedule(prediction_type="v_prediction")
+    straight = train_unet(config, cache, schedule, hp, tmp_path / "straight", 0, "cpu")
+    assert torch.isfinite(torch.tensor(straight.metrics["val_loss"]))  # over the val rows of every bucket
+
+    def stop_at_20(step, total, values):
+        if step == 20:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        train_unet(config, cache, schedule, hp, tmp_path / "resumed", 0, "cpu", on_step=stop_at_20)
+    resumed = train_unet(config, cache, schedule, hp, tmp_path / "resumed", 0, "cpu")
+    assert resumed.history == straight.history
+    assert all(torch.equal(a, b) for a, b in zip(straight.ema.state_dict().values(), resumed.ema.state_dict().values()))
+    # The trained UNet draws at every bucket's shape.
+    with torch.no_grad():
+        for h, w in [(10, 6), (8, 8), (6, 10)]:
+            x = torch.randn(1, 4, h, w)
+            context = cache.text.lookup([0])
+            assert resumed.ema(x, torch.tensor([500]), context.hidden_states).shape == (1, 4, h, w)
+
+
+class Interrupted(Exception):
+    pass

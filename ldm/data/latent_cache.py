@@ -54,6 +54,7 @@ import pyarrow.parquet as pq
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
+from ldm.data.buckets import png_size
 from ldm.data.images import png_to_tensor
 from ldm.data.ingested import SCHEMA as INGESTED_SCHEMA
 from ldm.data.ingested import shard_paths
@@ -137,6 +138,9 @@ class ShardInfo(_Record):
     rows: int
     row_groups: list[int]  # rows in each row group, in file order
     sha256: str
+    # (C, h, w) of this shard's latents where it differs from the manifest's (an aspect-ratio bucket's); a shard
+    # holds one shape, so a row group of it is one bucket's.
+    latent_shape: tuple[int, int, int] | None = None
 
     @model_validator(mode="after")
     def _groups_add_up(self) -> ShardInfo:
@@ -168,7 +172,7 @@ class Manifest(_Record):
     version: int
     vae: VAEInfo
     text_encoder: TextEncoderInfo
-    latent_shape: tuple[int, int, int]  # (C, h, w)
+    latent_shape: tuple[int, int, int]  # (C, h, w): every row's, or with buckets the square training size's
     flip: bool
     rows: dict[str, int]  # per split, flipped rows included
     images: int  # distinct images (ids) encoded
@@ -183,9 +187,13 @@ class Manifest(_Record):
             counted[shard.split] += shard.rows
         if dict(counted) != self.rows:
             raise InputError(f"rows per split {self.rows} do not match the shards' rows {dict(counted)}")
-        if min(self.latent_shape) < 1:
-            raise InputError(f"latent_shape {self.latent_shape} has an empty dimension")
+        for shape in [self.latent_shape] + [s.latent_shape for s in self.shards if s.latent_shape is not None]:
+            if min(shape) < 1:
+                raise InputError(f"latent_shape {shape} has an empty dimension")
         return self
+
+    def shape_of(self, shard: ShardInfo) -> tuple[int, int, int]:
+        return self.latent_shape if shard.latent_shape is None else shard.latent_shape
 
 
 # ------------------------------------------------------------------------------------------------- writer
@@ -218,15 +226,14 @@ class _Posteriors:
         self.device = next(vae.parameters()).device
         self.pending: OrderedDict[str, np.ndarray] = OrderedDict()
         self.pending_bytes = 0
-        self.image_shape: tuple[int, ...] | None = None
-        self.latent_shape: tuple[int, int, int] | None = None
         self.encoded = 0
         self.stats = np.zeros(3)  # count, sum, sum of squares of scaled latents, in float64
         config = vae.config
         self.scale, self.shift = config.scaling_factor, config.shift_factor
 
     def __call__(self, ids: list[str], pngs: list[bytes]) -> np.ndarray:
-        """(n,) rows -> (n, 2 or 4, C, h, w) float16: mean, logvar (then the flipped image's mean, logvar)."""
+        """(n,) rows of images of one size -> (n, 2 or 4, C, h, w) float16: mean, logvar (then the flipped
+        image's mean, logvar)."""
         todo: dict[str, int] = {}  # id -> its first row in this batch
         for i, image_id in enumerate(ids):
             if image_id not in self.pending:
@@ -252,18 +259,7 @@ class _Posteriors:
             self.pending_bytes -= self.pending.popitem(last=False)[1].nbytes
 
     def _encode(self, images: list[tuple[str, bytes]]) -> np.ndarray:
-        tensors = []
-        for image_id, png in images:
-            x = png_to_tensor(png)
-            if self.image_shape is None:
-                self.image_shape = tuple(x.shape)
-            elif tuple(x.shape) != self.image_shape:
-                raise LatentCacheError(
-                    f"ingested image {image_id} is {tuple(x.shape[1:])} but the images before it are "
-                    f"{self.image_shape[1:]}; every cached image must have one size: re-run ingest, which resizes them"
-                )
-            tensors.append(x)
-        x = torch.stack(tensors)  # (n, 3, H, W)
+        x = torch.stack([png_to_tensor(png) for _, png in images])  # (n, 3, H, W)
         if self.flip:
             x = torch.cat([x, x.flip(-1)])
         with torch.inference_mode():
@@ -276,7 +272,6 @@ class _Posteriors:
                 f"the VAE's latent mean for image {image_id} overflows float16 (|mean| > 65504): the VAE has "
                 "diverged; retrain it (lower the learning rate or raise the KL weight)"
             )
-        self.latent_shape = tuple(mean.shape[1:])
         self.encoded += len(images)
         scaled = (mean.astype(np.float64) - self.shift) * self.scale
         self.stats += (scaled.size, scaled.sum(), np.square(scaled).sum())
@@ -441,6 +436,14 @@ def _open_ingested(directory: str | os.PathLike) -> list[tuple[Path, pq.ParquetF
     return sources
 
 
+def _by_size(pngs: list[bytes]) -> list[np.ndarray]:
+    """Row positions of `pngs` grouped by image size, each group in order, groups by first appearance."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, png in enumerate(pngs):
+        groups.setdefault(png_size(png), []).append(i)
+    return [np.array(rows) for rows in groups.values()]
+
+
 def _require_values(path: Path, column: str, values: list) -> None:
     if None in values:
         raise LatentCacheError(f"{path} has a row with no {column}; every ingested row needs one: re-run ingest")
@@ -531,7 +534,8 @@ def write_latent_cache(
     try:
         posteriors = _Posteriors(vae.eval(), rows_left, flip)
         texts = _TextTableWriter(text_encoder, tmp / TEXT_TABLE_NAME, batch_size)
-        writers: dict[str, _GroupedWriter] = {}
+        writers: dict[tuple[str, tuple[int, int, int]], _GroupedWriter] = {}
+        shapes: set[tuple[int, int, int]] = set()
         done = 0
         for path, file in sources:
             for batch in file.iter_batches(batch_size=batch_size, columns=_INGESTED_COLUMNS):
@@ -539,29 +543,43 @@ def write_latent_cache(
                 for name in ("caption", "split", "image"):
                     _require_values(path, name, columns[name])
                 keys = texts.add(columns["caption"])
-                moments = posteriors(columns["id"], columns["image"])  # (n, 2 or 4, C, h, w)
-                schema = _latent_schema(posteriors.latent_shape)
-                splits = np.array(columns["split"], dtype=object)
-                for split in dict.fromkeys(columns["split"]):
-                    rows = np.flatnonzero(splits == split)
-                    if split not in writers:
-                        writers[split] = _GroupedWriter(schema, new_shard, rows_per_group, rows_per_shard)
-                    for flipped in (False, True) if flip else (False,):
-                        first = 2 if flipped else 0
-                        writers[split].add(
-                            _latent_rows(
-                                schema, columns, keys, rows, split, flipped,
-                                moments[rows, first], moments[rows, first + 1],
+                # Each image size (aspect-ratio bucket) is encoded, and written to shards, apart.
+                for size_rows in _by_size(columns["image"]):
+                    moments = posteriors(
+                        [columns["id"][i] for i in size_rows], [columns["image"][i] for i in size_rows]
+                    )  # (n, 2 or 4, C, h, w)
+                    shape = tuple(moments.shape[2:])
+                    shapes.add(shape)
+                    schema = _latent_schema(shape)
+                    splits = np.array([columns["split"][i] for i in size_rows], dtype=object)
+                    for split in dict.fromkeys(splits):
+                        at = np.flatnonzero(splits == split)
+                        if (split, shape) not in writers:
+                            writers[split, shape] = _GroupedWriter(schema, new_shard, rows_per_group, rows_per_shard)
+                        for flipped in (False, True) if flip else (False,):
+                            first = 2 if flipped else 0
+                            writers[split, shape].add(
+                                _latent_rows(
+                                    schema, columns, keys, size_rows[at], split, flipped,
+                                    moments[at, first], moments[at, first + 1],
+                                )
                             )
-                        )
                 done += batch.num_rows
                 if progress is not None:
                     progress(done, total)
         texts.close()
+        # One shape: the manifest's alone, as caches were before buckets. Several: the square training size's
+        # (the VAE's sample_size), and each shard its own.
+        config = vae.config
+        square = (config.latent_channels, *(config.sample_size // vae.downsampling_factor,) * 2)
+        latent_shape = next(iter(shapes)) if len(shapes) == 1 else square
         shards = sorted(
             (
-                ShardInfo(file=path.name, split=split, rows=sum(groups), row_groups=groups, sha256=_synced_sha256(path))
-                for split, writer in writers.items()
+                ShardInfo(
+                    file=path.name, split=split, rows=sum(groups), row_groups=groups, sha256=_synced_sha256(path),
+                    latent_shape=None if shape == latent_shape else shape,
+                )
+                for (split, shape), writer in writers.items()
                 for path, groups in writer.close()
             ),
             key=lambda shard: shard.file,
@@ -578,7 +596,7 @@ def write_latent_cache(
             text_encoder=TextEncoderInfo(
                 name=text_encoder.name, max_length=text_encoder.max_length, hidden_size=text_encoder.hidden_size
             ),
-            latent_shape=posteriors.latent_shape,
+            latent_shape=latent_shape,
             flip=flip,
             rows=dict(rows),
             images=images,
@@ -589,7 +607,9 @@ def write_latent_cache(
                 empty_key=EMPTY_TEXT_KEY,
             ),
         )
-        (tmp / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2) + "\n")
+        # A shard's latent_shape is written only where it has one: a cache of one shape reads as before buckets.
+        unshaped = {i: {"latent_shape"} for i, shard in enumerate(shards) if shard.latent_shape is None}
+        (tmp / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2, exclude={"shards": unshaped}) + "\n")
         _synced_sha256(tmp / MANIFEST_NAME)
         _swap_in(tmp, directory)
     finally:
@@ -877,18 +897,36 @@ class LatentCache:
                 f"the manifest); {REBUILD_HINT}"
             )
 
-    def _row_groups(self, split: str, rank: int, world_size: int) -> list[tuple[ShardInfo, int, int]]:
-        """This rank's (shard, row group, rows) of `split`: every world_size-th group, starting at `rank`."""
+    def latent_shapes(self, split: str) -> dict[tuple[int, int, int], int]:
+        """Rows of `split` per latent shape (C, h, w): one shape, or one per aspect-ratio bucket."""
+        rows: Counter[tuple[int, int, int]] = Counter()
+        for shard in self.manifest.shards:
+            if shard.split == split:
+                rows[self.manifest.shape_of(shard)] += shard.rows
+        return dict(sorted(rows.items()))
+
+    def _row_groups(
+        self, split: str, rank: int, world_size: int, shape: tuple[int, int, int] | None = None
+    ) -> list[tuple[ShardInfo, int, int]]:
+        """This rank's (shard, row group, rows) of `split` (of one latent `shape`; None: of all): every
+        world_size-th group, starting at `rank`."""
         if split not in self.manifest.rows:
             raise InputError(f"the cache in {self.directory} has no {split!r} rows; its splits are {self.splits}")
         if world_size < 1 or not 0 <= rank < world_size:
             raise InputError(f"rank {rank} of world_size {world_size}: need world_size >= 1 and 0 <= rank < world_size")
-        groups = [(s, g, n) for s in self.manifest.shards if s.split == split for g, n in enumerate(s.row_groups)]
+        groups = [
+            (s, g, n) for s in self.manifest.shards
+            if s.split == split and (shape is None or self.manifest.shape_of(s) == tuple(shape))
+            for g, n in enumerate(s.row_groups)
+        ]
         return groups[rank::world_size]
 
-    def num_rows(self, split: str, rank: int = 0, world_size: int = 1) -> int:
-        """Rows that iter_batches(split, rank=rank, world_size=world_size) yields, read from the manifest."""
-        return sum(n for _, _, n in self._row_groups(split, rank, world_size))
+    def num_rows(
+        self, split: str, rank: int = 0, world_size: int = 1, shape: tuple[int, int, int] | None = None
+    ) -> int:
+        """Rows that iter_batches(split, rank=rank, world_size=world_size, shape=shape) yields, from the manifest
+        (shape None: of every shape)."""
+        return sum(n for _, _, n in self._row_groups(split, rank, world_size, shape))
 
     def iter_batches(
         self,
@@ -900,6 +938,7 @@ class LatentCache:
         seed: int | None = None,
         mix_groups: int = 1,
         drop_last: bool = False,
+        shape: tuple[int, int, int] | None = None,
     ) -> Iterator[LatentBatch]:
         """Stream `split` in batches of `batch_size` rows, `mix_groups` row groups in memory at a time.
 
@@ -908,11 +947,16 @@ class LatentCache:
         `mix_groups` consecutive groups together (pass a different seed per epoch); None reads in file
         order. Rows are only mixed that far: raise mix_groups when the data's order is not random (an
         image folder sorted by class) so a batch is not one class. The last, shorter batch is dropped
-        with drop_last.
+        with drop_last. A cache of aspect-ratio buckets is read one latent `shape` at a time (`latent_shapes`).
         """
         if batch_size < 1 or mix_groups < 1:
             raise InputError(f"batch_size and mix_groups must be at least 1, got {batch_size} and {mix_groups}")
-        groups = self._row_groups(split, rank, world_size)
+        if shape is None and len(self.latent_shapes(split)) > 1:
+            raise InputError(
+                f"the cache in {self.directory} holds {split} latents of shapes {list(self.latent_shapes(split))} "
+                "(aspect-ratio buckets); read one at a time: iter_batches(..., shape=...)"
+            )
+        groups = self._row_groups(split, rank, world_size, shape)
         rng = None if seed is None else np.random.default_rng([seed, rank])
         if rng is not None:
             groups = [groups[i] for i in rng.permutation(len(groups))]
@@ -943,14 +987,15 @@ class LatentCache:
                 f"{where} has {table.num_rows} rows but the manifest records {shard.row_groups[group]}; {REBUILD_HINT}"
             )
         keys = table.column("text_key").to_numpy(zero_copy_only=False)
+        shape = self.manifest.shape_of(shard)
         return _Rows(
             id=table.column("id").to_numpy(zero_copy_only=False),
             caption=table.column("caption").to_numpy(zero_copy_only=False),
             text_key=keys,
             text_index=self.text.index_of(keys).numpy(),
             flipped=table.column("flipped").to_numpy(zero_copy_only=False),
-            mean=_float16_view(table.column("mean"), self.latent_shape, where),
-            logvar=_float16_view(table.column("logvar"), self.latent_shape, where),
+            mean=_float16_view(table.column("mean"), shape, where),
+            logvar=_float16_view(table.column("logvar"), shape, where),
         )
 
     def scale_latents(self, z: torch.Tensor) -> torch.Tensor:

@@ -133,6 +133,10 @@ class CacheOrder:
     own lanes, which are its contiguous share of every batch: the batches, and so the run, are the same on
     any number of ranks that divides `lanes`. Epoch e reads the lanes with seed (data_seed + e), so (epoch,
     batches taken) rebuilds the exact stream; an epoch ends when its shortest lane does.
+
+    A cache of aspect-ratio buckets (several latent shapes) is read as lanes per shape, and each batch is one
+    shape's: epoch e's sequence of shapes is a shuffle, seeded by (data_seed + e), of each shape as many times
+    as its lanes give batches, so a bucket is drawn in proportion to its rows.
     """
 
     def __init__(
@@ -142,37 +146,50 @@ class CacheOrder:
         check_lanes(batch_size, lanes, ranks)
         self.cache, self.batch_size, self.data_seed, self.lanes = cache, batch_size, data_seed, lanes
         self.lane_rows = batch_size // lanes
-        self.batches_per_epoch = min(cache.num_rows("train", lane, lanes) for lane in range(lanes)) // self.lane_rows
+        self.batches_per_shape = {
+            shape: min(cache.num_rows("train", lane, lanes, shape) for lane in range(lanes)) // self.lane_rows
+            for shape in cache.latent_shapes("train")
+        }
+        self.batches_per_epoch = sum(self.batches_per_shape.values())
         if self.batches_per_epoch == 0:
             raise InputError(
                 f"the cache holds {cache.num_rows('train')} train rows, fewer than one batch of {batch_size} "
-                f"(in {lanes} lanes of {self.lane_rows}); lower batch_size or data_lanes"
+                f"(in {lanes} lanes of {self.lane_rows}) of any one latent shape; lower batch_size or data_lanes"
             )
         mine = ranks.share(lanes, "data_lanes")
         self.my_lanes = range(mine.start, mine.stop)
         self.epoch, self.taken = 0, 0
-        self._lanes: list[Iterator[LatentBatch]] | None = None
+        self._lanes: dict[tuple[int, int, int], list[Iterator[LatentBatch]]] | None = None
+        self._shapes: list[tuple[int, int, int]] = []
 
-    def _open(self) -> list[Iterator[LatentBatch]]:
-        return [
-            self.cache.iter_batches(
-                "train", self.lane_rows, rank=lane, world_size=self.lanes, seed=self.data_seed + self.epoch,
-                drop_last=True,
-            )
-            for lane in self.my_lanes
-        ]
+    def _open(self) -> None:
+        seed = self.data_seed + self.epoch
+        self._lanes = {
+            shape: [
+                self.cache.iter_batches(
+                    "train", self.lane_rows, rank=lane, world_size=self.lanes, seed=seed, drop_last=True, shape=shape,
+                )
+                for lane in self.my_lanes
+            ]
+            for shape, batches in self.batches_per_shape.items() if batches
+        }
+        shapes = [shape for shape, batches in self.batches_per_shape.items() for _ in range(batches)]
+        if len(self._lanes) > 1:
+            shapes = [shapes[i] for i in torch.randperm(len(shapes), generator=torch.Generator().manual_seed(seed))]
+        self._shapes = shapes
 
     def next_batch(self) -> LatentBatch:
         """This rank's rows of the next global batch (all of them in a single process)."""
         if self.taken == self.batches_per_epoch:
             self.epoch, self.taken, self._lanes = self.epoch + 1, 0, None
         if self._lanes is None:
-            self._lanes = self._open()
-            for _ in range(self.taken):
-                for lane in self._lanes:
+            self._open()
+            for shape in self._shapes[: self.taken]:
+                for lane in self._lanes[shape]:
                     next(lane)
+        shape = self._shapes[self.taken]
         self.taken += 1
-        return LatentBatch.cat([next(lane) for lane in self._lanes])
+        return LatentBatch.cat([next(lane) for lane in self._lanes[shape]])
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "taken": self.taken}

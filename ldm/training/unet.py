@@ -80,11 +80,12 @@ def validation_prompts(cache: LatentCache, count: int) -> list[tuple[str, int]]:
     """The first `count` distinct captions of the cache's val split (train when it has none), with their text rows."""
     split = "val" if "val" in cache.splits else "train"
     chosen: dict[str, int] = {}
-    for batch in cache.iter_batches(split, 256):
-        for caption, index in zip(batch.caption, batch.text_index.tolist()):
-            chosen.setdefault(caption, index)
-            if len(chosen) == count:
-                return list(chosen.items())
+    for shape in cache.latent_shapes(split):
+        for batch in cache.iter_batches(split, 256, shape=shape):
+            for caption, index in zip(batch.caption, batch.text_index.tolist()):
+                chosen.setdefault(caption, index)
+                if len(chosen) == count:
+                    return list(chosen.items())
     return list(chosen.items())
 
 
@@ -194,7 +195,7 @@ def train_unet(
     def micro_batch(net: torch.nn.Module) -> tuple[torch.Tensor, list[str]]:
         batch = order.next_batch()
         # Every rank draws for the whole batch, in one order, and keeps its rows: the draws a single process makes.
-        b, shape = hp.batch_size, (hp.batch_size, *latent_shape)
+        b, shape = hp.batch_size, (hp.batch_size, *batch.mean.shape[1:])  # one latent shape (bucket) a batch
         eps = torch.randn(shape, generator=noise_generator)[mine]
         latents = cache.sample(batch.mean, batch.logvar, noise=eps)  # (B, C, h, w)
         dropped = (torch.rand(b, generator=noise_generator) < hp.caption_dropout)[mine]
@@ -282,6 +283,7 @@ def validation_loss(
         return float("nan")
     batches = (
         (cache.scale_latents(batch.mean), text.lookup(batch.text_index))
-        for batch in cache.iter_batches("val", batch_size)
+        for shape in cache.latent_shapes("val")
+        for batch in cache.iter_batches("val", batch_size, shape=shape)
     )
     return fixed_draw_loss(unet, schedule, batches, next(unet.parameters()).device, seed)
