@@ -14,7 +14,8 @@ Request (REST, `mlflow models serve -m models:/ldm-text2img/1 --env-manager loca
     {"dataframe_split": {"columns": ["prompt"], "data": [["a red circle"], ["a blue square"]]},
      "params": {"seed": 0, "steps": 20, "guidance_scale": 5.0, "sampler": "dpmpp_2m", "negative_prompt": "blurry"}}
 
-The params follow `ldm sample`'s options: `guidance_rescale`; img2img with `init_image` (a base64 PNG or
+The params follow `ldm sample`'s options: `width` and `height` (any multiple of the VAE x UNet factor, as a
+model trained on aspect-ratio buckets draws portraits and landscapes); `guidance_rescale`; img2img with `init_image` (a base64 PNG or
 JPEG) and `strength`; inpainting with `mask` (base64, white = regenerate) too; `lora` ("ADAPTER[:SCALE]",
 several separated by commas; merged into a copy of the UNet for the request); `control_image` (a base64 control
 map, e.g. a Canny edge map) and `control_scale`, for a model logged with a ControlNet (`controlnet/` inside its
@@ -105,6 +106,8 @@ SIGNATURE = ModelSignature(
         ParamSpec("lora", "string", None),
         ParamSpec("control_image", "string", None),
         ParamSpec("control_scale", "double", None),  # None: the ControlNet's own (its control.json)
+        ParamSpec("width", "long", None),  # None: the training size (a multiple of the latent factor; see `ldm sample`)
+        ParamSpec("height", "long", None),
     ]),
 )
 MAX_REQUEST_PIXELS = 50_000_000  # request images above this are refused as decompression bombs
@@ -224,6 +227,11 @@ class Text2ImageModel(PythonModel):
         seed = int(settings["seed"])
         if steps < 1:
             raise BadRequest(f"params 'steps' must be at least 1, got {steps}")
+        size = {name: int(settings[name]) for name in ("width", "height") if settings[name] is not None}
+        if any(side < 1 for side in size.values()):
+            raise BadRequest(f"params width and height must be at least 1, got {size}")
+        if size.get("width", 1) * size.get("height", size.get("width", 1)) > MAX_REQUEST_PIXELS:
+            raise BadRequest(f"params width x height is over {MAX_REQUEST_PIXELS} pixels; ask for a smaller image")
 
         # Per-row negative prompts (column) over the request's (param) over none.
         negative: str | list[str] | None = settings["negative_prompt"]
@@ -240,7 +248,7 @@ class Text2ImageModel(PythonModel):
             conditioning = self._conditioning(settings, pipeline, loras)
             images = pipeline(
                 prompts, negative_prompt=negative, steps=steps, guidance_scale=guidance,
-                seed=[seed + i for i in range(len(prompts))], **conditioning,
+                seed=[seed + i for i in range(len(prompts))], **size, **conditioning,
             )
         except BadRequest:
             raise

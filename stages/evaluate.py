@@ -58,6 +58,7 @@ from pathlib import Path
 
 import torch
 
+from ldm.data.buckets import Size
 from ldm.data.ingested import IngestedImages
 from ldm.data.latent_cache import LatentCache, LatentCacheError, TextTable, text_key
 from ldm.data.shapes import Scene, parse_caption
@@ -131,24 +132,26 @@ QUALITY_PER_COMPUTE_CSV = "quality_per_compute.csv"
 
 
 def quality_per_compute(
-    pipeline: Text2Image, score: Callable[[torch.Tensor, int], float], prompts: list[str], section: EvaluateParams,
-    reporter: Reporter,
+    pipeline: Text2Image, score: Callable[[torch.Tensor, int], float], prompts: list[str], sizes: list[Size],
+    canvas: int, section: EvaluateParams, reporter: Reporter,
 ) -> tuple[dict, list[dict]]:
-    """Adherence and seconds per image of every sampler at every step count, on the first prompts;
-    `score(images, count)` is the adherence of the first `count` prompts' images.
+    """Adherence and seconds per image of every sampler at every step count, on the first prompts (each drawn
+    at its size, measured on the canvas); `score(images, count)` is the adherence of the first `count` prompts'
+    images.
 
     -> ({"<sampler>-<steps>": {"adherence", "seconds_per_image"}}, one CSV row per step count with a column
     of adherence and one of seconds per image per sampler: what `dvc plots show` draws as a line per sampler)
     """
     sweep = section.quality_per_compute
-    prompts = prompts[: sweep.num_prompts]
+    prompts, sizes = prompts[: sweep.num_prompts], sizes[: sweep.num_prompts]
     measured, rows = {}, {steps: {"steps": steps} for steps in sweep.steps}
     for sampler in sweep.samplers:
         for steps in sweep.steps:
             key = f"{sampler}-{steps}"
             began = time.perf_counter()
             generated = generate(pipeline, prompts, sampler, steps, section.guidance_scale, section.seed,
-                                 section.batch_size, reporter, f"{STAGE} quality per compute {key}")
+                                 section.batch_size, reporter, f"{STAGE} quality per compute {key}", sizes=sizes,
+                                 canvas=canvas)
             seconds = (time.perf_counter() - began) / len(prompts)
             all_right = score(generated, len(prompts))
             measured[key] = {"adherence": all_right, "seconds_per_image": seconds}
@@ -166,10 +169,10 @@ def run(params: Params, reporter: Reporter) -> StageResult:
         pipeline = Text2Image.from_pretrained(paths.text2img, device=device)
     except (FileNotFoundError, TextEncoderNotFoundError, ValueError) as e:
         raise InputError(f"{e} (to train the model: `dvc repro train_unet`)") from None
-    train = RealImages(paths.ingested, "train", section.max_train_images, params.seed)
-    val = RealImages(paths.ingested, "val", section.num_prompts, section.seed)
-    prompts = val.captions
-    image_size = val.images.shape[-1]
+    image_size = params.image_size  # every image is measured on this square (aspect-ratio buckets squashed onto it)
+    train = RealImages(paths.ingested, "train", section.max_train_images, params.seed, image_size)
+    val = RealImages(paths.ingested, "val", section.num_prompts, section.seed, image_size)
+    prompts = val.captions  # each drawn at its val image's size: the bucket mix of the real images
     seen = torch.tensor([p in train.all_captions for p in prompts], dtype=torch.bool)  # (N,) a train caption too
     metrics: dict = {"prompts": len(prompts), "prompts_unseen_in_training": (~seen).float().mean().item()}
     reporter.info(f"{STAGE}: {len(prompts)} val prompts, {len(train)} real train images to learn the evaluators from")
@@ -229,7 +232,7 @@ def run(params: Params, reporter: Reporter) -> StageResult:
         began = time.perf_counter()
         generated = generate(
             pipeline, prompts, run_spec.sampler, run_spec.steps, section.guidance_scale, section.seed,
-            section.batch_size, reporter, f"{STAGE} {key}",
+            section.batch_size, reporter, f"{STAGE} {key}", sizes=val.sizes, canvas=image_size,
         )
         seconds = time.perf_counter() - began
         result = {
@@ -285,7 +288,9 @@ def run(params: Params, reporter: Reporter) -> StageResult:
             return adherence(classifier.read(images.to(device)), scenes[:count])["all"]
     compute_rows = []
     if section.quality_per_compute is not None:
-        metrics["quality_per_compute"], compute_rows = quality_per_compute(pipeline, score, prompts, section, reporter)
+        metrics["quality_per_compute"], compute_rows = quality_per_compute(
+            pipeline, score, prompts, val.sizes, image_size, section, reporter
+        )
 
     first_key = f"{section.samplers[0].sampler}-{section.samplers[0].steps}"
     pictures = {}
@@ -296,7 +301,7 @@ def run(params: Params, reporter: Reporter) -> StageResult:
         )
     if section.diversity is not None:
         metrics["diversity"], pictures["diversity.png"] = diversity(
-            pipeline, evaluator, prompts, train, val_features, section, reporter
+            pipeline, evaluator, prompts, train, val, val_features, section, reporter
         )
 
     first = metrics["samplers"][first_key]
@@ -368,7 +373,8 @@ def memorisation(
     cosine_bar = torch.quantile(real_cosine, knobs.copy_quantile).item()
     seen_prompts = train.captions[: knobs.seen_prompts]
     drawn_seen = generate(pipeline, seen_prompts, first.sampler, first.steps, section.guidance_scale, section.seed,
-                          section.batch_size, reporter, f"{STAGE} memorisation seen captions")
+                          section.batch_size, reporter, f"{STAGE} memorisation seen captions",
+                          sizes=train.sizes[: knobs.seen_prompts], canvas=train.images.shape[-1])
     groups = {
         "seen": (torch.cat([generated[seen], drawn_seen]), [p for p, s in zip(prompts, seen) if s] + seen_prompts),
         "unseen": (generated[~seen], [p for p, s in zip(prompts, seen) if not s]),
@@ -411,8 +417,8 @@ def _nearness(psnr: torch.Tensor, cosine: torch.Tensor, psnr_bar: float, cosine_
 
 
 def diversity(
-    pipeline: Text2Image, evaluator, prompts: list[str], train: RealImages, val_features: torch.Tensor,
-    section: EvaluateParams, reporter: Reporter,
+    pipeline: Text2Image, evaluator, prompts: list[str], train: RealImages, val: RealImages,
+    val_features: torch.Tensor, section: EvaluateParams, reporter: Reporter,
 ):
     """The first prompts drawn with several seeds: the mean feature distance between one prompt's images (0: the
     model ignores its noise, as a memorised one does), beside the same for real images of one caption (pairs of
@@ -422,7 +428,8 @@ def diversity(
     knobs, first = section.diversity, section.samplers[0]
     chosen = prompts[: knobs.prompts]
     images = generate(pipeline, chosen * knobs.seeds, first.sampler, first.steps, section.guidance_scale,
-                      section.seed, section.batch_size, reporter, f"{STAGE} diversity")
+                      section.seed, section.batch_size, reporter, f"{STAGE} diversity",
+                      sizes=val.sizes[: len(chosen)] * knobs.seeds, canvas=val.images.shape[-1])
     features = image_embeddings(evaluator, images).view(knobs.seeds, len(chosen), -1).transpose(0, 1)
     spread = seed_spread(features)
     pairs = same_caption_pairs(train.captions, knobs.prompts)

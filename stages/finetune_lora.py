@@ -125,7 +125,7 @@ def run(params: Params, reporter: Reporter) -> StageResult:
         pipeline = Text2Image.from_pretrained(paths.text2img, device=device)
     except (FileNotFoundError, TextEncoderNotFoundError, ValueError) as e:
         raise InputError(f"{e} (to train the model: `dvc repro train_unet`)") from None
-    base_val = RealImages(paths.ingested, "val", None, params.seed)
+    base_val = RealImages(paths.ingested, "val", None, params.seed, params.image_size)
     if section.concept.source == "shapes" and base_val.scenes is None:
         return nothing_to_learn(params, NO_CONCEPT.format(source=params.ingest.source), reporter)
     rows = read_concept(params, reporter)
@@ -135,7 +135,7 @@ def run(params: Params, reporter: Reporter) -> StageResult:
 
     # Prior preservation (as DreamBooth does): base images train beside the concept's, so the adapter learns
     # the concept without redrawing what the model already knew.
-    prior = RealImages(paths.ingested, "train", section.prior_images, params.seed + 1) if section.prior_images else None
+    prior = RealImages(paths.ingested, "train", section.prior_images, params.seed + 1, params.image_size) if section.prior_images else None
     images = concept_train.images if prior is None else torch.cat([concept_train.images, prior.images])
     latents, contexts = encode(pipeline, images, concept_train.captions + (prior.captions if prior else []))
     hp = LoraTrainingConfig(**section.model_dump(include=set(LoraTrainingConfig.__dataclass_fields__)))
@@ -251,7 +251,7 @@ def evaluate_concept(
     one_object = [(c, s) for c, s in zip(base_val.captions, base_val.scenes) if len(s.objects) == 1][:count]
     base_prompts, base_scenes = [c for c, _ in one_object], [s for _, s in one_object]
 
-    base_train = RealImages(params.paths.ingested, "train", section.classifier_images, params.seed)
+    base_train = RealImages(params.paths.ingested, "train", section.classifier_images, params.seed, params.image_size)
     if base_train.scenes is None:
         raise InputError(
             f"{params.paths.ingested} has shapes attributes in val but not in train; re-run `dvc repro ingest`"

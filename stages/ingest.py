@@ -1,6 +1,7 @@
 """DVC stage `ingest`: raw images and captions (or the built-in shapes data) -> the ingested dataset.
 
-reads:  ingest.source ("shapes", or a path); params seed, image_size, text_encoder, ingest
+reads:  ingest.source ("shapes", or a path); params seed, image_size, text_encoder, ingest, and the block counts
+        of train_vae.model and train_unet.model (what aspect-ratio bucket sides are multiples of)
 writes: paths.ingested/ (part-*.parquet in the format of ldm.data.ingested, and rejects.jsonl),
         paths.metrics/ingest.json
 
@@ -26,6 +27,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
+from ldm.data.buckets import png_size
 from ldm.data.ingested import REJECTS_NAME, ShardWriter
 from ldm.models.text_encoder import resolve_folder
 from stages.params import Params
@@ -43,7 +45,8 @@ def run(params: Params, reporter: Reporter) -> StageResult:
     started = time.perf_counter()
     knobs = params.ingest
     tokenizer = AutoTokenizer.from_pretrained(resolve_folder(params.text_encoder.name), local_files_only=True)
-    total, described, outcomes = read_source(knobs, params.image_size, params.seed, "ingest")
+    buckets = params.bucket_sizes()
+    total, described, outcomes = read_source(knobs, params.image_size, params.seed, "ingest", buckets)
     reporter.info(f"{STAGE}: {described} -> {params.paths.ingested}")
 
     out = Path(params.paths.ingested)
@@ -68,6 +71,8 @@ def run(params: Params, reporter: Reporter) -> StageResult:
         "train_rows": counts.splits["train"],
         "val_rows": counts.splits["val"],
         **{f"rejected_{reason}": counts.reasons[reason] for reason in REASONS},
+        # Rows per aspect-ratio bucket, every bucket listed (0 where no image fits it).
+        **({f"bucket_{w}x{h}": counts.sizes[w, h] for w, h in buckets} if buckets else {}),
     }
     metrics_path = write_json(Path(params.paths.metrics) / METRICS_NAME, metrics)
     reporter.info(
@@ -86,6 +91,7 @@ class _Counts:
     reasons: Counter = field(default_factory=Counter)
     splits: Counter = field(default_factory=Counter)
     captions: Counter = field(default_factory=Counter)  # accepted rows per caption
+    sizes: Counter = field(default_factory=Counter)  # accepted rows per stored image size (width, height)
     ids: set = field(default_factory=set)
     examples: list = field(default_factory=list)  # the first rejects, to show when nothing was accepted
 
@@ -111,6 +117,7 @@ def _write(
                     shards.write(row)
                     counts.splits[row["split"]] += 1
                     counts.captions[row["caption"]] += 1
+                    counts.sizes[png_size(row["image"])] += 1
                     counts.ids.add(row["id"])
             if done % _PROGRESS_EVERY == 0 or done == total:
                 reporter.progress(STAGE, done, total)

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from ldm import devices
+from ldm.data.buckets import Size, bucket_sizes, check_buckets
 from ldm.diffusion.names import BETA_SCHEDULES, PREDICTION_TYPES, SAMPLERS, SPACINGS
 from ldm.errors import InputError
 from ldm.models.vae import VAEConfig
@@ -79,6 +80,11 @@ class IngestParams(Section):
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     min_image_size: int = Field(16, ge=1)  # smaller (shorter side, in pixels) is rejected as unusable
     max_image_pixels: int = Field(50_000_000, ge=1)  # larger is rejected as a decompression bomb
+    # "crop": every image centre-cropped to an image_size square. "buckets": each image resized whole into the
+    # aspect-ratio bucket nearest its shape (about image_size**2 pixels; ldm/data/buckets.py).
+    aspect: Literal["crop", "buckets"] = "crop"
+    max_aspect_ratio: float = Field(2.0, ge=1.0)  # buckets: the longer side over the shorter, at most
+    buckets: list[tuple[PositiveInt, PositiveInt]] | None = None  # buckets: [width, height] each; None: derived
     shapes: ShapesParams = ShapesParams()
 
 
@@ -259,6 +265,10 @@ class SampleParams(Section):
     guidance_scale: float = Field(2.0, ge=0.0)
     seed: int = 0  # prompt i is drawn with seed + i
     batch_size: int = Field(16, ge=1)
+    # The images' size in pixels, multiples of the VAE x UNet factor (a bucket's shape, for a model trained on
+    # aspect-ratio buckets); None: the training image_size square.
+    width: PositiveInt | None = None
+    height: PositiveInt | None = None
 
     @field_validator("prompts")
     @classmethod
@@ -314,6 +324,8 @@ class TrainControlNetParams(DenoisingParams):
 
 
 class Params(Section):
+    """The whole params file; `_consistent` checks what spans sections (sizes against the models' factors)."""
+
     seed: int = 0
     image_size: int = Field(32, ge=8)
     profile: str = "cpu"  # the name of this params profile ("cpu" default run, "ci" tiny run), tagged on every run
@@ -337,7 +349,27 @@ class Params(Section):
                 f"image_size={self.image_size} is not a multiple of the VAE's downsampling factor {factor} "
                 f"(2 ** (len(train_vae.model.block_out_channels) - 1)); pick a multiple of {factor}"
             )
+        if self.ingest.aspect == "buckets":
+            try:
+                check_buckets(self.bucket_sizes(), self.bucket_multiple())
+            except InputError as e:
+                raise ValueError(f"ingest: {e}") from None
+        if self.finetune_lora.concept.aspect != "crop":
+            raise ValueError("finetune_lora.concept.aspect must be crop: a LoRA concept trains on square images")
         return self
+
+    def bucket_multiple(self) -> int:
+        """What a bucket's sides are multiples of: the VAE's downsampling factor times the UNet's."""
+        return 2 ** (len(self.train_vae.model.block_out_channels) - 1 + len(self.train_unet.model.block_out_channels) - 1)
+
+    def bucket_sizes(self) -> list[Size] | None:
+        """The aspect-ratio buckets (width, height) images are fitted to; None when they are centre-cropped."""
+        knobs = self.ingest
+        if knobs.aspect == "crop":
+            return None
+        if knobs.buckets is not None:
+            return [tuple(size) for size in knobs.buckets]
+        return bucket_sizes(self.image_size**2, self.bucket_multiple(), knobs.max_aspect_ratio)
 
     def vae_config(self) -> VAEConfig:
         m = self.train_vae.model

@@ -73,6 +73,7 @@ def run(params: Params, reporter: Reporter) -> StageResult:
         drawn = pipeline(
             chunk, negative_prompt=section.negative_prompt, steps=section.steps,
             guidance_scale=section.guidance_scale, seed=[section.seed + start + i for i in range(len(chunk))],
+            width=section.width, height=section.height,
         )
         images.extend(tensor_to_pil(image) for image in drawn.cpu())
         reporter.progress(STAGE, len(images), len(prompts))
@@ -82,6 +83,7 @@ def run(params: Params, reporter: Reporter) -> StageResult:
     record = {
         "sampler": section.sampler, "steps": section.steps, "guidance_scale": section.guidance_scale,
         "negative_prompt": section.negative_prompt, "evaluation_headline": headline,
+        "width": images[0].width, "height": images[0].height,
         "images": [{"file": n, "prompt": p, "seed": section.seed + i} for i, (n, p) in enumerate(zip(names, prompts))],
     }
     with atomic_directory(out) as tmp:

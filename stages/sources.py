@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ldm.data import images
+from ldm.data.buckets import Size, fit_to_bucket, nearest_bucket
 from ldm.data.images import ImageRejected, load_image, resize_center_crop, to_png
 from ldm.data.ingested import content_id, split_of
 from ldm.data.shapes import ShapesConfig, caption, generate
@@ -87,11 +88,12 @@ def _row(png: bytes, text: str, width: int, height: int, source: str, split: str
 
 
 def read_source(
-    knobs: IngestParams, image_size: int, seed: int, section: str
+    knobs: IngestParams, image_size: int, seed: int, section: str, buckets: list[Size] | None = None
 ) -> tuple[int, str, Iterator[tuple[str, list[dict] | Exception]]]:
     """Read a source as ingest does: (how many inputs, a description of them, per input its name and its
     rows, or its name and why it was rejected: an exception with `.reason` and `.detail`). `section` names
-    the params section `knobs` come from, for error messages."""
+    the params section `knobs` come from, for error messages. Images are centre-cropped to image_size squares,
+    or with `buckets` fitted whole to the bucket of nearest aspect ratio (generated shapes are square)."""
     if knobs.source == "shapes":
         total, outcomes = _shapes(knobs, image_size, seed, section)
         return total, f"{total} generated shapes images", outcomes
@@ -99,7 +101,7 @@ def read_source(
     layout = detect_format(root, knobs.format)
     root = root.resolve()
     total, inputs = _list_inputs(root, layout, knobs)
-    return total, f"{total} inputs from {root} ({layout})", _convert_all(root, inputs, knobs, image_size)
+    return total, f"{total} inputs from {root} ({layout})", _convert_all(root, inputs, knobs, image_size, buckets)
 
 
 def _shapes(
@@ -393,7 +395,7 @@ def _inside(root: Path, file_name: str) -> Path:
 
 
 def _convert_all(
-    root: Path, inputs: Iterable[_Input], knobs: IngestParams, image_size: int
+    root: Path, inputs: Iterable[_Input], knobs: IngestParams, image_size: int, buckets: list[Size] | None
 ) -> Iterator[tuple[str, list[dict] | Rejected]]:
     """Per input, in order: its name and its rows, or its name and why it was rejected."""
     # A file named by several metadata rows is decoded once and kept only until its next use.
@@ -410,7 +412,7 @@ def _convert_all(
             yield item.name, e
             continue
         if image is None:
-            image = _image(root, item, knobs, image_size)
+            image = _image(root, item, knobs, image_size, buckets)
         if item.reused_later:
             kept[key] = image
         if isinstance(image, Rejected):
@@ -421,9 +423,10 @@ def _convert_all(
 
 
 def _image(
-    root: Path, item: _Input, knobs: IngestParams, image_size: int
+    root: Path, item: _Input, knobs: IngestParams, image_size: int, buckets: list[Size] | None = None
 ) -> tuple[bytes, int, int, str] | Rejected:
-    """The training-size PNG of the input's image, its original size and its split, or why it cannot be used.
+    """The training-size PNG of the input's image (an image_size square, or its bucket's size), its original
+    size and its split, or why it cannot be used.
 
     The split hashes the source file's bytes, not the PNG made from them: an image stays on its side at any
     image_size, and the same file under two names cannot land on both sides."""
@@ -442,4 +445,8 @@ def _image(
     except ImageRejected as e:
         return Rejected(e.reason, str(e))
     split = split_of(content_id(data), knobs.val_fraction)
-    return to_png(resize_center_crop(image, image_size)), image.width, image.height, split
+    if buckets:
+        fitted = fit_to_bucket(image, nearest_bucket(image.width, image.height, buckets))
+    else:
+        fitted = resize_center_crop(image, image_size)
+    return to_png(fitted), image.width, image.height, split

@@ -246,7 +246,7 @@ def evaluate_control(
     section = params.train_controlnet
     try:
         captions, scenes, moved = moved_scenes(params)
-        train = RealImages(params.paths.ingested, "train", section.classifier_images, params.seed)
+        train = RealImages(params.paths.ingested, "train", section.classifier_images, params.seed, params.image_size)
         if train.scenes is None:
             raise EvaluationSkipped("the ingested train data has no shapes attributes to train the classifier on")
     except EvaluationSkipped as e:

@@ -46,10 +46,17 @@ def load_splits(params: Params) -> tuple[IngestedImages, IngestedImages]:
         train, val = IngestedImages(params.paths.ingested, "train"), IngestedImages(params.paths.ingested, "val")
     except (FileNotFoundError, ValueError) as e:
         raise InputError(f"paths.ingested: {e} ({REBUILD_INGESTED})") from None
-    size = tuple(train[0].shape[-2:])
-    if size != (params.image_size, params.image_size):
+    expected = set(params.bucket_sizes() or [(params.image_size, params.image_size)])
+    # Generated shapes images are image_size squares whatever ingest.aspect says.
+    if params.ingest.source == "shapes":
+        expected.add((params.image_size, params.image_size))
+    other = sorted(set(train.sizes + val.sizes) - expected)
+    if other:
+        w, h = other[0]
+        wanted = "the buckets " + str(sorted(expected)) if params.ingest.aspect == "buckets" else (
+            f"image_size {params.image_size}")
         raise InputError(
-            f"{params.paths.ingested} holds {size[0]}x{size[1]} images but image_size is {params.image_size}; "
+            f"{params.paths.ingested} holds {w}x{h} images but the params ask for {wanted}; "
             f"re-run the ingest stage (`dvc repro ingest`)"
         )
     return train, val
@@ -84,7 +91,7 @@ def _run(params: Params, reporter: Reporter, ranks: DataParallel, device: torch.
     plots.mkdir(parents=True, exist_ok=True)
     loss_csv, grid_png = plots / "loss.csv", plots / "reconstructions.png"
     write_csv(loss_csv, history, LOSS_COLUMNS)
-    originals = torch.stack([val[i] for i in range(min(section.grid_images, len(val)))])
+    originals = [val[i] for i in range(min(section.grid_images, len(val)))]
     with atomic_path(grid_png) as tmp:
         reconstruction_grid(vae, originals).save(tmp, format="PNG")
 

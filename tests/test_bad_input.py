@@ -440,11 +440,12 @@ def check_image(data: bytes):
     if isinstance(outcome, Rejected):
         assert outcome.reason in REASONS and outcome.detail
         return outcome
-    png, width, height = outcome
+    png, width, height, split = outcome
     image = Image.open(io.BytesIO(png))
     assert (image.format, image.mode, image.size) == ("PNG", "RGB", (SIZE, SIZE))
     assert min(width, height) >= KNOBS.min_image_size and width * height <= KNOBS.max_image_pixels
-    return outcome
+    assert split in ("train", "val")
+    return png, width, height
 
 
 def encoded(image: Image.Image, fmt: str, **options) -> bytes:

@@ -4,7 +4,9 @@ resumable order, and a VAE trained on images of three shapes."""
 import dataclasses
 import io
 import json
+import math
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +25,14 @@ from ldm.models.unet import UNetConfig
 from ldm.models.vae import VAE
 from ldm.training.unet import UNetTrainingConfig, train_unet
 from ldm.training.vae import train_vae
+from stages import cache_latents as stage_cache_latents
+from stages import evaluate as stage_evaluate
+from stages import ingest as stage_ingest
+from stages import sample as stage_sample
+from stages import train_unet as stage_train_unet
+from stages import train_vae as stage_train_vae
+from stages.params import Params
+from tests.ci_stages import RecordingReporter, ci_params
 from tests.test_vae_training import CONFIG, HP, write_images
 
 
@@ -268,3 +278,77 @@ def test_a_unet_trains_on_buckets_and_resumes_bitwise(bucketed_cache, tmp_path):
 
 class Interrupted(Exception):
     pass
+
+
+# ----------------------------------------------------------------------- the pipeline's stages, end to end
+
+ASPECTS = {"portrait": (60, 100), "square": (80, 80), "landscape": (100, 60)}
+
+
+def test_the_stages_train_on_buckets_of_a_mixed_dataset_and_sample_non_square_images(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    lines, generator = [], torch.Generator().manual_seed(0)
+    colors = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 160, 60)}
+    for i in range(90):
+        kind = list(ASPECTS)[i % 3]
+        color = list(colors)[int(torch.randint(3, (1,), generator=generator))]
+        w, h = ASPECTS[kind]
+        image = Image.new("RGB", (w, h), "white")
+        # A band along the long side's ends: only a whole-image fit keeps both ends.
+        image.paste(colors[color], (0, 0, w // 5, h) if w > h else (0, 0, w, h // 5))
+        image.save(folder / f"{i}.png")
+        lines.append(json.dumps({"file_name": f"{i}.png", "text": f"a {color} {kind} picture"}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    raw = ci_params(tmp_path / "run").model_dump()
+    raw["ingest"] |= {"source": str(folder), "aspect": "buckets", "val_fraction": 0.2}
+    raw["train_unet"] |= {"batch_size": 8, "max_steps": 20, "validate_every": 20}
+    raw["sample"] |= {"prompts": ["a red portrait picture", "a blue portrait picture"], "width": 12, "height": 20}
+    params = Params(**raw)
+    assert params.bucket_sizes() == [(12, 20), (16, 16), (20, 12)]  # 16x16 pixels, sides multiples of 2 x 2
+
+    reporter = RecordingReporter()
+    metrics = stage_ingest.run(params, reporter).metrics
+    assert (metrics["bucket_12x20"], metrics["bucket_16x16"], metrics["bucket_20x12"]) == (30, 30, 30)
+    stored = IngestedImages(params.paths.ingested, None)
+    by_caption = dict(zip(stored.captions, stored.sizes))
+    assert by_caption["a red portrait picture"] == (12, 20) and by_caption["a red landscape picture"] == (20, 12)
+
+    train_vae_metrics = stage_train_vae.run(params, RecordingReporter()).metrics
+    assert train_vae_metrics["steps"] == params.train_vae.max_steps and train_vae_metrics["val_psnr"] > 5
+    stage_cache_latents.run(params, RecordingReporter())
+    cache = LatentCache(params.paths.latents)
+    assert set(cache.latent_shapes("train")) == {(4, 10, 6), (4, 8, 8), (4, 6, 10)}
+    unet_metrics = stage_train_unet.run(params, RecordingReporter()).metrics
+    assert unet_metrics["steps"] == 20 and math.isfinite(unet_metrics["val_loss"])
+
+    stage_evaluate.run(params, RecordingReporter())
+    evaluation = json.loads((Path(params.paths.eval) / "metrics.json").read_text())
+    first = evaluation["samplers"]["dpmpp_2m-5"]
+    assert math.isfinite(first["frechet_distance"]) and 0 <= first["retrieval_top1"] <= 1
+    assert evaluation["memorisation"]["seen"]["images"] > 0 and evaluation["diversity"]["seeds"] == 4
+
+    stage_sample.run(params, RecordingReporter())
+    record = json.loads((Path(params.paths.samples) / "prompts.json").read_text())
+    assert (record["width"], record["height"]) == (12, 20)
+    with Image.open(Path(params.paths.samples) / "000.png") as image:
+        assert image.size == (12, 20)
+
+
+def test_bucket_params_are_checked_against_the_models_factors():
+    params = Params(ingest={"aspect": "buckets"})
+    assert params.bucket_multiple() == 4 * 2  # the default VAE's f=4 times the UNet's two levels
+    assert Params().bucket_sizes() is None  # centre-crop, as before buckets
+    given = Params(ingest={"aspect": "buckets", "buckets": [[24, 40], [32, 32]]})
+    assert given.bucket_sizes() == [(24, 40), (32, 32)]
+    for ingest, words in (
+        ({"aspect": "buckets", "buckets": [[30, 32]]}, ["ingest", "(30, 32)", "multiples of 8"]),
+        ({"aspect": "buckets", "buckets": []}, ["ingest", "empty"]),
+        ({"aspect": "buckets", "max_aspect_ratio": 0.5}, ["max_aspect_ratio", "greater than or equal to 1"]),
+        ({"aspect": "letterbox"}, ["aspect", "'crop' or 'buckets'"]),
+    ):
+        with pytest.raises(ValueError) as error:
+            Params(ingest=ingest)
+        assert all(word in str(error.value) for word in words), str(error.value)
+    with pytest.raises(ValueError, match="finetune_lora.concept.aspect must be crop"):
+        Params(finetune_lora={"concept": {"aspect": "buckets"}})

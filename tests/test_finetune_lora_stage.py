@@ -95,7 +95,7 @@ def test_the_adapter_learnt_the_concept_and_left_the_base_images_alone(params):
     assert len(concept) == 7  # held out: never trained on
     before = denoising_loss(base, base.unet, concept.images, concept.captions)
     after = denoising_loss(base, adapted.unet, concept.images, concept.captions)
-    real = RealImages(params.paths.ingested, "val", None, params.seed)
+    real = RealImages(params.paths.ingested, "val", None, params.seed, params.image_size)
     base_before = denoising_loss(base, base.unet, real.images, real.captions)
     base_after = denoising_loss(base, adapted.unet, real.images, real.captions)
     # Measured (8 draws, 10 LoRA steps): concept 0.47460 -> 0.47421; base val images 0.46998 -> 0.46976.

@@ -156,6 +156,7 @@ def test_model_takes_the_sample_cli_conditioning_as_params(store, tmp_path):
          {"init_image": image_tensor(init), "mask": map_tensor(mask, 1)}),
         ({"guidance_rescale": 0.7}, pipeline, {"guidance_rescale": 0.7}),
         ({"lora": "concept:0.5"}, with_lora, {}),
+        ({"width": 24, "height": 8}, pipeline, {"width": 24, "height": 8}),  # a landscape bucket's shape
     )
     for params, reference, kwargs in cases:
         out = model.predict(pd.DataFrame({"prompt": PROMPTS[:1]}), params=base | params)
@@ -171,6 +172,8 @@ def test_model_takes_the_sample_cli_conditioning_as_params(store, tmp_path):
         ({"control_image": _base64_png(mask)}, ["ControlNet"]),
         ({"lora": "missing"}, ["'missing'", "no adapter shipped", "concept"]),
         ({"lora": f"{tmp_path / 'lora'}:0.5"}, ["lora:0.5'", "paths", "not accepted"]),
+        ({"width": 0}, ["width", "at least 1"]),
+        ({"width": 18, "height": 16}, ["16x18", "multiple of 4"]),
     ):
         with pytest.raises(MlflowException) as error:
             model.predict(pd.DataFrame({"prompt": ["a"]}), params=base | bad)

@@ -135,7 +135,7 @@ def test_the_trained_controlnet_steers_and_scale_zero_or_an_untrained_one_is_the
 def test_the_trained_controlnet_lowers_the_denoising_loss_of_val_images_given_their_edge_maps(trained):
     params, *_ = trained
     pipeline = Text2Image.from_pretrained(params.paths.text2img, device="cpu", controlnet=params.paths.controlnet)
-    val = RealImages(params.paths.ingested, "val", None, params.seed)
+    val = RealImages(params.paths.ingested, "val", None, params.seed, params.image_size)
     section = params.train_controlnet
     maps = torch.stack([control_map(section.control_map, tensor_to_pil(image), section.low_threshold,
                                     section.high_threshold) for image in val.images])

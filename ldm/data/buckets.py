@@ -13,6 +13,8 @@ from __future__ import annotations
 import math
 import struct
 
+import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from ldm.errors import InputError
@@ -69,3 +71,12 @@ def png_size(png: bytes) -> Size:
     if png[:8] != b"\x89PNG\r\n\x1a\n" or png[12:16] != b"IHDR":
         raise InputError("not PNG bytes (no PNG signature and IHDR chunk); ingest the dataset again")
     return struct.unpack(">II", png[16:24])
+
+
+def to_square(images: torch.Tensor, side: int) -> torch.Tensor:  # (B, 3, H, W) -> (B, 3, side, side)
+    """Images of any shape resized (bilinear, antialiased) to side x side squares: the common canvas that
+    measures comparing images of several buckets use. Squashing, not cropping, keeps all of each image; real
+    and generated images of one bucket are squashed alike."""
+    if images.shape[-2:] == (side, side):
+        return images
+    return F.interpolate(images, size=(side, side), mode="bilinear", antialias=True, align_corners=False)

@@ -44,16 +44,27 @@ def reconstruction_metrics(vae: VAE, data: IngestedImages, batch_size: int) -> d
 
 
 @torch.no_grad()
-def reconstruction_grid(vae: VAE, images: torch.Tensor) -> Image.Image:
+def reconstruction_grid(vae: VAE, images: list[torch.Tensor]) -> Image.Image:
     """Originals (top row) over their reconstructions from the posterior mode (bottom row), upscaled, each
     column captioned with its PSNR.
 
-    images: (N, 3, H, W) in [-1, 1].
+    images: (3, H, W) each in [-1, 1], of any sizes (aspect-ratio buckets): each is reconstructed at its own
+    size and shown whole, centred on a white square as large as the largest side.
     """
     device = next(vae.parameters()).device
-    originals = images.cpu()
-    reconstructions = vae.decode(vae.encode(images.to(device)).mode()).cpu().clamp(-1, 1)
-    mse = (reconstructions - originals).square().flatten(1).mean(1).clamp(min=1e-10)
+    originals = [image.cpu() for image in images]
+    reconstructions = [vae.decode(vae.encode(x[None].to(device)).mode())[0].cpu().clamp(-1, 1) for x in originals]
+    mse = torch.stack([(r - x).square().mean() for r, x in zip(reconstructions, originals)]).clamp(min=1e-10)
     psnr = 10 * torch.log10(4.0 / mse)  # peak-to-peak 2 in [-1, 1]: the PSNR of [0, 1] images at data_range 1
-    return captioned_grid([originals, reconstructions], [f"{p:.1f} dB" for p in psnr.tolist()],
-                          ["real", "reconstructed"])
+    side = max(max(x.shape[-2:]) for x in originals)
+    return captioned_grid([_on_white(originals, side), _on_white(reconstructions, side)],
+                          [f"{p:.1f} dB" for p in psnr.tolist()], ["real", "reconstructed"])
+
+
+def _on_white(images: list[torch.Tensor], side: int) -> torch.Tensor:  # -> (N, 3, side, side)
+    canvas = torch.ones(len(images), 3, side, side)
+    for tile, image in zip(canvas, images):
+        h, w = image.shape[-2:]
+        top, left = (side - h) // 2, (side - w) // 2
+        tile[:, top : top + h, left : left + w] = image
+    return canvas
