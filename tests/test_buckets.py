@@ -23,6 +23,7 @@ from ldm.evaluation.reconstruction import reconstruction_metrics
 from ldm.models.text_encoder import TextEncoder
 from ldm.models.unet import UNetConfig
 from ldm.models.vae import VAE
+from ldm.training.distributed import DataParallel
 from ldm.training.unet import UNetTrainingConfig, train_unet
 from ldm.training.vae import train_vae
 from stages import cache_latents as stage_cache_latents
@@ -243,6 +244,21 @@ def test_cache_batches_are_one_bucket_each_in_proportion_and_resume(bucketed_cac
     again = CacheOrder(cache, 4, data_seed=3)
     again.load_state_dict({"epoch": 0, "taken": 7})
     assert [again.next_batch().id for _ in range(order.batches_per_epoch - 7)] == [b.id for b in epoch[7:]]
+
+
+def test_data_parallel_ranks_read_their_share_of_each_bucket_batch(bucketed_cache):
+    # Two ranks of a torchrun job, each reading its lane of every batch, together read the batch one process
+    # reads with the same two lanes: the same buckets in the same order, the same rows.
+    root, _, _ = bucketed_cache
+    cache = LatentCache(root / "latents")
+    single = CacheOrder(cache, 8, data_seed=4, lanes=2)
+    ranks = [CacheOrder(cache, 8, data_seed=4, lanes=2, ranks=DataParallel(rank, 2)) for rank in range(2)]
+    assert single.batches_per_epoch > 3 and len(single.batches_per_shape) == 3
+    for _ in range(single.batches_per_epoch + 2):  # into the second epoch
+        whole = single.next_batch()
+        parts = [order.next_batch() for order in ranks]
+        assert whole.id == parts[0].id + parts[1].id and len(parts[0]) == 4
+        assert torch.equal(whole.mean, torch.cat([p.mean for p in parts]))
 
 
 def test_a_unet_trains_on_buckets_and_resumes_bitwise(bucketed_cache, tmp_path):
