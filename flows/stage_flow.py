@@ -28,7 +28,7 @@ from ldm.errors import InputError
 from ldm.training.checkpoint import NonFiniteLoss, TrainingInterrupted
 from ldm.training.distributed import launched_rank
 from stages.params import DEFAULT_PARAMS_FILE, Params, ParamsError, load_params
-from stages.reporting import ConsoleReporter, Reporter, StageResult, report_stopped_training
+from stages.reporting import ConsoleReporter, Reporter, StageResult, report_stopped_training, start_line
 
 REPO = Path.cwd()  # DVC runs every stage command from the repository root
 
@@ -103,6 +103,7 @@ def run_stage(
     """The body of every stage flow. `finish`, when given, runs last as a task of its own (named after the
     function) inside the stage's MLflow run: registry work beyond registering `result.model_dir`."""
     params = validate_params(params_path)
+    get_run_logger().info(start_line(stage, params.device, params.threads))
     stages = pipeline_stages(REPO)
     logged = stage_params(params, stages[stage].params if stage in stages else [])
     with stage_run(REPO, stage, stages, logged, params.profile, warn=get_run_logger().warning) as tracked:

@@ -330,6 +330,7 @@ class Params(Section):
     image_size: int = Field(32, ge=8)
     profile: str = "cpu"  # the name of this params profile ("cpu" default run, "ci" tiny run), tagged on every run
     device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda", "cuda:1", ...
+    threads: int | None = Field(None, ge=1)  # CPU threads per process; None: torch's choice (one per core)
     paths: Paths = Paths()
     text_encoder: TextEncoderParams = TextEncoderParams()
     ingest: IngestParams = IngestParams()
@@ -370,6 +371,14 @@ class Params(Section):
         if knobs.buckets is not None:
             return [tuple(size) for size in knobs.buckets]
         return bucket_sizes(self.image_size**2, self.bucket_multiple(), knobs.max_aspect_ratio)
+
+    def ingested_sizes(self) -> set[Size]:
+        """Every (width, height) the ingest stage writes with these params: the buckets of a file source, or
+        the image_size square (the shapes generator draws squares whatever ingest.aspect says)."""
+        square = (self.image_size, self.image_size)
+        if self.ingest.source == "shapes":
+            return {square}
+        return set(self.bucket_sizes() or [square])
 
     def vae_config(self) -> VAEConfig:
         m = self.train_vae.model

@@ -21,6 +21,7 @@ from typing import Protocol
 from PIL import Image
 from tqdm import tqdm
 
+from ldm.devices import use_threads
 from ldm.errors import InputError
 from ldm.models.modeling import atomic_path
 from ldm.training.checkpoint import NonFiniteLoss, TrainingInterrupted
@@ -154,7 +155,10 @@ def stage_main(
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        result = run(load_params(args.params), ConsoleReporter())
+        params = load_params(args.params)
+        reporter = ConsoleReporter()
+        reporter.info(start_line(stage, params.device, params.threads))
+        result = run(params, reporter)
     except InputError as e:
         print(f"{stage}: error: {e}", file=sys.stderr)
         return 2
@@ -163,6 +167,14 @@ def stage_main(
     if launched_rank() == 0:  # in a data-parallel run rank 0 alone has the outputs to sum up
         print(f"{stage}: {summary(result)}")
     return 0
+
+
+def start_line(stage: str, device: str, threads: int | None) -> str:
+    """Applies the `threads` param (`ldm.devices.use_threads`) and says what the stage computes on: its first
+    log line, the first thing to read when a run is slower than expected."""
+    used = use_threads(threads)
+    chosen = "the threads param" if threads is not None else "torch's choice; set the threads param to change it"
+    return f"{stage}: device {device}, {used} CPU threads ({chosen})"
 
 
 def flatten(values: dict, prefix: str = "") -> dict:

@@ -46,10 +46,7 @@ def load_splits(params: Params) -> tuple[IngestedImages, IngestedImages]:
         train, val = IngestedImages(params.paths.ingested, "train"), IngestedImages(params.paths.ingested, "val")
     except (FileNotFoundError, ValueError) as e:
         raise InputError(f"paths.ingested: {e} ({REBUILD_INGESTED})") from None
-    expected = set(params.bucket_sizes() or [(params.image_size, params.image_size)])
-    # Generated shapes images are image_size squares whatever ingest.aspect says.
-    if params.ingest.source == "shapes":
-        expected.add((params.image_size, params.image_size))
+    expected = params.ingested_sizes()
     other = sorted(set(train.sizes + val.sizes) - expected)
     if other:
         w, h = other[0]

@@ -8,6 +8,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -173,6 +174,15 @@ def _holds(complete, written) -> bool:
     if isinstance(written, dict):
         return isinstance(complete, dict) and all(k in complete and _holds(complete[k], v) for k, v in written.items())
     return complete == written
+
+
+def test_each_stage_flow_first_says_its_device_and_cpu_threads(pipeline):
+    *_, outputs = pipeline
+    log = outputs[0]  # the first `dvc repro`, every stage's flow run
+    for stage in STAGES:
+        began = log.index(f"for flow '{stage}'")
+        first = next(line for line in log[began:].splitlines()[1:] if f" - {stage}: " in line)
+        assert re.search(rf" - {stage}: device auto, \d+ CPU threads \(torch's choice", first), first
 
 
 def test_no_secret_from_the_environment_reaches_logs_tags_params_or_outputs(pipeline):

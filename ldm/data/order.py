@@ -7,6 +7,7 @@ the same batches on any number of data-parallel ranks.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -16,32 +17,30 @@ from ldm.errors import InputError
 from ldm.training.distributed import SINGLE_PROCESS, DataParallel
 
 
-class EpochOrder:
-    """Batches of dataset indices from a new permutation each epoch; its position is three JSON numbers.
+class _ReshuffledEachEpoch(ABC):
+    """An order rebuilt each epoch from an order seed drawn from `generator`; its position is three JSON numbers.
 
-    Each epoch's permutation comes from an order seed drawn from `generator`, so restoring the generator
-    state and (epoch, position, order_seed) rebuilds the exact remaining order.
+    Restoring the generator state and (epoch, position, order_seed) rebuilds the exact remaining order.
+    Subclasses build one epoch's order from `order_seed` (`_shuffle`) and say how many units it holds.
     """
 
-    def __init__(self, size: int, batch_size: int, generator: torch.Generator):
-        if batch_size > size:
-            raise InputError(f"the dataset has {size} images, fewer than one batch of {batch_size}; lower batch_size")
-        self.size, self.batch_size, self.generator = size, batch_size, generator
-        # Positioned at the end of an empty epoch -1, so the first batch starts epoch 0.
-        self.epoch, self.position, self.order_seed = -1, size, 0
-        self.order = torch.empty(0, dtype=torch.long)
+    def __init__(self, units_per_epoch: int, generator: torch.Generator):
+        self.units_per_epoch, self.generator = units_per_epoch, generator
+        # Positioned at the end of an empty epoch -1, so the first draw starts epoch 0.
+        self.epoch, self.position, self.order_seed = -1, units_per_epoch, 0
+        self.order: Sequence[torch.Tensor] = []
 
-    def _permutation(self) -> torch.Tensor:
-        return torch.randperm(self.size, generator=torch.Generator().manual_seed(self.order_seed))
+    @abstractmethod
+    def _shuffle(self) -> Sequence[torch.Tensor]: ...
 
-    def next_batch(self) -> list[int]:
-        if self.position + self.batch_size > self.size:
+    def _take(self, units: int) -> int:
+        """Moves on by `units`, into a new epoch when this one has fewer left; returns where they start."""
+        if self.position + units > self.units_per_epoch:
             self.epoch, self.position = self.epoch + 1, 0
             self.order_seed = int(torch.randint(2**62, (1,), generator=self.generator))
-            self.order = self._permutation()
-        batch = self.order[self.position : self.position + self.batch_size]
-        self.position += self.batch_size
-        return batch.tolist()
+            self.order = self._shuffle()
+        self.position += units
+        return self.position - units
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position, "order_seed": self.order_seed}
@@ -49,17 +48,32 @@ class EpochOrder:
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.position, self.order_seed = state["epoch"], state["position"], state["order_seed"]
         if self.epoch >= 0:
-            self.order = self._permutation()
+            self.order = self._shuffle()
 
 
-class BucketOrder:
-    """Batches of dataset indices of one image size each (aspect-ratio buckets); its position is three JSON
-    numbers, as EpochOrder's.
+class EpochOrder(_ReshuffledEachEpoch):
+    """Batches of dataset indices from a new permutation each epoch (position counted in rows)."""
 
-    Each epoch, from an order seed drawn from `generator`: every bucket's indices are permuted and cut into
-    batches (a bucket's last incomplete batch is left out of that epoch, a different one each epoch), and the
-    batches of all buckets are shuffled together. A bucket's share of the batches is so its share of the
-    images, and a batch never mixes sizes.
+    def __init__(self, size: int, batch_size: int, generator: torch.Generator):
+        if batch_size > size:
+            raise InputError(f"the dataset has {size} images, fewer than one batch of {batch_size}; lower batch_size")
+        super().__init__(size, generator)
+        self.size, self.batch_size = size, batch_size
+
+    def _shuffle(self) -> torch.Tensor:
+        return torch.randperm(self.size, generator=torch.Generator().manual_seed(self.order_seed))
+
+    def next_batch(self) -> list[int]:
+        start = self._take(self.batch_size)
+        return self.order[start : start + self.batch_size].tolist()
+
+
+class BucketOrder(_ReshuffledEachEpoch):
+    """Batches of dataset indices of one image size each (aspect-ratio buckets; position counted in batches).
+
+    Each epoch: every bucket's indices are permuted and cut into batches (a bucket's last incomplete batch is
+    left out of that epoch, a different one each epoch), and the batches of all buckets are shuffled together.
+    A bucket's share of the batches is so its share of the images, and a batch never mixes sizes.
     """
 
     def __init__(self, sizes: Sequence[tuple[int, int]], batch_size: int, generator: torch.Generator):
@@ -72,12 +86,14 @@ class BucketOrder:
             raise InputError(
                 f"no image size (bucket) has a batch of {batch_size} images, the largest {largest}; lower batch_size"
             )
-        self.batch_size, self.generator = batch_size, generator
-        self.batches_per_epoch = sum(len(b) // batch_size for b in self.buckets)
-        self.epoch, self.position, self.order_seed = -1, self.batches_per_epoch, 0
-        self.order: list[torch.Tensor] = []
+        self.batch_size = batch_size
+        super().__init__(sum(len(b) // batch_size for b in self.buckets), generator)
 
-    def _batches(self) -> list[torch.Tensor]:
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.units_per_epoch
+
+    def _shuffle(self) -> list[torch.Tensor]:
         generator = torch.Generator().manual_seed(self.order_seed)
         batches = []
         for bucket in self.buckets:
@@ -87,20 +103,8 @@ class BucketOrder:
         return [batches[i] for i in torch.randperm(len(batches), generator=generator)]
 
     def next_batch(self) -> list[int]:
-        if self.position == self.batches_per_epoch:
-            self.epoch, self.position = self.epoch + 1, 0
-            self.order_seed = int(torch.randint(2**62, (1,), generator=self.generator))
-            self.order = self._batches()
-        self.position += 1
-        return self.order[self.position - 1].tolist()
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position, "order_seed": self.order_seed}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.position, self.order_seed = state["epoch"], state["position"], state["order_seed"]
-        if self.epoch >= 0:
-            self.order = self._batches()
+        position = self._take(1)  # before reading self.order: taking may start an epoch, with a new order
+        return self.order[position].tolist()
 
 
 def index_order(
