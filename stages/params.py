@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
 
 from ldm import devices
 from ldm.data.buckets import Size, bucket_sizes, check_buckets
-from ldm.diffusion.names import BETA_SCHEDULES, PREDICTION_TYPES, SAMPLERS, SPACINGS
+from ldm.diffusion.names import BETA_SCHEDULES, FLOW_SAMPLERS, OBJECTIVES, PREDICTION_TYPES, SAMPLERS, SPACINGS
 from ldm.errors import InputError
 from ldm.models.vae import VAEConfig
 
@@ -186,9 +186,21 @@ class SamplingParams(Section):
     spacing: Literal[SPACINGS] = "trailing"
 
 
+class FlowParams(Section):
+    """The rectified-flow objective's knobs (`ldm.diffusion.schedule.FlowSchedule`)."""
+
+    shift: float = Field(1.0, gt=0.0)  # at the training size; above 1 spends more training and sampling on high noise
+    logit_mean: float = 0.0  # training t = sigmoid(N(logit_mean, logit_std^2)): SD3's logit-normal
+    logit_std: float = Field(1.0, gt=0.0)
+
+
 class TrainUNetParams(DenoisingParams):
     model: UNetModelParams = UNetModelParams()
+    # diffusion: reverse a DDPM's noising (`schedule`, its prediction_type); flow: learn a rectified flow's
+    # velocity (`flow`; only schedule.num_train_timesteps applies), sampled with euler or heun
+    objective: Literal[OBJECTIVES] = "diffusion"
     schedule: ScheduleParams = ScheduleParams()
+    flow: FlowParams = FlowParams()
     batch_size: int = Field(128, ge=1)  # rows per micro-batch, over all ranks of a data-parallel run
     # Streams of disjoint cache shards each batch draws from; a run is the same on any number of ranks that
     # divides it. None: one per rank.
@@ -355,9 +367,31 @@ class Params(Section):
                 check_buckets(self.bucket_sizes(), self.bucket_multiple())
             except InputError as e:
                 raise ValueError(f"ingest: {e}") from None
+        if self.train_unet.objective == "flow":
+            self._check_flow()
         if self.finetune_lora.concept.aspect != "crop":
             raise ValueError("finetune_lora.concept.aspect must be crop: a LoRA concept trains on square images")
         return self
+
+    def _check_flow(self) -> None:
+        """A flow model samples with FLOW_SAMPLERS only and takes no SNR weighting: every key that says
+        otherwise, in one message."""
+        wrong = []
+        if self.train_unet.min_snr_gamma is not None:
+            wrong.append("train_unet.min_snr_gamma (null)")
+        for key, samplers in [
+            ("train_unet.sampling.sampler", [self.train_unet.sampling.sampler]),
+            ("evaluate.samplers", [run.sampler for run in self.evaluate.samplers]),
+            ("evaluate.quality_per_compute.samplers", self.evaluate.quality_per_compute.samplers),
+            ("sample.sampler", [self.sample.sampler]),
+        ]:
+            if set(samplers) - set(FLOW_SAMPLERS):
+                wrong.append(f"{key} ({' or '.join(FLOW_SAMPLERS)})")
+        if wrong:
+            raise ValueError(
+                f"train_unet.objective is flow, which samples with {list(FLOW_SAMPLERS)} and weighs no loss by SNR; "
+                f"set {', '.join(wrong)}"
+            )
 
     def bucket_multiple(self) -> int:
         """What a bucket's sides are multiples of: the VAE's downsampling factor times the UNet's."""

@@ -28,7 +28,7 @@ from PIL import Image
 
 from ldm.data.latent_cache import LatentCache, LatentCacheError, vae_hash
 from ldm.diffusion.pipeline import RAW_UNET_FOLDER, Text2Image
-from ldm.diffusion.schedule import NoiseSchedule
+from ldm.diffusion.schedule import FlowSchedule, NoiseSchedule, Schedule
 from ldm.errors import InputError
 from ldm.models.modeling import atomic_path
 from ldm.models.text_encoder import TextEncoder
@@ -37,7 +37,7 @@ from ldm.models.vae import VAE
 from ldm.training.checkpoint import atomic_directory
 from ldm.training.distributed import DataParallel, data_parallel
 from ldm.training.unet import UNetTrainingConfig, Validation, data_lanes, train_unet
-from stages.params import Params, ParamsError, resolve_device
+from stages.params import Params, ParamsError, TrainUNetParams, resolve_device
 from stages.reporting import Reporter, StageResult, stage_main, training_progress, write_csv, write_json
 
 STAGE = "train_unet"
@@ -79,6 +79,16 @@ def model_config(params: Params, latent_channels: int, latent_size: int, text_wi
         raise ParamsError(f"train_unet.model is not a valid UNet: {e}") from None
 
 
+def training_schedule(section: TrainUNetParams, latent_size: int) -> Schedule:
+    """The objective's schedule: a flow's shift holds at the training latents' area, `latent_size` squared."""
+    if section.objective == "flow":
+        return FlowSchedule(
+            num_train_timesteps=section.schedule.num_train_timesteps, base_latent_pixels=latent_size**2,
+            **section.flow.model_dump(),
+        )
+    return NoiseSchedule(**section.schedule.model_dump())
+
+
 def run(params: Params, reporter: Reporter) -> StageResult:
     with data_parallel(resolve_device(params.device)) as (ranks, device):
         return _run(params, reporter, ranks, device)
@@ -88,10 +98,10 @@ def _run(params: Params, reporter: Reporter, ranks: DataParallel, device: torch.
     paths, section = params.paths, params.train_unet
     cache, vae = open_inputs(params)
     config = unet_config(params, cache)
-    schedule = NoiseSchedule(**section.schedule.model_dump())
-    hp = UNetTrainingConfig(
-        **section.model_dump(exclude={"model", "schedule", "sampling", "validation_prompts", "validation_seeds"})
-    )
+    schedule = training_schedule(section, config.sample_size)
+    hp = UNetTrainingConfig(**section.model_dump(
+        exclude={"model", "objective", "schedule", "flow", "sampling", "validation_prompts", "validation_seeds"}
+    ))
     try:
         data_lanes(hp, ranks)
     except ValueError as e:

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ldm.diffusion.names import SAMPLERS
+from ldm.diffusion.names import FLOW_SAMPLERS, SAMPLERS
 from ldm.diffusion.samplers import sample
-from ldm.diffusion.schedule import NoiseSchedule
+from ldm.diffusion.schedule import FlowSchedule, NoiseSchedule, Schedule, schedule_from_dict
 from ldm.errors import InputError, InputNotFoundError
 from ldm.models.modeling import atomic_path
 from ldm.models.text_encoder import TextEmbedding, TextEncoder
@@ -77,9 +77,12 @@ def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, rescale: float) -
     return rescale * matched + (1 - rescale) * guided
 
 
-def _noised_to(schedule: NoiseSchedule, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """`latents` noised with `noise` to timestep t (a sampler's, possibly fractional) in the VP form the network
-    sees. The noise level is the schedule's sigma interpolated linearly in t, as the Euler samplers place it."""
+def _noised_to(schedule: Schedule, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """`latents` noised with `noise` to timestep t (a sampler's, possibly fractional) in the form the network
+    sees: a flow's x_t, or the VP sample at the schedule's sigma interpolated linearly in t, as the Euler
+    samplers place it."""
+    if isinstance(schedule, FlowSchedule):
+        return schedule.add_noise(latents, noise, t)
     table = schedule.sigmas.numpy()
     sigma = float(np.interp(t[0].item(), np.arange(len(table)), table))
     alpha = (1 + sigma**2) ** -0.5
@@ -91,7 +94,7 @@ def denoise(
     context: TextEmbedding,
     guidance_scale: float,
     shape: tuple[int, int, int, int],
-    schedule: NoiseSchedule,
+    schedule: Schedule,
     sampler: str = "dpmpp_2m",
     steps: int = 20,
     spacing: str = "leading",
@@ -182,7 +185,7 @@ class Text2Image:
         vae: VAE,
         unet: UNet,
         text_encoder: TextEncoder,
-        schedule: NoiseSchedule | None = None,
+        schedule: Schedule | None = None,
         sampler: str = "dpmpp_2m",
         spacing: str = "leading",
         karras: bool = False,
@@ -199,6 +202,8 @@ class Text2Image:
         ControlNet trained for this UNet, used by calls given `control_image`, at `control_scale` by default."""
         if sampler not in SAMPLERS:
             raise InputError(f"unknown sampler {sampler!r}; choose one of {list(SAMPLERS)}")
+        if isinstance(schedule, FlowSchedule) and sampler not in FLOW_SAMPLERS:
+            raise InputError(f"sampler {sampler!r} does not integrate a flow model; choose one of {list(FLOW_SAMPLERS)}")
         if unet.config.cross_attention_dim != text_encoder.hidden_size:
             raise InputError(
                 f"the UNet cross-attends to {unet.config.cross_attention_dim}-wide text tokens but the text encoder "
@@ -369,7 +374,7 @@ class Text2Image:
             vae=VAE.from_pretrained(directory / "vae", device=device),
             unet=unet,
             text_encoder=text_encoder or TextEncoder.from_pretrained(config["text_encoder"], device=device),
-            schedule=NoiseSchedule.from_dict(config["schedule"]),
+            schedule=schedule_from_dict(config["schedule"]),
             sampler=config["sampler"],
             spacing=config["spacing"],
             karras=config["karras"],

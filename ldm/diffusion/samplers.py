@@ -18,6 +18,9 @@ over the matching scheduler returns (to float32 rounding):
     euler_ancestral: EulerAncestralDiscreteScheduler  heun: HeunDiscreteScheduler
     dpmpp_2m: DPMSolverMultistepScheduler (dpmsolver++, order 2)
 
+and for a flow model (`FlowSchedule`): euler: FlowMatchEulerDiscreteScheduler, heun:
+FlowMatchHeunDiscreteScheduler, with `shift` the schedule's shift at the sample's size.
+
 with `timestep_spacing=spacing`, `steps_offset=steps_offset`, `use_karras_sigmas=karras` and otherwise
 default options. The schedules are built with numpy in float64 because diffusers builds them so: numpy's
 float32 log and float64 pow differ from torch's in the last bit, which moves fractional timesteps.
@@ -30,8 +33,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from ldm.diffusion.names import KARRAS_SAMPLERS, SAMPLERS, SPACINGS
-from ldm.diffusion.schedule import NoiseSchedule, x0_from_output
+from ldm.diffusion.names import FLOW_SAMPLERS, KARRAS_SAMPLERS, SAMPLERS, SPACINGS
+from ldm.diffusion.schedule import FlowSchedule, NoiseSchedule, Schedule, shift_time, x0_from_output
 from ldm.errors import InputError
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t (B, C, H, W), t (B,) float32) -> (B, C, H, W)
@@ -404,13 +407,77 @@ def sample_pndm(
     return x
 
 
+# --- Samplers over a rectified flow (x = (1 - t) x0 + t eps; ts: (N + 1,) float32, from 1 down to 0) -------
+
+Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x (B, C, H, W), t 0-d in [0, 1]) -> dx/dt
+
+
+def flow_sigmas(schedule: FlowSchedule, steps: int, latent_size: tuple[int, int]) -> torch.Tensor:
+    """The flow times t a sampler visits, as diffusers' FlowMatch schedulers lay them out: evenly spaced from
+    1 to the shifted 1 / num_train_timesteps, shifted (so that end is shifted twice, as there), then 0.
+    (steps + 1,) float32"""
+    shift, T = schedule.shift_at(latent_size), schedule.num_train_timesteps
+    smallest = shift_time(torch.tensor(1.0) / T, shift).item()  # in float32, as diffusers' sigma_min
+    ts = shift_time(np.linspace(T, smallest * T, steps) / T, shift)
+    return _sigmas_tensor(ts)
+
+
+def sample_flow_euler(
+    velocity: Velocity, x: torch.Tensor, ts: torch.Tensor, callback: ProgressCallback | None = None
+) -> torch.Tensor:
+    """Euler's method on dx/dt = v(x, t) from ts[0] to ts[-1]. Exact, at any step count, on a flow whose
+    velocity is constant along each path: the straight lines rectified flow trains towards."""
+    n = len(ts) - 1
+    for i in range(n):
+        x = x + (ts[i + 1] - ts[i]) * velocity(x, ts[i])
+        if callback:
+            callback(i, n)
+    return x
+
+
+def sample_flow_heun(
+    velocity: Velocity, x: torch.Tensor, ts: torch.Tensor, callback: ProgressCallback | None = None
+) -> torch.Tensor:
+    """Heun's second-order method on dx/dt = v(x, t): an Euler step, corrected with the mean of the velocities
+    at both of its ends; the last step (to t = 0, where the data is) is Euler's. Two network evaluations per
+    step but the last."""
+    n = len(ts) - 1
+    for i in range(n):
+        dt = ts[i + 1] - ts[i]
+        v = velocity(x, ts[i])
+        x_euler = x + dt * v
+        x = x_euler if ts[i + 1] == 0 else x + dt * (v + velocity(x_euler, ts[i + 1])) / 2
+        if callback:
+            callback(i, n)
+    return x
+
+
+def _sample_flow(
+    model: Model, noise: torch.Tensor, schedule: FlowSchedule, sampler: str, steps: int, karras: bool, eta: float,
+    callback: ProgressCallback | None, init: torch.Tensor | None, skip: int,
+) -> torch.Tensor:
+    if sampler not in FLOW_SAMPLERS:
+        raise InputError(f"sampler={sampler!r} does not integrate a flow model; use one of {FLOW_SAMPLERS}")
+    if karras or eta:
+        raise InputError("karras and eta do not apply to a flow model; leave them off")
+    ts = flow_sigmas(schedule, steps, tuple(noise.shape[-2:]))[skip:].to(noise.device)
+    x = noise if not skip else schedule.add_noise(init, noise, ts[0] * schedule.num_train_timesteps)
+
+    def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return model(x, torch.full((x.shape[0],), t.item() * schedule.num_train_timesteps, dtype=torch.float32,
+                                   device=x.device))
+
+    integrate = sample_flow_euler if sampler == "euler" else sample_flow_heun
+    return integrate(velocity, x, ts, callback)
+
+
 # --- Entry point ---------------------------------------------------------------------------------------------
 
 
 def sample(
     model: Model,
     noise: torch.Tensor,
-    schedule: NoiseSchedule,
+    schedule: Schedule,
     sampler: str = "dpmpp_2m",
     steps: int = 20,
     spacing: str = "leading",
@@ -434,20 +501,15 @@ def sample(
     with `noise` (diffusers' img2img `get_timesteps` + `add_noise`). Strength 0 returns `init`; strength 1
     ignores it and returns exactly the text-to-image sample, as diffusers' inpainting pipelines do at full
     strength (noising `init` to the first level would still leave sqrt(abar_T) of it in).
+
+    A flow model (`FlowSchedule`, output: velocity) is integrated from t = 1 by `sample_flow_euler` ("euler")
+    or `sample_flow_heun` ("heun") over `flow_sigmas`; `spacing` and `steps_offset` do not apply to it.
     """
     _check_choice("sampler", sampler, SAMPLERS)
     _check_choice("spacing", spacing, SPACINGS)
     T = schedule.num_train_timesteps
     if not 1 <= steps <= T:
         raise InputError(f"steps={steps} is out of range; use 1..{T} (the schedule's num_train_timesteps)")
-    if karras and sampler not in KARRAS_SAMPLERS:
-        raise InputError(f"karras=True is not available for sampler={sampler!r}; use it with one of {KARRAS_SAMPLERS}")
-    if eta != 0.0 and sampler != "ddim":
-        raise InputError(f"eta={eta} applies to sampler='ddim' only; pass eta=0.0 with sampler={sampler!r}")
-    if eta < 0.0:
-        raise InputError(f"eta={eta} must be >= 0 (0: deterministic DDIM, 1: DDPM-like noise)")
-    if sampler == "pndm" and schedule.prediction_type == "sample":
-        raise InputError("sampler='pndm' needs prediction_type 'epsilon' or 'v_prediction'; pick another sampler")
     if not 0.0 <= strength <= 1.0:
         raise InputError(f"strength={strength} is out of range; use 0 (keep the input) .. 1 (ignore it)")
     if init is not None and init.shape != noise.shape:
@@ -456,6 +518,16 @@ def sample(
     skip = steps - int(steps * strength) if init is not None and strength < 1.0 else 0
     if skip == steps:
         return init
+    if isinstance(schedule, FlowSchedule):
+        return _sample_flow(model, noise, schedule, sampler, steps, karras, eta, callback, init, skip)
+    if karras and sampler not in KARRAS_SAMPLERS:
+        raise InputError(f"karras=True is not available for sampler={sampler!r}; use it with one of {KARRAS_SAMPLERS}")
+    if eta != 0.0 and sampler != "ddim":
+        raise InputError(f"eta={eta} applies to sampler='ddim' only; pass eta=0.0 with sampler={sampler!r}")
+    if eta < 0.0:
+        raise InputError(f"eta={eta} must be >= 0 (0: deterministic DDIM, 1: DDPM-like noise)")
+    if sampler == "pndm" and schedule.prediction_type == "sample":
+        raise InputError("sampler='pndm' needs prediction_type 'epsilon' or 'v_prediction'; pick another sampler")
 
     if sampler in ("ddpm", "ddim", "pndm"):
         timesteps = discrete_timesteps(schedule, steps, spacing, steps_offset)[skip:]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields
 
+import numpy as np
 import torch
 
 from ldm.diffusion.names import BETA_SCHEDULES, PREDICTION_TYPES
@@ -83,6 +84,10 @@ class NoiseSchedule:
             raise InputError(f"unknown NoiseSchedule keys {unknown}; the known ones are {sorted(known)}")
         return cls(**config)
 
+    def draw_timesteps(self, count: int, generator: torch.Generator, latent_size: tuple[int, int]) -> torch.Tensor:
+        """Training timesteps (count,) int64, uniform over the schedule (at any latent size)."""
+        return torch.randint(self.num_train_timesteps, (count,), generator=generator)
+
     def _coefficients(self, t: int | torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(sqrt(abar_t), sqrt(1 - abar_t)), shaped to broadcast against `like` (B, ...) and in its dtype."""
         abar = self.alphas_cumprod.to(like.device)[t]
@@ -144,3 +149,93 @@ def eps_from_output(
     if prediction_type == "v_prediction":
         return alpha * model_output + sigma * x_t
     return (x_t - alpha * model_output) / sigma
+
+
+@dataclass
+class FlowSchedule:
+    """Rectified flow as Stable Diffusion 3 trains it (Esser et al. 2024): x_t = (1 - t) x0 + t eps for t in
+    [0, 1], and the network predicts the velocity eps - x0 along that straight line.
+
+    The network sees `t * num_train_timesteps` as its timestep, so a UNet's time embedding covers the same
+    range as under a `NoiseSchedule`. Training draws t logit-normal (sigmoid of N(logit_mean, logit_std^2):
+    most draws in the middle, where the velocity is hardest to predict), then shifts it; sampling walks the
+    shifted grid (`ldm.diffusion.samplers.flow_sigmas`). The shift, s t / (1 + (s - 1) t), spends more of
+    both on high noise for s > 1; it is `shift` at `base_latent_pixels` (h * w of the training latents) and
+    grows with the square root of the latent area, SD3's resolution-dependent rule: a larger image keeps more
+    of its structure at the same t, so it needs more noise to lose it. `base_latent_pixels` None: the same
+    shift at any size.
+    """
+
+    num_train_timesteps: int = 1000
+    shift: float = 1.0
+    base_latent_pixels: int | None = None
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    prediction_type: str = field(default="flow", init=False)  # what the network outputs: the velocity
+
+    def __post_init__(self) -> None:
+        if self.num_train_timesteps < 1:
+            raise InputError(f"num_train_timesteps={self.num_train_timesteps} must be at least 1")
+        if self.shift <= 0:
+            raise InputError(f"shift={self.shift} must be positive (1: no shift, above 1: more noise)")
+        if self.logit_std <= 0:
+            raise InputError(f"logit_std={self.logit_std} must be positive")
+        if self.base_latent_pixels is not None and self.base_latent_pixels < 1:
+            raise InputError(f"base_latent_pixels={self.base_latent_pixels} must be at least 1 (or None)")
+
+    def to_dict(self) -> dict:
+        """The config (JSON-ready), with `objective: flow` telling it from a NoiseSchedule's (`schedule_from_dict`)."""
+        return {"objective": "flow", **{f.name: getattr(self, f.name) for f in fields(self) if f.init}}
+
+    def shift_at(self, latent_size: tuple[int, int]) -> float:
+        """The shift for latents of (h, w)."""
+        if self.base_latent_pixels is None:
+            return self.shift
+        return self.shift * (latent_size[0] * latent_size[1] / self.base_latent_pixels) ** 0.5
+
+    def draw_timesteps(self, count: int, generator: torch.Generator, latent_size: tuple[int, int]) -> torch.Tensor:
+        """Training timesteps (count,) float32 in network units: t logit-normal, shifted for this latent size,
+        times num_train_timesteps."""
+        t = torch.sigmoid(self.logit_mean + self.logit_std * torch.randn(count, generator=generator))
+        return shift_time(t, self.shift_at(latent_size)) * self.num_train_timesteps
+
+    def _t(self, t: int | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Network timesteps as t in [0, 1], shaped to broadcast against `like` (B, ...) and in its dtype."""
+        t = torch.as_tensor(t, dtype=torch.float32, device=like.device) / self.num_train_timesteps
+        if t.dim() == 1:
+            t = t.view(-1, *([1] * (like.dim() - 1)))
+        return t.to(like.dtype)
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
+        """x_t = (1 - t) x0 + t noise at network timesteps t (B,). (B, ...) -> (B, ...)"""
+        s = self._t(t, x0)
+        return (1 - s) * x0 + s * noise
+
+    def training_target(self, x0: torch.Tensor, noise: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
+        """The velocity noise - x0, the same at every t."""
+        return noise - x0
+
+    def predict_x0(self, model_output: torch.Tensor, x_t: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
+        """The clean sample a velocity implies: x_t - t v."""
+        return x_t - self._t(t, x_t) * model_output
+
+
+def shift_time(t: torch.Tensor | np.ndarray, shift: float) -> torch.Tensor | np.ndarray:
+    """SD3's timestep shift s t / (1 + (s - 1) t): fixes 0 and 1, and moves every t in between up for s > 1."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+Schedule = NoiseSchedule | FlowSchedule
+
+
+def schedule_from_dict(config: dict) -> Schedule:
+    """A schedule from its `to_dict()`: a FlowSchedule when it says `objective: flow`, else a NoiseSchedule
+    (whose dict has no objective, so the folders of models trained before flows load as they were)."""
+    config = dict(config)
+    if config.pop("objective", "diffusion") == "flow":
+        known = {f.name for f in fields(FlowSchedule) if f.init}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise InputError(f"unknown FlowSchedule keys {unknown}; the known ones are {sorted(known)}")
+        return FlowSchedule(**config)
+    return NoiseSchedule.from_dict(config)

@@ -25,7 +25,7 @@ from torch import nn
 
 from ldm.data.latent_cache import LatentBatch, LatentCache
 from ldm.data.order import CacheOrder
-from ldm.diffusion.schedule import NoiseSchedule
+from ldm.diffusion.schedule import Schedule
 from ldm.errors import InputError
 from ldm.models.controlnet import ControlNet
 from ldm.models.unet import UNet
@@ -65,7 +65,7 @@ def train_controlnet(
     controlnet: ControlNet,
     cache: LatentCache,
     control_of: ControlSource,
-    schedule: NoiseSchedule,
+    schedule: Schedule,
     hp: ControlNetTrainingConfig,
     checkpoint_dir,
     seed: int,
@@ -128,7 +128,7 @@ def train_controlnet(
         b = len(batch)
         dropped = torch.rand(b, generator=noise_generator) < hp.caption_dropout
         context = text.lookup(torch.where(dropped, text.empty_index, batch.text_index))
-        t = torch.randint(schedule.num_train_timesteps, (b,), generator=noise_generator)
+        t = schedule.draw_timesteps(b, noise_generator, tuple(latents.shape[-2:]))
         noise = draw_noise(tuple(latents.shape), hp.noise_offset, noise_generator)
         control = batch_controls(batch, control_of).to(device)  # (B, C_cond, H, W)
 

@@ -6,6 +6,9 @@ For a batch of clean latents z0 (in diffusion space):
     z_t     = sqrt(abar_t) * z0 + sqrt(1 - abar_t) * noise
     loss    = mean over the batch of w(t) * mean((model(z_t, t, context) - target)^2)
 
+or, under a rectified flow's `FlowSchedule`, t logit-normal and shifted, z_t = (1 - t) z0 + t noise and the
+target the velocity noise - z0 (`schedule.draw_timesteps`, `add_noise`, `training_target`).
+
 The target is what the schedule's prediction type asks for (epsilon, v or the clean latents). w(t) is 1, or
 with min-SNR-gamma min(SNR, gamma) / SNR expressed for the prediction type (Hang et al. 2023). The context is
 the caption's embedding, or the empty prompt's with probability caption_dropout: that teaches the
@@ -20,7 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ldm.diffusion.schedule import NoiseSchedule
+from ldm.diffusion.schedule import Schedule
+from ldm.errors import InputError
 from ldm.models.text_encoder import TextEmbedding
 from ldm.training.engine import TrainingConfig
 
@@ -35,7 +39,7 @@ class DenoisingConfig(TrainingConfig):
     noise_offset: float = 0.0
 
 
-def loss_weights(schedule: NoiseSchedule, t: torch.Tensor, min_snr_gamma: float | None) -> torch.Tensor:
+def loss_weights(schedule: Schedule, t: torch.Tensor, min_snr_gamma: float | None) -> torch.Tensor:
     """Per-sample loss weights (B,): min(SNR, gamma) / SNR in x0-error units, converted to the prediction type.
 
     The MSE of an epsilon prediction is SNR times the x0 error, of a v prediction (SNR + 1) times it, so the
@@ -43,6 +47,8 @@ def loss_weights(schedule: NoiseSchedule, t: torch.Tensor, min_snr_gamma: float 
     """
     if min_snr_gamma is None:
         return torch.ones(t.shape, dtype=torch.float32)
+    if schedule.prediction_type == "flow":
+        raise InputError("min_snr_gamma weighs a diffusion objective's loss; a flow objective takes none (null)")
     snr = schedule.snr(t).float()
     clipped = snr.clamp(max=min_snr_gamma)
     if schedule.prediction_type == "epsilon":
@@ -65,7 +71,7 @@ def draw_noise(
 
 def denoising_loss(
     model: Denoiser,
-    schedule: NoiseSchedule,
+    schedule: Schedule,
     latents: torch.Tensor,
     noise: torch.Tensor,
     t: torch.Tensor,
@@ -87,7 +93,7 @@ def denoising_loss(
 
 @torch.no_grad()
 def fixed_draw_loss(
-    model: Denoiser, schedule: NoiseSchedule, batches: Iterable[tuple[torch.Tensor, TextEmbedding]],
+    model: Denoiser, schedule: Schedule, batches: Iterable[tuple[torch.Tensor, TextEmbedding]],
     device: torch.device, seed: int,
 ) -> float:
     """The unweighted loss (MSE to the target, per element) over held-out `batches` of clean latents (B, C, h, w)

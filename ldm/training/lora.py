@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ldm.data.order import EpochOrder
-from ldm.diffusion.schedule import NoiseSchedule
+from ldm.diffusion.schedule import Schedule
 from ldm.errors import InputError
 from ldm.models.lora import add_lora
 from ldm.models.text_encoder import TextEmbedding
@@ -73,7 +73,7 @@ def finetune_lora(
     latents: torch.Tensor,
     contexts: TextEmbedding,
     empty_context: TextEmbedding,
-    schedule: NoiseSchedule,
+    schedule: Schedule,
     hp: LoraTrainingConfig,
     checkpoint_dir: str | Path,
     seed: int,
@@ -130,7 +130,7 @@ def finetune_lora(
             b = len(rows)
             dropped = torch.rand(b, generator=noise_generator) < hp.caption_dropout
             context = text[torch.where(dropped, empty_index, rows)]
-            t = torch.randint(schedule.num_train_timesteps, (b,), generator=noise_generator)
+            t = schedule.draw_timesteps(b, noise_generator, tuple(clean.shape[-2:]))
             noise = draw_noise(tuple(clean.shape), hp.noise_offset, noise_generator)
             loss = denoising_loss(net, schedule, clean, noise, t, context, hp.min_snr_gamma, device)
             # Indices into `latents`: the inputs have no ids of their own.

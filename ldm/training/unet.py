@@ -29,7 +29,7 @@ from PIL import Image
 from ldm.data.latent_cache import LatentCache, TextTable
 from ldm.data.order import CacheOrder, check_lanes
 from ldm.diffusion.pipeline import denoise
-from ldm.diffusion.schedule import NoiseSchedule
+from ldm.diffusion.schedule import Schedule
 from ldm.errors import InputError
 from ldm.evaluation.grids import captioned_grid
 from ldm.models.text_encoder import TextEmbedding
@@ -93,7 +93,7 @@ def validation_prompts(cache: LatentCache, count: int) -> list[tuple[str, int]]:
 def validation_grid(
     unet: UNet,
     vae: VAE,
-    schedule: NoiseSchedule,
+    schedule: Schedule,
     cond: TextEmbedding,
     uncond: TextEmbedding,
     captions: list[str],
@@ -134,7 +134,7 @@ class Validation:
 def train_unet(
     config: UNetConfig,
     cache: LatentCache,
-    schedule: NoiseSchedule,
+    schedule: Schedule,
     hp: UNetTrainingConfig,
     checkpoint_dir,
     seed: int,
@@ -200,7 +200,7 @@ def train_unet(
         latents = cache.sample(batch.mean, batch.logvar, noise=eps)  # (B, C, h, w)
         dropped = (torch.rand(b, generator=noise_generator) < hp.caption_dropout)[mine]
         context = text.lookup(torch.where(dropped, text.empty_index, batch.text_index))
-        t = torch.randint(schedule.num_train_timesteps, (b,), generator=noise_generator)[mine]
+        t = schedule.draw_timesteps(b, noise_generator, shape[-2:])[mine]
         noise = draw_noise(shape, hp.noise_offset, noise_generator, mine)
         loss = denoising_loss(net, schedule, latents, noise, t, context, hp.min_snr_gamma, device)
         return loss.reshape(1), batch.id
@@ -275,7 +275,7 @@ def val_loss_rising(validations: list[dict[str, float]], history: list[dict[str,
 
 
 def validation_loss(
-    unet: UNet, cache: LatentCache, text: TextTable, schedule: NoiseSchedule, batch_size: int, seed: int
+    unet: UNet, cache: LatentCache, text: TextTable, schedule: Schedule, batch_size: int, seed: int
 ) -> float:
     """`fixed_draw_loss` over the val split (each row's posterior mean: no sampling noise in the score), with
     the draws fixed by `seed`, so two runs' values compare. NaN without a val split."""
