@@ -5,7 +5,8 @@
 
 For each preset: the UNet forward alone, and (cpu) a 25-step DPM-Solver++ text-to-latent loop with
 classifier-free guidance (ours: `ldm.diffusion.samplers.sample`; theirs: `UNet2DConditionModel` +
-`DPMSolverMultistepScheduler`). Ours runs eager and, at the cpu preset, also compiled the way
+`DPMSolverMultistepScheduler`), and the same loop for a flow model with the Euler flow sampler (theirs:
+`FlowMatchEulerDiscreteScheduler`). Ours runs eager and, at the cpu preset, also compiled the way
 `Text2Image(compile=True)` compiles it (its one-off compile time is printed). Timings are medians of
 interleaved repeats; a ratio is diffusers / ours (above 1 means we are faster). Outputs are compared too
 (max difference relative to the largest value), so a speed-up can't come from doing less.
@@ -18,12 +19,12 @@ import time
 from collections.abc import Callable
 
 import torch
-from diffusers import DPMSolverMultistepScheduler, UNet2DConditionModel
+from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
 from timing import interleaved_medians
 
 from ldm.diffusion.pipeline import compile_for_sampling
 from ldm.diffusion.samplers import sample
-from ldm.diffusion.schedule import NoiseSchedule
+from ldm.diffusion.schedule import FlowSchedule, NoiseSchedule
 from ldm.interop.diffusers import from_diffusers, unet_config_to_diffusers
 from ldm.models.presets import preset
 
@@ -121,6 +122,46 @@ def bench_sampling_loop(preset_name: str, prompts: int, steps: int, repeats: int
     report(interleaved_medians(fns, repeats), diffs)
 
 
+@torch.inference_mode()
+def bench_flow_loop(preset_name: str, prompts: int, steps: int, repeats: int, guidance: float = 5.0) -> None:
+    """The same loop for a flow model (`train_unet.objective: flow`): our Euler flow sampler against diffusers'
+    FlowMatchEulerDiscreteScheduler (shift 3, as SD3's), on the same weights."""
+    print(f"{preset_name}: {steps}-step Euler flow text-to-latent loop (shift 3), guidance {guidance}, {prompts} prompts")
+    ours, theirs = build_pair(preset_name)
+    c = preset(preset_name).unet
+    gen = torch.Generator().manual_seed(0)
+    context = torch.randn(2 * prompts, TEXT_TOKENS, c.cross_attention_dim, generator=gen)
+    noise = torch.randn(prompts, c.in_channels, c.sample_size, c.sample_size, generator=gen)
+    schedule = FlowSchedule(shift=3.0)
+
+    def guided(unet_call):
+        def model(x, t):
+            t = t.reshape(-1).expand(len(x)).repeat(2)
+            uncond, cond = unet_call(torch.cat([x, x]), t, context).chunk(2)
+            return uncond + guidance * (cond - uncond)
+        return model
+
+    theirs_model = guided(lambda x, t, ctx: theirs(x, t, ctx).sample)
+
+    def run_ours(unet):
+        return sample(guided(unet), noise, schedule, sampler="euler", steps=steps)
+
+    def run_theirs():
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+        scheduler.set_timesteps(steps)
+        latents = noise.clone()
+        for t in scheduler.timesteps:
+            latents = scheduler.step(theirs_model(latents, t), t, latents).prev_sample
+        return latents
+
+    fast = compiled(ours, run_ours)
+    fns = {"ldm eager": lambda: run_ours(ours), "ldm compiled": lambda: run_ours(fast)}
+    expected = run_theirs()
+    diffs = {name: relative_diff(fn(), expected) for name, fn in fns.items()}
+    fns["diffusers"] = run_theirs
+    report(interleaved_medians(fns, repeats), diffs)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=["cpu", "sd15"], help="run one preset only")
@@ -132,6 +173,7 @@ def main() -> None:
         bench_forward("cpu", batch=128, tokens=TEXT_TOKENS, repeats=args.repeats, compile=False)
         bench_sampling_loop("cpu", prompts=1, steps=25, repeats=args.repeats)
         bench_sampling_loop("cpu", prompts=16, steps=25, repeats=args.repeats)
+        bench_flow_loop("cpu", prompts=16, steps=25, repeats=args.repeats)
     if args.only in (None, "sd15"):
         bench_forward("sd15", batch=1, tokens=SD_TEXT_TOKENS, repeats=max(3, args.repeats // 2), compile=False)
 

@@ -7,10 +7,11 @@ command (`python -m flows.<stage>`, a Prefect flow with its MLflow run), and upd
 
 Overrides (`set_params`) use `dvc exp run --set-param` syntax (`train_vae.max_steps=100`, `seed=1`). They
 are checked against the params schema (`stages.params`) before DVC starts, so a misspelt key fails at once
-with a message naming it. `dvc exp run` needs a git repository with at least one commit; it records the run
-as a DVC experiment (`dvc exp show`) and LEAVES THE OVERRIDES APPLIED in the workspace's params.yaml (and
-the results in the workspace, with dvc.lock updated): reset params.yaml (`git checkout params.yaml`) to go
-back.
+with a message naming it, then written into params.yaml changing only their values (`apply_overrides`: the
+rest of the file stays byte for byte as written), and `dvc exp run` runs the pipeline. It needs a git
+repository with at least one commit; it records the run as a DVC experiment (`dvc exp show`) and LEAVES THE
+OVERRIDES APPLIED in the workspace's params.yaml (and the results in the workspace, with dvc.lock updated):
+`git diff params.yaml` shows exactly the overrides; `git checkout params.yaml` goes back.
 
 Linking, through environment variables the flow sets for DVC's stage commands:
 - `LDM_PIPELINE_FLOW_RUN_ID` (this flow run's id): each stage flow (`flows/stage_flow.py`) attaches its
@@ -45,6 +46,8 @@ from mlflow.entities import Param
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import get_run_context
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
 from flows.servers import few_prefect_retries, require_servers
 from flows.stage_flow import PIPELINE_FLOW_RUN_ENV  # "LDM_PIPELINE_FLOW_RUN_ID"
@@ -58,6 +61,7 @@ from flows.tracking import (
     pipeline_stages,
     tracking_client,
 )
+from ldm.models.modeling import atomic_path
 from stages.params import DEFAULT_PARAMS_FILE, ParamsError, load_params
 
 TAIL_LINES = 40  # DVC's last output lines, logged again as one error when a stage fails ...
@@ -107,14 +111,57 @@ def check_overrides(repo: Path, set_params: list[str]) -> None:
             raise ParamsError(str(e).replace(str(copy), where)) from None
 
 
-def dvc_command(set_params: list[str] | None, targets: list[str] | None, force: bool) -> list[str]:
-    command = [sys.executable, "-m", "dvc"]
-    if set_params:
-        command += ["exp", "run"]
-        for override in set_params:
-            command += ["--set-param", override]
+def params_yaml() -> YAML:
+    """A round-trip YAML that writes a params file back byte for byte as it was read: comments, flow-style
+    lists, `null`, quoting and line lengths kept."""
+    yaml = YAML()
+    yaml.preserve_quotes = True
+    yaml.width = 4096
+    yaml.indent(mapping=2, sequence=4, offset=2)
+    yaml.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
+    return yaml
+
+
+def apply_overrides(repo: Path, set_params: list[str]) -> None:
+    """Write `dvc exp run --set-param` overrides (already checked by `check_overrides`) into params.yaml in
+    place, changing only their values: DVC's own writer re-dumps the whole file (block-style lists, `null`
+    left empty, long strings re-wrapped), which turned one changed seed into a 150-line diff."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    yaml, path = params_yaml(), repo / DEFAULT_PARAMS_FILE
+    data = yaml.load(path.read_text())
+    for override in OverridesParser.create().parse_overrides(set_params):
+        *parents, leaf = override.key_or_group.split(".")
+        node = data
+        for key in parents:
+            node = node.setdefault(key, CommentedMap())
+        if override.is_delete():
+            node.pop(leaf, None)
+        else:
+            node[leaf] = _styled(override.value(), block=isinstance(node.get(leaf), CommentedSeq)
+                                 and not node[leaf].fa.flow_style())
+    with atomic_path(path) as tmp, open(tmp, "w") as out:
+        yaml.dump(data, out)
+
+
+def _styled(value, block: bool = False):
+    """An override's value as YAML nodes: lists and mappings inline (`[32, 64]`, as params.yaml writes them)
+    unless the value they replace was a block list."""
+    if isinstance(value, list):
+        node = CommentedSeq(_styled(v) for v in value)
+    elif isinstance(value, dict):
+        node = CommentedMap((k, _styled(v)) for k, v in value.items())
     else:
-        command.append("repro")
+        return value
+    if not block:
+        node.fa.set_flow_style()
+    return node
+
+
+def dvc_command(set_params: list[str] | None, targets: list[str] | None, force: bool) -> list[str]:
+    """`dvc repro`, or `dvc exp run` when the run has overrides (which `apply_overrides` wrote beforehand)."""
+    command = [sys.executable, "-m", "dvc"]
+    command += ["exp", "run"] if set_params else ["repro"]
     if force:
         command.append("--force")
     return command + list(targets or [])
@@ -159,6 +206,12 @@ def has_commit(repo: Path) -> bool:
 def validate_overrides(repo: str, set_params: list[str]) -> None:
     check_overrides(Path(repo), set_params)
     get_run_logger().info("overrides valid: %s", " ".join(set_params))
+
+
+@task(name="apply overrides", cache_policy=NO_CACHE)
+def write_overrides(repo: str, set_params: list[str]) -> None:
+    apply_overrides(Path(repo), set_params)
+    get_run_logger().info("overrides written into %s (only their values changed)", DEFAULT_PARAMS_FILE)
 
 
 def _stop(process: subprocess.Popen, grace: float = 15) -> None:
@@ -270,6 +323,7 @@ def pipeline(
         validate_overrides(str(root), set_params)
         if not has_commit(root):
             raise PipelineError(f"set_params runs `dvc exp run`, which needs a git commit in {root}: commit first")
+        write_overrides(str(root), set_params)
     flow_run_id = str(get_run_context().flow_run.id)
     with mlflow_parent_run(root, flow_run_id, set_params, targets, force) as mlflow_run_id:
         logger.info("MLflow parent run %s (experiment %s)", mlflow_run_id, EXPERIMENT)

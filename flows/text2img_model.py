@@ -45,7 +45,9 @@ the server answers with a 400 and the message.
 
 Device: the model config's "device" (`load_model(uri, model_config={"device": "cpu"})`), else the
 environment variable LDM_DEVICE (the way to choose it for `mlflow models serve`), else cuda when there is
-one, else the CPU. `mlflow models serve` runs `uvicorn` from PATH: put the venv's bin/ on it.
+one, else the CPU. Compiled sampling: the model config's "compile" (true), else LDM_COMPILE=1: the UNet runs
+through torch.compile (`Text2Image.use_compiled_unet`), which pays its compile time on the first request of
+each batch shape and then samples faster; a request with LoRA adapters samples its own merged copy eagerly. `mlflow models serve` runs `uvicorn` from PATH: put the venv's bin/ on it.
 """
 
 from __future__ import annotations
@@ -165,6 +167,11 @@ def _png_base64(image) -> str:
     return base64.b64encode(to_png(tensor_to_pil(image))).decode("ascii")
 
 
+# The model config a loader may pass (`load_model(uri, model_config={...})`), with the saved defaults:
+# "auto" defers to LDM_DEVICE, then CUDA when present; False to LDM_COMPILE.
+LOAD_OPTIONS = {"device": "auto", "compile": False}
+
+
 class Text2ImageModel(PythonModel):
     """Text2Image behind MLflow's pyfunc interface; see the module docstring for the request format."""
 
@@ -174,7 +181,9 @@ class Text2ImageModel(PythonModel):
 
         from ldm.diffusion.pipeline import Text2Image
 
-        device = (context.model_config or {}).get("device") or os.environ.get("LDM_DEVICE") or "auto"
+        config = context.model_config or {}
+        device = config.get("device") if config.get("device") not in (None, "auto") else None
+        device = device or os.environ.get("LDM_DEVICE") or "auto"
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         folder = Path(context.artifacts[PIPELINE_ARTIFACT])
@@ -182,6 +191,8 @@ class Text2ImageModel(PythonModel):
         self.pipeline = Text2Image.from_pretrained(
             folder, device=device, controlnet=controlnet if controlnet.is_dir() else None
         )
+        if config.get("compile") or os.environ.get("LDM_COMPILE") == "1":
+            self.pipeline.use_compiled_unet()
         # The adapters a request may name: those shipped with the model (by their folder's name, checked when
         # saved) and, fetched on first use, registered versions. A request's text is only ever a key here.
         shipped = context.artifacts.get(LORA_ARTIFACT)
@@ -336,6 +347,7 @@ class Text2ImageModel(PythonModel):
 
         if loras:
             pipeline.unet = copy.deepcopy(pipeline.unet)
+            pipeline.compile = False  # compiling a request's own UNet would cost more than the request saves
             pipeline.load_loras(loras, merge=True)
         images = {name: _decode_image(name, settings[name]) for name in ("init_image", "mask", "control_image")
                   if settings[name]}
@@ -410,6 +422,8 @@ def save_text2img_model(
                 code_paths=[str(code)],
                 pip_requirements=pip_requirements(),
                 signature=SIGNATURE,
+                # The keys a loader's model_config may set: MLflow drops any key the saved model lacks.
+                model_config=dict(LOAD_OPTIONS),
             )
 
 

@@ -119,6 +119,7 @@ class DvcStage:
     deps: list[str]  # files and folders the stage reads (not its params)
     outs: list[str]  # what `dvc repro` records of it: its outs, metrics and plots
     params: list[str]  # the params.yaml keys it lists (dotted keys allowed)
+    cmd: str = ""  # its command, as dvc.yaml gives it
 
 
 def pipeline_stages(repo: Path) -> dict[str, DvcStage]:
@@ -146,6 +147,7 @@ def pipeline_stages(repo: Path) -> dict[str, DvcStage]:
                 deps=[relative(dep) for dep in stage.deps if not isinstance(dep, ParamsDependency)],
                 outs=[relative(out) for out in stage.outs],
                 params=[key for dep in stage.params if dep.fs_path == params_file for key in dep.params],
+                cmd=stage.cmd if isinstance(stage.cmd, str) else " && ".join(stage.cmd),
             )
             for stage in StageLoader(dvcfile, dvcfile.contents).values()
         }
@@ -420,6 +422,9 @@ def stage_run(
     commit = git_commit(repo, generated_paths(stages))
     tags = {
         "mlflow.runName": stage,
+        # What the run page shows as its Source: the command DVC runs for the stage, at this commit.
+        "mlflow.source.name": definition.cmd or f"dvc repro {stage}",
+        "mlflow.source.type": "LOCAL",
         "mlflow.source.git.commit": commit,
         "git_commit": commit,
         "dvc_stage": stage,

@@ -146,6 +146,8 @@ def _sample(args: argparse.Namespace) -> str:
     )
     if loras:
         pipeline.load_loras(loras, merge=args.merge_loras)
+    if args.compile:
+        pipeline.use_compiled_unet()
     if args.sampler:
         pipeline.sampler = args.sampler
     conditioning = {
@@ -272,6 +274,11 @@ def _add_sample_parser(commands) -> None:
     sample.add_argument(
         "--batch-size", type=int, default=8,
         help="how many prompts are sampled together in one forward pass (default: %(default)s)",
+    )
+    sample.add_argument(
+        "--compile", action="store_true",
+        help="run the UNet through torch.compile: 10-30 s of compiling per batch shape, then faster steps; "
+        "for many prompts in one call",
     )
     sample.add_argument(
         "--height", type=int, default=None,

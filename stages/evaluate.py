@@ -86,7 +86,7 @@ from ldm.evaluation.evaluator import (
     retrieval_top1,
     train_contrastive_evaluator,
 )
-from ldm.evaluation.grids import captioned_grid
+from ldm.evaluation.grids import at_own_shapes, captioned_grid
 from ldm.evaluation.reconstruction import reconstruction_metrics
 from ldm.models.text_encoder import TextEmbedding, TextEncoderNotFoundError
 from ldm.training.checkpoint import atomic_directory
@@ -123,9 +123,13 @@ def caption_table(text: TextTable, captions: list[str]) -> tuple[TextEmbedding, 
     return table, torch.tensor([row[c] for c in captions])
 
 
-def comparison_grid(generated: torch.Tensor, real: torch.Tensor, prompts: list[str], count: int):
-    """`count` generated images (top row) over the real val images of the same prompts (bottom row)."""
-    return captioned_grid([generated[:count], real[:count]], prompts[:count], ["generated", "real"])
+def comparison_grid(generated: torch.Tensor, real: torch.Tensor, prompts: list[str], count: int,
+                    sizes: list[Size] | None = None):
+    """`count` generated images (top row) over the real val images of the same prompts (bottom row), each at its
+    own shape (`sizes`, the real images' (width, height); None: as they are)."""
+    shown = None if sizes is None else sizes[:count]
+    return captioned_grid([at_own_shapes(generated[:count], shown), at_own_shapes(real[:count], shown)],
+                          prompts[:count], ["generated", "real"])
 
 
 QUALITY_PER_COMPUTE_CSV = "quality_per_compute.csv"
@@ -268,7 +272,7 @@ def run(params: Params, reporter: Reporter) -> StageResult:
                 )
         metrics["samplers"][key] = result
         rows.append({"sampler": run_spec.sampler, "steps": run_spec.steps, **flatten(result.get("adherence", {}))})
-        grids[key] = comparison_grid(generated, val.images, prompts, section.grid_images)
+        grids[key] = comparison_grid(generated, val.images, prompts, section.grid_images, val.sizes)
         reporter.info(f"{STAGE}: {key}: {_summary(result)}")
         reporter.metrics(flatten(result, f"{key}."))
     if skipped_reason := metrics.get("inception_fid_skipped"):
@@ -376,13 +380,15 @@ def memorisation(
                           section.batch_size, reporter, f"{STAGE} memorisation seen captions",
                           sizes=train.sizes[: knobs.seen_prompts], canvas=train.images.shape[-1])
     groups = {
-        "seen": (torch.cat([generated[seen], drawn_seen]), [p for p, s in zip(prompts, seen) if s] + seen_prompts),
-        "unseen": (generated[~seen], [p for p, s in zip(prompts, seen) if not s]),
+        "seen": (torch.cat([generated[seen], drawn_seen]), [p for p, s in zip(prompts, seen) if s] + seen_prompts,
+                 [z for z, s in zip(val.sizes, seen) if s] + train.sizes[: knobs.seen_prompts]),
+        "unseen": (generated[~seen], [p for p, s in zip(prompts, seen) if not s],
+                   [z for z, s in zip(val.sizes, seen) if not s]),
     }
     results: dict = {"thresholds": {"psnr": psnr_bar, "cosine": cosine_bar}}
     results["real_val"] = _nearness(real_psnr, real_cosine, psnr_bar, cosine_bar)
     shown: list[tuple[torch.Tensor, torch.Tensor, list[str]]] = []
-    for name, (images, captions) in groups.items():
+    for name, (images, captions, sizes) in groups.items():
         if not len(images):
             results[name] = {"images": 0}
             continue
@@ -390,7 +396,9 @@ def memorisation(
         results[name] = _nearness(psnr, nearest_cosine(image_embeddings(evaluator, images), train_features),
                                   psnr_bar, cosine_bar)
         count = min(4, len(images))
-        shown.append((images[:count], train.images[index[:count]],
+        nearest = index[:count].tolist()
+        shown.append((at_own_shapes(images[:count], sizes[:count]),
+                      at_own_shapes(train.images[nearest], [train.sizes[i] for i in nearest]),
                       [f"{p:.1f} dB, {name}: {c}" for c, p in zip(captions[:count], psnr[:count].tolist())]))
         reporter.info(
             f"{STAGE}: memorisation, {name} captions: {results[name]['copy_rate_pixels']:.0%} of {len(images)} images "
@@ -451,7 +459,8 @@ def diversity(
         f"real images of different captions {unrelated:.3f}: ratio {results['ratio_to_different_captions']:.2f}"
     )
     shown = min(8, len(chosen))
-    rows = [images[s * len(chosen) : s * len(chosen) + shown] for s in range(knobs.seeds)]
+    rows = [at_own_shapes(images[s * len(chosen) : s * len(chosen) + shown], val.sizes[:shown])
+            for s in range(knobs.seeds)]
     return results, captioned_grid(rows, chosen[:shown], [f"seed {s + 1}" for s in range(knobs.seeds)])
 
 

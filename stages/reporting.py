@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,21 +44,47 @@ class Reporter(Protocol):
         """A picture of progress at `step` (a validation grid); the stage writes its final products itself."""
 
 
+# A log line of a task's progress at least this often, beside one per tenth: a quiet log reads as a hung run.
+PROGRESS_LINE_SECONDS = 30.0
+
+
+def progress_line(task: str, done: int, total: int, seconds: float, advanced: int) -> str:
+    """"train_vae: 480/2400 (20%), 4.12/s, 7m 46s left": the rate is over `advanced` units in `seconds` (since
+    the task's first report, so a resumed run's rate is its own), and the time left assumes it holds."""
+    line = f"{task}: {done}/{total} ({100 * done // max(total, 1)}%)"
+    if seconds <= 0 or advanced <= 0:
+        return line
+    rate = advanced / seconds
+    if done >= total:
+        return f"{line}, {rate:.3g}/s, done in {_duration(seconds)}"
+    return f"{line}, {rate:.3g}/s, {_duration((total - done) / rate)} left"
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
+
+
 class ConsoleReporter:
-    """tqdm bars on a terminal; on a pipe or in a log, a line every 10% instead of a redrawn bar.
+    """tqdm bars on a terminal; on a pipe or in a log, a `progress_line` at each tenth of a task and at least
+    every PROGRESS_LINE_SECONDS instead of a redrawn bar.
 
     `logger` receives the lines (a flow passes Prefect's run logger); `lines_on_terminal` writes them even
-    when a bar is drawn, so a run log shows progress whatever the terminal.
+    when a bar is drawn, so a run log shows progress whatever the terminal. `clock`: seconds, for tests.
     """
 
     def __init__(
-        self, stream=None, logger: logging.Logger | logging.LoggerAdapter = log, lines_on_terminal: bool = False
+        self, stream=None, logger: logging.Logger | logging.LoggerAdapter = log, lines_on_terminal: bool = False,
+        clock: Callable[[], float] = time.monotonic,
     ):
         self.stream = stream or sys.stderr
         self.logger = logger
         self.lines_on_terminal = lines_on_terminal
+        self.clock = clock
         self._bars: dict[str, tqdm] = {}
-        self._last_decile: dict[str, int] = {}
+        self._started: dict[str, tuple[float, int]] = {}  # task -> (time, done) at its first report
+        self._last_line: dict[str, tuple[float, int]] = {}  # task -> (time, tenth) of its last line
 
     def info(self, message: str) -> None:
         self.logger.info(message)
@@ -74,10 +101,15 @@ class ConsoleReporter:
                 del self._bars[task]
         if on_terminal and not self.lines_on_terminal:
             return
-        decile = 10 * done // max(total, 1)
-        if decile != self._last_decile.get(task):
-            self._last_decile[task] = decile
-            self.logger.info("%s: %d/%d (%d%%)", task, done, total, 100 * done // max(total, 1))
+        now = self.clock()
+        started_at, started_done = self._started.setdefault(task, (now, done))
+        tenth = 10 * done // max(total, 1)
+        last = self._last_line.get(task)
+        if last is None or tenth != last[1] or now - last[0] >= PROGRESS_LINE_SECONDS:
+            self._last_line[task] = (now, tenth)
+            self.logger.info("%s", progress_line(task, done, total, now - started_at, done - started_done))
+        if done >= total:  # the task may run again (another sampler, a resumed run): start afresh
+            del self._started[task], self._last_line[task]
 
     def metrics(self, values: dict[str, float], step: int | None = None) -> None:
         shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items())

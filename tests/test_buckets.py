@@ -12,13 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm.data.buckets import bucket_sizes, check_buckets, fit_to_bucket, nearest_bucket, png_size
+from ldm.data.buckets import bucket_sizes, check_buckets, fit_to_bucket, nearest_bucket, png_size, to_square
 from ldm.data.images import resize_center_crop
 from ldm.data.ingested import IngestedImages
 from ldm.data.latent_cache import LatentCache, vae_hash, write_latent_cache
 from ldm.data.order import BucketOrder, CacheOrder, EpochOrder, index_order
 from ldm.diffusion.schedule import NoiseSchedule
 from ldm.errors import InputError
+from ldm.evaluation.grids import at_own_shapes
 from ldm.evaluation.reconstruction import reconstruction_metrics
 from ldm.models.text_encoder import TextEncoder
 from ldm.models.unet import UNetConfig
@@ -368,3 +369,17 @@ def test_bucket_params_are_checked_against_the_models_factors():
         assert all(word in str(error.value) for word in words), str(error.value)
     with pytest.raises(ValueError, match="finetune_lora.concept.aspect must be crop"):
         Params(finetune_lora={"concept": {"aspect": "buckets"}})
+
+
+def test_grids_show_squashed_canvas_images_back_at_their_own_proportions():
+    portrait = torch.zeros(1, 3, 40, 24)
+    portrait[:, 0] = 1.0  # red in [-1, 1]: (1, 0, 0) -> channel 0 at 1, the others at 0
+    canvas = to_square(portrait, 32)
+    shown = at_own_shapes(torch.cat([canvas, canvas]), [(24, 40), (32, 32)])
+    width = round(24 * 32 / 40)  # 19 columns of image, the rest white
+    left = (32 - width) // 2
+    assert torch.equal(shown[0, :, :, :left], torch.ones(3, 32, left))
+    assert torch.equal(shown[0, :, :, left + width:], torch.ones(3, 32, 32 - left - width))
+    torch.testing.assert_close(shown[0, :, :, left:left + width], portrait[0, :, :32, :width].expand(3, 32, width))
+    torch.testing.assert_close(shown[1], canvas[0])  # a square one stays as it was
+    assert at_own_shapes(canvas, [(32, 32)]) is canvas  # all square: nothing to do

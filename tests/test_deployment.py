@@ -33,11 +33,12 @@ from prefect.states import Cancelling
 from flows.pipeline import (
     MLFLOW_PARENT_RUN_ENV,
     PIPELINE_FLOW_RUN_ENV,
+    apply_overrides,
     check_overrides,
     dvc_command,
 )
 from flows.tracking import pipeline_stages
-from stages.params import ParamsError
+from stages.params import ParamsError, load_params
 from tests.ci_stages import CI_PARAMS, REPO, copy_repo
 from tests.servers import mlflow_server, prefect_client, prefect_server
 
@@ -170,6 +171,8 @@ def test_dvc_ran_every_stage_with_the_overrides(deployment_run):
     assert set(stages) <= set(lock)  # the copied dvc.lock holds every stage; these ran again, with the overrides
     params = yaml.safe_load((repo / "params.yaml").read_text())
     assert params["seed"] == 1 and params["train_vae"]["max_steps"] == 20  # `dvc exp run` leaves them applied
+    original, written = CI_PARAMS.read_text().splitlines(), (repo / "params.yaml").read_text().splitlines()
+    assert len(original) == len(written) and sum(a != b for a, b in zip(original, written)) == len(OVERRIDES)
     assert lock["train_vae"]["params"]["params.yaml"]["train_vae"]["max_steps"] == 20
     assert lock["ingest"]["params"]["params.yaml"]["seed"] == 1
     # ... and recorded the run as a DVC experiment
@@ -236,5 +239,22 @@ def test_a_bad_override_fails_before_dvc_naming_the_key(tmp_path):
 def test_dvc_command():
     assert dvc_command(None, None, False)[1:] == ["-m", "dvc", "repro"]
     assert dvc_command(None, ["train_vae"], True)[3:] == ["repro", "--force", "train_vae"]
-    assert dvc_command(["seed=1", "a.b=2"], None, False)[3:] == ["exp", "run", "--set-param", "seed=1",
-                                                                  "--set-param", "a.b=2"]
+    assert dvc_command(["seed=1", "a.b=2"], None, False)[3:] == ["exp", "run"]  # apply_overrides wrote them
+
+
+def test_overrides_change_only_their_values_in_params_yaml(tmp_path):
+    original = (REPO / "params.yaml").read_text()
+    (tmp_path / "params.yaml").write_text(original)
+    overrides = ["seed=3", "train_unet.model.block_out_channels=[48,96]", "sample.width=40",
+                 "ingest.buckets=[[24,40],[32,32]]", "evaluate.num_prompts=300"]
+    check_overrides(tmp_path, overrides)
+    apply_overrides(tmp_path, overrides)
+    written = (tmp_path / "params.yaml").read_text()
+    changed = [(a, b) for a, b in zip(original.splitlines(), written.splitlines()) if a != b]
+    assert len(original.splitlines()) == len(written.splitlines()) and len(changed) == len(overrides)
+    for before, after in changed:  # each line keeps its comment and layout; only the value moved
+        assert before.split(":")[0] == after.split(":")[0]
+        assert before.partition("#")[2] == after.partition("#")[2]
+    assert "block_out_channels: [48, 96]" in written and "buckets: [[24, 40], [32, 32]]" in written
+    params = load_params(tmp_path / "params.yaml")
+    assert params.seed == 3 and params.sample.width == 40 and params.evaluate.num_prompts == 300

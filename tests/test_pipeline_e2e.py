@@ -121,6 +121,7 @@ def test_runs_tags_metrics_and_registry_in_mlflow(pipeline):
         assert run.info.status == "FINISHED"
         assert run.data.tags["git_commit"] == head
         assert run.data.tags["profile"] == "ci"
+        assert run.data.tags["mlflow.source.name"] == lock[stage]["cmd"]  # the run page's Source
         for dep in lock[stage]["deps"]:
             assert run.data.tags[f"dvc_dep.{dep['path']}"] == dep["md5"], dep["path"]
     # The experiment opens in MLflow 3's model-training view; each run lists the data it read, by DVC's hash.

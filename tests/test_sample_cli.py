@@ -5,15 +5,18 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
 import torch
 from mlflow import MlflowClient
 from PIL import Image
 
+from flows.text2img_model import save_text2img_model
 from ldm import Text2Image
 from ldm.cli import main
 from ldm.data.images import image_tensor, map_tensor, tensor_to_pil
+from ldm.diffusion import pipeline as pipeline_module
 from ldm.diffusion.names import SAMPLERS
 from ldm.models.lora import LoraSpec
 from tests.adapters import save_random_controlnet, save_random_lora
@@ -78,7 +81,7 @@ def test_help_documents_every_option(capsys):
     for option in ("--model", "--steps", "--sampler", "--guidance", "--seed", "--negative-prompt", "--batch-size",
                    "--height", "--width", "--device", "--output", "models:/ldm-text2img", *SAMPLERS,
                    "--guidance-rescale", "--init-image", "--strength", "--mask", "--lora", "PATH[:SCALE]",
-                   "--merge-loras", "--control-image", "--control-scale", "--controlnet"):
+                   "--merge-loras", "--control-image", "--control-scale", "--controlnet", "--compile"):
         assert option in text, option
 
 
@@ -232,3 +235,23 @@ def test_lora_and_controlnet_options(tiny, tmp_path, capsys):
     assert main(["sample", "a", "--model", str(folder), "--control-image", str(edges), "--controlnet",
                  str(tmp_path / "no-controlnet"), *FAST]) == 2
     assert "train_controlnet" in error_line(capsys)
+
+
+def test_compile_samples_the_same_images_through_torch_compile(tiny, tmp_path, capsys, monkeypatch):
+    compiled = []
+    real = pipeline_module.compile_for_sampling
+    monkeypatch.setattr(pipeline_module, "compile_for_sampling", lambda unet: compiled.append(unet) or real(unet))
+    _, folder = tiny
+    prompts = ["a red circle", "a blue square", "a green triangle"]
+    eager, fast = tmp_path / "eager.png", tmp_path / "fast.png"
+    assert main(["sample", *prompts, "--model", str(folder), "-o", str(eager), *FAST]) == 0
+    assert not compiled
+    assert main(["sample", *prompts, "--model", str(folder), "-o", str(fast), "--compile", *FAST]) == 0
+    assert len(compiled) == 1
+    for i in range(len(prompts)):  # frozen, prepacked weights round differently: within a grey level
+        difference = pixels(tmp_path / f"eager-{i:03d}.png").astype(int) - pixels(tmp_path / f"fast-{i:03d}.png")
+        assert np.abs(difference).max() <= 2
+
+    save_text2img_model(folder, tmp_path / "model")
+    model = mlflow.pyfunc.load_model(str(tmp_path / "model"), model_config={"device": "cpu", "compile": True})
+    assert model.unwrap_python_model().pipeline.compile  # it samples through compile_for_sampling, as the CLI did

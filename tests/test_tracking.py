@@ -74,11 +74,13 @@ def test_stages_are_read_as_dvc_resolves_them_templates_vars_foreach_and_matrix(
     stages = pipeline_stages(repo)
     assert sorted(stages) == ["grid@1", "grid@2", "prepare", "train@big", "train@small"]
     assert stages["prepare"] == DvcStage(
-        deps=["src/prepare.py"], outs=["data/prepared", "metrics/prepare.json"], params=["seed", "prepare.size"]
+        deps=["src/prepare.py"], outs=["data/prepared", "metrics/prepare.json"], params=["seed", "prepare.size"],
+        cmd="echo 0",
     )
     # Only params.yaml's keys: what the stage's MLflow run logs from the validated params.
     assert stages["train@small"] == DvcStage(
-        deps=["data/prepared/small"], outs=["models/small-v1", "plots/small.csv"], params=["train"]
+        deps=["data/prepared/small"], outs=["models/small-v1", "plots/small.csv"], params=["train"],
+        cmd="echo small",
     )
     assert stages["grid@2"].outs == ["grid/2"]
     assert stage_outputs(stages, "prepare") == ["data/prepared", "metrics/prepare.json"]

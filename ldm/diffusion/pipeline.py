@@ -221,6 +221,11 @@ class Text2Image:
         self.compile = compile
         self.denoise = compile_for_sampling(unet) if compile else unet
 
+    def use_compiled_unet(self) -> None:
+        """Sample through `compile_for_sampling` from now on, as `compile=True` does: for many prompts in one
+        process, where the compile time (on first use and per new batch shape) pays back."""
+        self.compile, self.denoise = True, compile_for_sampling(self.unet)
+
     def load_loras(self, loras: Sequence[LoraSpec], merge: bool = False) -> None:
         """Apply LoRA adapters to the UNet, each at its scale (`ldm.models.lora.load_loras`); `merge` folds them into
         the weights, which samples at the base model's speed but cannot be undone."""

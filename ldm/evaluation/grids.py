@@ -24,6 +24,31 @@ def upscale_factor(height: int, width: int, min_cell: int = MIN_CELL) -> int:
     return max(1, -(-min_cell // min(height, width)))
 
 
+def on_white(images: list[torch.Tensor], side: int) -> torch.Tensor:
+    """Images (3, h, w) in [-1, 1], each at most side x side, centred on white squares. -> (N, 3, side, side)"""
+    canvas = torch.ones(len(images), 3, side, side)
+    for tile, image in zip(canvas, images):
+        h, w = image.shape[-2:]
+        top, left = (side - h) // 2, (side - w) // 2
+        tile[:, top : top + h, left : left + w] = image
+    return canvas
+
+
+def at_own_shapes(images: torch.Tensor, sizes: list[tuple[int, int]] | None) -> torch.Tensor:
+    """Square canvas images (N, 3, S, S), each squashed from its own (width, height) (`ldm.data.buckets.to_square`,
+    which measures compare on), shown back in those proportions with the longer side S, centred on white: how a
+    grid shows the images of aspect-ratio buckets. None or all-square sizes: the images as they are."""
+    if sizes is None or all(w == h for w, h in sizes):
+        return images
+    side = images.shape[-1]
+    shown = []
+    for image, (w, h) in zip(images, sizes):
+        scale = side / max(w, h)
+        size = (max(1, round(h * scale)), max(1, round(w * scale)))
+        shown.append(F.interpolate(image[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0])
+    return on_white(shown, side)
+
+
 def captioned_grid(
     rows: list[torch.Tensor], captions: list[str] | None = None, row_labels: list[str] | None = None,
     min_cell: int = MIN_CELL,

@@ -7,7 +7,7 @@ from PIL import Image
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from ldm.data.ingested import IngestedImages
-from ldm.evaluation.grids import captioned_grid
+from ldm.evaluation.grids import captioned_grid, on_white
 from ldm.models.vae import VAE
 
 
@@ -57,14 +57,5 @@ def reconstruction_grid(vae: VAE, images: list[torch.Tensor]) -> Image.Image:
     mse = torch.stack([(r - x).square().mean() for r, x in zip(reconstructions, originals)]).clamp(min=1e-10)
     psnr = 10 * torch.log10(4.0 / mse)  # peak-to-peak 2 in [-1, 1]: the PSNR of [0, 1] images at data_range 1
     side = max(max(x.shape[-2:]) for x in originals)
-    return captioned_grid([_on_white(originals, side), _on_white(reconstructions, side)],
+    return captioned_grid([on_white(originals, side), on_white(reconstructions, side)],
                           [f"{p:.1f} dB" for p in psnr.tolist()], ["real", "reconstructed"])
-
-
-def _on_white(images: list[torch.Tensor], side: int) -> torch.Tensor:  # -> (N, 3, side, side)
-    canvas = torch.ones(len(images), 3, side, side)
-    for tile, image in zip(canvas, images):
-        h, w = image.shape[-2:]
-        top, left = (side - h) // 2, (side - w) // 2
-        tile[:, top : top + h, left : left + w] = image
-    return canvas

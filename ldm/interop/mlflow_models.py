@@ -7,10 +7,12 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import mlflow
 import yaml
+from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
 from mlflow.exceptions import MlflowException
 
 from ldm.diffusion.pipeline import PIPELINE_CONFIG_NAME
@@ -46,6 +48,8 @@ def download_pipeline(uri: str, destination: Path) -> Path:
             "ldm-text2img (the pipeline's train_unet stage does), or set MLFLOW_TRACKING_URI to the store that "
             "has the model"
         )
+    if not sys.stderr.isatty():  # a progress bar's frames in a log or a pipe are noise
+        os.environ.setdefault(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name, "false")
     try:
         local = mlflow.artifacts.download_artifacts(
             artifact_uri=uri, dst_path=str(destination), tracking_uri=tracking, registry_uri=registry

@@ -15,6 +15,8 @@ from __future__ import annotations
 import importlib.resources
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from transformers import AutoConfig, AutoModel, AutoModelForTextEncoding, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.models.auto.modeling_auto import MODEL_FOR_TEXT_ENCODING_MAPPING
+from transformers.utils import logging as transformers_logging
 
 from ldm.errors import InputError, InputNotFoundError
 
@@ -180,9 +183,10 @@ class TextEncoder(torch.nn.Module):
         # The text-encoding mapping names encoder-only classes (T5 -> T5EncoderModel) where AutoModel
         # would also build a decoder; every other model type falls back to its base model.
         auto_class = AutoModelForTextEncoding if type(text_config) in MODEL_FOR_TEXT_ENCODING_MAPPING else AutoModel
-        model = auto_class.from_pretrained(
-            folder, config=text_config, dtype=dtype or torch.float32, local_files_only=True, use_safetensors=True
-        )
+        with _no_loading_bar():
+            model = auto_class.from_pretrained(
+                folder, config=text_config, dtype=dtype or torch.float32, local_files_only=True, use_safetensors=True
+            )
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         return cls(model, tokenizer, name=name_or_path, max_length=max_length).to(device)
 
@@ -315,3 +319,16 @@ def resolve_folder(name: str) -> Path:
         + "\nTo provide it:\n"
         + "\n".join(how)
     )
+
+
+@contextmanager
+def _no_loading_bar() -> Iterator[None]:
+    """transformers' "Loading weights" bar off: the weights come from a local folder in a fraction of a second,
+    and every stage's log and `ldm sample` run printed the bar's frames."""
+    was_enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            transformers_logging.enable_progress_bar()
