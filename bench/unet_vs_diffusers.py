@@ -61,6 +61,17 @@ def report(medians: dict[str, float], diffs: dict[str, float]) -> None:
             print(f"    {name:16s} {median * 1e3:9.1f} ms   ratio {ratio:5.2f}x   rel. diff {diffs[name]:.1e}")
 
 
+def guided(unet_call: Callable, context: torch.Tensor, guidance: float) -> Callable:
+    """A sampler's model(x, t): the UNet on [uncond; cond] `context` rows, combined with classifier-free guidance."""
+
+    def model(x, t):
+        t = t.reshape(-1).expand(len(x)).repeat(2)  # ours passes (B,) timesteps, diffusers' schedulers a scalar
+        uncond, cond = unet_call(torch.cat([x, x]), t, context).chunk(2)
+        return uncond + guidance * (cond - uncond)
+
+    return model
+
+
 @torch.inference_mode()
 def bench_forward(preset_name: str, batch: int, tokens: int, repeats: int, compile: bool) -> None:
     print(f"{preset_name}: UNet forward, batch {batch}, {tokens} tokens")
@@ -90,18 +101,10 @@ def bench_sampling_loop(preset_name: str, prompts: int, steps: int, repeats: int
     noise = torch.randn(prompts, c.in_channels, c.sample_size, c.sample_size, generator=gen)
     schedule = NoiseSchedule()
 
-    def guided(unet_call):
-        def model(x, t):
-            # ours passes (B,) timesteps, diffusers' scheduler a scalar
-            t = t.reshape(-1).expand(len(x)).repeat(2)
-            uncond, cond = unet_call(torch.cat([x, x]), t, context).chunk(2)
-            return uncond + guidance * (cond - uncond)
-        return model
-
-    theirs_model = guided(lambda x, t, ctx: theirs(x, t, ctx).sample)
+    theirs_model = guided(lambda x, t, ctx: theirs(x, t, ctx).sample, context, guidance)
 
     def run_ours(unet):
-        return sample(guided(unet), noise, schedule, sampler="dpmpp_2m", steps=steps, spacing="leading")
+        return sample(guided(unet, context, guidance), noise, schedule, sampler="dpmpp_2m", steps=steps, spacing="leading")
 
     def run_theirs():
         scheduler = DPMSolverMultistepScheduler(
@@ -134,17 +137,10 @@ def bench_flow_loop(preset_name: str, prompts: int, steps: int, repeats: int, gu
     noise = torch.randn(prompts, c.in_channels, c.sample_size, c.sample_size, generator=gen)
     schedule = FlowSchedule(shift=3.0)
 
-    def guided(unet_call):
-        def model(x, t):
-            t = t.reshape(-1).expand(len(x)).repeat(2)
-            uncond, cond = unet_call(torch.cat([x, x]), t, context).chunk(2)
-            return uncond + guidance * (cond - uncond)
-        return model
-
-    theirs_model = guided(lambda x, t, ctx: theirs(x, t, ctx).sample)
+    theirs_model = guided(lambda x, t, ctx: theirs(x, t, ctx).sample, context, guidance)
 
     def run_ours(unet):
-        return sample(guided(unet), noise, schedule, sampler="euler", steps=steps)
+        return sample(guided(unet, context, guidance), noise, schedule, sampler="euler", steps=steps)
 
     def run_theirs():
         scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
