@@ -49,11 +49,11 @@ from ldm.evaluation.attributes import AttributeClassifier, adherence
 from ldm.models.text_encoder import TextEmbedding, TextEncoder
 from ldm.models.unet import UNet
 from ldm.training.checkpoint import checkpoint_folder
-from ldm.training.unet import UNetTrainingConfig, train_unet
+from ldm.training.unet import train_unet
 from stages.evaluation import RealImages, fit_attribute_classifier, generate
 from stages.params import Params, load_params
 from stages.reporting import ConsoleReporter
-from stages.train_unet import open_inputs, training_schedule, unet_config
+from stages.train_unet import open_inputs, training_config, training_schedule, unet_config
 
 CHECKPOINT_EMA = "modules/ema/module."  # where a train_unet checkpoint keeps the EMA weights (ldm.training.checkpoint)
 DIFFUSERS_LR, DIFFUSERS_GUIDANCE = 1e-4, 7.5
@@ -115,10 +115,10 @@ def trained_curve(recipe: str, params: Params, judge: Judge, check_every: int, w
     cache, vae = open_inputs(params)
     config = unet_config(params, cache)
     schedule = training_schedule(section, config.sample_size)
-    hp = UNetTrainingConfig(**section.model_dump(
-        exclude={"model", "objective", "schedule", "flow", "sampling", "validation_prompts", "validation_seeds"}
-    ) | {"checkpoint_every": check_every, "keep_checkpoints": section.max_steps // check_every + 1,
-         "validate_every": section.max_steps})
+    hp = training_config(section.model_copy(update={
+        "checkpoint_every": check_every, "keep_checkpoints": section.max_steps // check_every + 1,
+        "validate_every": section.max_steps,
+    }))
     began, seconds_at = time.perf_counter(), {}
 
     def on_step(step: int, max_steps: int, values: dict[str, float]) -> None:

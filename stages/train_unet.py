@@ -79,6 +79,13 @@ def model_config(params: Params, latent_channels: int, latent_size: int, text_wi
         raise ParamsError(f"train_unet.model is not a valid UNet: {e}") from None
 
 
+def training_config(section: TrainUNetParams) -> UNetTrainingConfig:
+    """The training loop's settings: every key of the section but the model's, the objective's and validation's."""
+    return UNetTrainingConfig(**section.model_dump(
+        exclude={"model", "objective", "schedule", "flow", "sampling", "validation_prompts", "validation_seeds"}
+    ))
+
+
 def training_schedule(section: TrainUNetParams, latent_size: int) -> Schedule:
     """The objective's schedule: a flow's shift holds at the training latents' area, `latent_size` squared."""
     if section.objective == "flow":
@@ -99,9 +106,7 @@ def _run(params: Params, reporter: Reporter, ranks: DataParallel, device: torch.
     cache, vae = open_inputs(params)
     config = unet_config(params, cache)
     schedule = training_schedule(section, config.sample_size)
-    hp = UNetTrainingConfig(**section.model_dump(
-        exclude={"model", "objective", "schedule", "flow", "sampling", "validation_prompts", "validation_seeds"}
-    ))
+    hp = training_config(section)
     try:
         data_lanes(hp, ranks)
     except ValueError as e:

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from ldm.data.latent_cache import LatentCache
 from ldm.data.order import CacheOrder
 from ldm.training.distributed import DataParallel
-from ldm.training.unet import UNetTrainingConfig, data_lanes
+from ldm.training.unet import data_lanes
 from stages import cache_latents, ingest, train_unet, train_vae
 from stages.params import Params
 from tests.ci_stages import RecordingReporter, ci_params, write_params
@@ -125,9 +125,7 @@ def test_two_gloo_ranks_train_the_unet_one_process_trains_reading_their_own_cach
 
 
 def test_lanes_or_batches_that_do_not_split_are_refused_before_training(workspace):
-    hp = UNetTrainingConfig(**workspace.train_unet.model_dump(
-        exclude={"model", "schedule", "sampling", "validation_prompts", "validation_seeds"}
-    ))
+    hp = train_unet.training_config(workspace.train_unet)
     two_ranks = DataParallel(rank=1, world_size=2)
     assert data_lanes(hp, two_ranks) == 2  # null: one lane per rank
     with pytest.raises(ValueError, match="data_lanes 1 does not split over 2 ranks; set data_lanes to a multiple of 2"):

@@ -35,11 +35,11 @@ from ldm.training.checkpoint import (
     latest_checkpoint,
     save_checkpoint,
 )
-from ldm.training.unet import UNetTrainingConfig, train_unet
+from ldm.training.unet import train_unet
 from stages import cache_latents, sample, train_vae
 from stages import train_unet as train_unet_stage
 from stages.params import Params
-from stages.train_unet import unet_config
+from stages.train_unet import training_config, unet_config
 from tests.ci_stages import RecordingReporter, ci_params, train_ci_model, write_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -121,10 +121,7 @@ def unet_inputs(workspace):
     params = ci_params(workspace)
     cache = LatentCache(params.paths.latents)
     section = params.train_unet
-    hp = UNetTrainingConfig(
-        **section.model_dump(exclude={"model", "schedule", "sampling", "validation_prompts", "validation_seeds"})
-    )
-    return unet_config(params, cache), cache, NoiseSchedule(**section.schedule.model_dump()), hp
+    return unet_config(params, cache), cache, NoiseSchedule(**section.schedule.model_dump()), training_config(section)
 
 
 def test_ctrl_c_saves_a_checkpoint_at_the_step_boundary_and_the_resumed_run_is_bitwise_equal(unet_inputs, tmp_path):
