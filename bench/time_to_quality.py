@@ -22,6 +22,11 @@ The bar: all attributes right (shape, colour, size, position, nothing else) on `
 and flow are scored afterwards from checkpoints kept at every check); the diffusers recipe trains until it
 crosses the bar or until `--cap` times ours' time to the bar (its whole run's, if it never crossed).
 
+On any other data (`--judge frechet`), the curve is the Fréchet ratio to the real floor (the evaluate stage's
+measure: 1 is as good as real) against training seconds, and the bar (`--bar`, default 1.5) is a ratio to fall to:
+
+    python bench/time_to_quality.py --params tux.yaml --judge frechet --check-every 100 --prompts 200
+
 Needs the DVC workspace's data (`dvc repro cache_latents` builds it): paths from params.yaml. Run it alone:
 the times are wall times (ratios are what carry to another machine).
 """
@@ -46,10 +51,12 @@ from ldm.data.order import EpochOrder
 from ldm.data.shapes import Scene
 from ldm.diffusion.pipeline import Text2Image
 from ldm.evaluation.attributes import AttributeClassifier, adherence
+from ldm.evaluation.evaluator import ContrastiveEvaluatorConfig, frechet_distance, train_contrastive_evaluator
 from ldm.models.text_encoder import TextEmbedding, TextEncoder
 from ldm.models.unet import UNet
 from ldm.training.checkpoint import checkpoint_folder
 from ldm.training.unet import train_unet
+from stages.evaluate import caption_table, open_text_table
 from stages.evaluation import RealImages, fit_attribute_classifier, generate
 from stages.params import Params, load_params
 from stages.reporting import ConsoleReporter
@@ -61,27 +68,34 @@ DIFFUSERS_LR, DIFFUSERS_GUIDANCE = 1e-4, 7.5
 
 @dataclass
 class Curve:
-    """A recipe's adherence at each checked step: (step, training seconds, {sampler: adherence})."""
+    """A recipe's score at each checked step: (step, training seconds, {sampler: score}); adherence rises to
+    its best, a Fréchet ratio falls to it (`higher_is_better`)."""
 
     recipe: str
+    higher_is_better: bool = True
     points: list[tuple[int, float, dict[str, float]]] = field(default_factory=list)
+
+    def _key(self, score: float) -> float:
+        return score if self.higher_is_better else -score
 
     def crossing(self, bar: float) -> tuple[int, float, str] | None:
         """The first (step, seconds, sampler) at which some sampler reaches the bar."""
         for step, seconds, scores in self.points:
             for sampler, score in scores.items():
-                if score >= bar:
+                if self._key(score) >= self._key(bar):
                     return step, seconds, sampler
         return None
 
     def best(self) -> tuple[int, float, str, float]:
-        step, seconds, scores = max(self.points, key=lambda p: max(p[2].values()))
-        sampler = max(scores, key=scores.get)
+        step, seconds, scores = max(self.points, key=lambda p: max(map(self._key, p[2].values())))
+        sampler = max(scores, key=lambda s: self._key(scores[s]))
         return step, seconds, sampler, scores[sampler]
 
 
 class Judge:
     """Draws the bench prompts with a model and scores them with the attribute classifier."""
+
+    measure, higher_is_better = "adherence", True
 
     def __init__(self, params: Params, prompts: int):
         section = params.evaluate
@@ -107,6 +121,32 @@ class Judge:
         return self.score(images)
 
 
+class FrechetJudge(Judge):
+    """On any data: the Fréchet distance of images drawn for the val captions to a sample of train images, over
+    the real val images' distance to that sample (the real floor; 1 is as good as real), in the feature space of
+    the evaluate stage's contrastive evaluator, trained here as that stage trains it."""
+
+    measure, higher_is_better = "Fréchet ratio to the real floor", False
+
+    def __init__(self, params: Params, prompts: int):
+        section = params.evaluate
+        train = RealImages(params.paths.ingested, "train", section.max_train_images, params.seed, params.image_size)
+        val = RealImages(params.paths.ingested, "val", prompts, section.seed, params.image_size)
+        text = open_text_table(params.paths.latents, params)
+        train_text, train_ids = caption_table(text, train.captions)
+        self.evaluator = train_contrastive_evaluator(
+            train.images, train_text, train_ids,
+            ContrastiveEvaluatorConfig(image_size=params.image_size, text_dim=train_text.hidden_states.shape[-1]),
+            steps=section.evaluator_steps, seed=params.seed, device=torch.device("cpu"), log=print,
+        )
+        self.prompts, self.seed, self.batch_size = val.captions, section.seed, section.batch_size
+        self.reference = train.images[: len(val)]  # as the evaluate stage sets the floor
+        self.floor = frechet_distance(self.evaluator, self.reference, val.images)
+
+    def score(self, images: torch.Tensor) -> float:
+        return frechet_distance(self.evaluator, self.reference, images) / self.floor
+
+
 def trained_curve(recipe: str, params: Params, judge: Judge, check_every: int, workdir: Path) -> Curve:
     """Train with the pipeline's own train_unet, keeping a checkpoint at every check, then score each."""
     section = params.train_unet
@@ -128,7 +168,7 @@ def trained_curve(recipe: str, params: Params, judge: Judge, check_every: int, w
     train_unet(config, cache, schedule, hp, checkpoints, params.seed, "cpu", on_step=on_step)
     samplers = {"ours": [("dpmpp_2m", 20)], "flow": [("euler", 20), ("heun", 10)]}[recipe]
     text_encoder = TextEncoder.from_pretrained(params.text_encoder.name, max_length=params.text_encoder.max_length)
-    curve = Curve(recipe)
+    curve = Curve(recipe, judge.higher_is_better)
     for step in range(check_every, section.max_steps + 1, check_every):
         weights = load_file(checkpoint_folder(checkpoints, step) / "tensors.safetensors")
         ema = UNet(config)
@@ -138,7 +178,7 @@ def trained_curve(recipe: str, params: Params, judge: Judge, check_every: int, w
         scores = {f"{s}-{n}": judge.ours(pipeline, s, n) for s, n in samplers}
         curve.points.append((step, seconds_at[step], scores))
         print(f"{recipe}: step {step}, {seconds_at[step]:.0f} s: "
-              + ", ".join(f"{k} {v:.1%}" for k, v in scores.items()), flush=True)
+              + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()), flush=True)
     return curve
 
 
@@ -207,7 +247,7 @@ class DiffusersRecipe:
 
 
 def diffusers_curve(params: Params, judge: Judge, check_every: int, bar: float, budget: float) -> Curve:
-    recipe, curve, seconds, step = DiffusersRecipe(params, judge), Curve("diffusers"), 0.0, 0
+    recipe, curve, seconds, step = DiffusersRecipe(params, judge), Curve("diffusers", judge.higher_is_better), 0.0, 0
     while seconds < budget:
         began = time.perf_counter()
         for _ in range(check_every):
@@ -216,14 +256,19 @@ def diffusers_curve(params: Params, judge: Judge, check_every: int, bar: float, 
         step += check_every
         score = recipe.score()
         curve.points.append((step, seconds, {"dpmpp_2m-20": score}))
-        print(f"diffusers: step {step}, {seconds:.0f} s: dpmpp_2m-20 {score:.1%}", flush=True)
-        if score >= bar:
+        print(f"diffusers: step {step}, {seconds:.0f} s: dpmpp_2m-20 {score:.4g}", flush=True)
+        if curve.crossing(bar):
             break
     return curve
 
 
-def report(curves: list[Curve], bar: float) -> None:
-    print(f"\n| recipe | time to {bar:.0%} (steps) | best reached (steps, sampler) | time over ours |")
+def report(curves: list[Curve], bar: float, measure: str) -> None:
+    print(f"\n{measure} against training seconds\n\n| recipe | step | seconds | " + " | ".join(
+        dict.fromkeys(k for c in curves for _, _, scores in c.points for k in scores)) + " |")
+    for curve in curves:
+        for step, seconds, scores in curve.points:
+            print(f"| {curve.recipe} | {step} | {seconds:.0f} | " + " | ".join(f"{v:.4g}" for v in scores.values()))
+    print(f"\n| recipe | time to {bar:.4g} (steps) | best reached (steps, sampler) | time over ours |")
     print("|---|---|---|---|")
     ours = curves[0].crossing(bar) if curves[0].recipe == "ours" else None
     for curve in curves:
@@ -231,7 +276,7 @@ def report(curves: list[Curve], bar: float) -> None:
         step, seconds, sampler, score = curve.best()
         when = f"{crossed[1]:.0f} s ({crossed[0]}, {crossed[2]})" if crossed else f"not within {curve.points[-1][1]:.0f} s"
         ratio = f"{crossed[1] / ours[1]:.2f}x" if crossed and ours else ("> cap" if ours else "")
-        print(f"| {curve.recipe} | {when} | {score:.1%} at {seconds:.0f} s ({step}, {sampler}) | {ratio} |")
+        print(f"| {curve.recipe} | {when} | {score:.4g} at {seconds:.0f} s ({step}, {sampler}) | {ratio} |")
 
 
 def main() -> None:
@@ -240,24 +285,28 @@ def main() -> None:
     parser.add_argument("--recipes", nargs="+", choices=["ours", "flow", "diffusers"],
                         default=["ours", "flow", "diffusers"])
     parser.add_argument("--check-every", type=int, default=100, help="steps between adherence checks")
-    parser.add_argument("--prompts", type=int, default=200, help="one-object val captions scored at each check")
-    parser.add_argument("--bar", type=float, default=0.95)
+    parser.add_argument("--prompts", type=int, default=200, help="val captions drawn and scored at each check")
+    parser.add_argument("--judge", choices=["adherence", "frechet"], default="adherence",
+                        help="adherence: shapes data's attribute classifier (one-object captions); frechet: any "
+                             "data, the Fréchet ratio to the real floor over the first --prompts val captions")
+    parser.add_argument("--bar", type=float, default=None, help="default: 0.95 adherence, 1.5 Fréchet ratio")
     parser.add_argument("--cap", type=float, default=4.0, help="the diffusers recipe's time limit, over ours'")
     args = parser.parse_args()
     params = load_params(args.params)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; bar {args.bar:.0%} of {args.prompts} "
-          f"one-object val captions, checked every {args.check_every} steps", flush=True)
-    judge = Judge(params, args.prompts)
+    judge = (Judge if args.judge == "adherence" else FrechetJudge)(params, args.prompts)
+    bar = args.bar if args.bar is not None else 0.95 if args.judge == "adherence" else 1.5
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {judge.measure}, bar {bar:.4g}, on "
+          f"{len(judge.prompts)} val captions, checked every {args.check_every} steps", flush=True)
     curves = []
     with tempfile.TemporaryDirectory() as workdir:
         for recipe in [r for r in ("ours", "flow") if r in args.recipes]:
             curves.append(trained_curve(recipe, params, judge, args.check_every, Path(workdir)))
     if "diffusers" in args.recipes:
         reference = curves[0] if curves else None
-        crossed = reference.crossing(args.bar) if reference else None
+        crossed = reference.crossing(bar) if reference else None
         ours_time = crossed[1] if crossed else reference.points[-1][1] if reference else 600.0
-        curves.append(diffusers_curve(params, judge, args.check_every, args.bar, args.cap * ours_time))
-    report(curves, args.bar)
+        curves.append(diffusers_curve(params, judge, args.check_every, bar, args.cap * ours_time))
+    report(curves, bar, judge.measure)
 
 
 if __name__ == "__main__":

@@ -30,8 +30,9 @@ from dvc_data.hashfile.db import HashFileDB
 from dvc_objects.fs.local import LocalFileSystem
 from dvc_objects.fs.memory import MemoryFileSystem
 from mlflow import MlflowClient
-from mlflow.entities import Dataset, DatasetInput, Metric, Param, RunStatus
+from mlflow.entities import Dataset, DatasetInput, LoggedModelOutput, LoggedModelStatus, Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
 from ldm.data.ingested import MANIFEST_NAME
 from ldm.urls import redacted
@@ -297,27 +298,43 @@ class StageRun:
         return self._record(Unsent(send, f"dataset input {path.name}"))
 
     def register_model(self, model_dir: Path, name: str, artifact_path: str = "model") -> str | None:
-        """Log the model folder as the run's artifact `artifact_path` and add it to the registry as a new
-        version of `name`, carrying the run's lineage tags (git commit, stage, dependency hashes, the stage's
-        params as JSON): with them, `git checkout <commit>` + `dvc repro <stage>` rebuilds it; returns the
-        version, or None when the registration waits in `unsent`."""
+        """Log the model folder as one of the run's logged models (MLflow 3's LoggedModel, named
+        `artifact_path`: the run page lists it under "Logged models", and `runs:/<run>/<artifact_path>` still
+        reads it) and add it to the registry as a new version of `name` from `models:/<model id>`, carrying the
+        run's lineage tags (git commit, stage, dependency hashes, the stage's params as JSON): with them,
+        `git checkout <commit>` + `dvc repro <stage>` rebuilds it; returns the version, or None when the
+        registration waits in `unsent` (a copy of the folder waits with it)."""
         tags = {k: v for k, v in self.tags.items() if not k.startswith("mlflow.")}
-        self.log_artifact(model_dir, artifact_path)
+        created: dict[str, str] = {}  # the logged model made by a try the server broke off, reused by the next
         versions = []
 
-        def create_version() -> None:
+        def log_and_register(source: Path) -> None:
+            if "model_id" not in created:
+                experiment_id = self.client.get_run(self.run_id).info.experiment_id
+                created["model_id"] = self.client.create_logged_model(
+                    experiment_id, name=artifact_path, source_run_id=self.run_id, tags=tags
+                ).model_id
+            model_id = created["model_id"]
+            self.client.log_model_artifacts(model_id, str(source))
+            self.client.finalize_logged_model(model_id, LoggedModelStatus.READY)
+            self.client.log_outputs(self.run_id, [LoggedModelOutput(model_id, self._step or 0)])
             try:
                 self.client.create_registered_model(name)
             except MlflowException as e:
                 if e.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise
-            artifact_uri = self.client.get_run(self.run_id).info.artifact_uri
             version = self.client.create_model_version(
-                name, f"{artifact_uri}/{artifact_path}", run_id=self.run_id, tags=tags
+                name, f"models:/{model_id}", run_id=self.run_id, tags=tags, model_id=model_id
             )
+            # The logged model's page links to its registered versions by this tag, as mlflow.register_model sets it.
+            self.client.set_logged_model_tags(model_id, {
+                MLFLOW_MODEL_VERSIONS: json.dumps([{"name": name, "version": str(version.version)}])
+            })
             versions.append(str(version.version))  # the client gives an int; URIs and the REST API use strings
 
-        self._record(Unsent(create_version, f"registration of model {name}"))
+        what = f"registration of model {name}"
+        if not self._record(Unsent(partial(log_and_register, model_dir), what)):
+            self.unsent[-1] = Unsent(partial(log_and_register, self._keep(model_dir)), what)
         return versions[0] if versions else None
 
     def not_recorded(self, what: str) -> None:

@@ -2,7 +2,8 @@
 text encoder, once, into the Parquet latent cache that UNet training streams (ldm.data.latent_cache).
 
 Reads `paths.ingested` and `paths.vae`; params `device`, `text_encoder`, `cache_latents`; writes
-`paths.latents/` (shards, text_embeddings.parquet, manifest.json) and `paths.metrics/cache_latents.json`.
+`paths.latents/` (shards, text_embeddings.parquet, manifest.json), `paths.metrics/cache_latents.json` and its
+headline `paths.metrics/headline/cache_latents.json` (the DVC metric: rows).
 
     python -m stages.cache_latents [--params params.yaml]
 """
@@ -20,7 +21,7 @@ from ldm.models.modeling import CONFIG_NAME, WEIGHTS_NAME
 from ldm.models.text_encoder import TextEncoder
 from ldm.models.vae import VAE
 from stages.params import Params, resolve_device
-from stages.reporting import REBUILD_INGESTED, Reporter, StageResult, stage_main, write_json
+from stages.reporting import REBUILD_INGESTED, Reporter, StageResult, stage_main, write_headline, write_json
 
 STAGE = "cache_latents"
 METRICS_NAME = "cache_latents.json"
@@ -71,6 +72,7 @@ def run(params: Params, reporter: Reporter) -> StageResult:
         "latent_std": summary.latent_std,
     }
     metrics_path = write_json(Path(paths.metrics) / METRICS_NAME, metrics)
+    write_headline(paths.metrics, STAGE, {"rows": rows})
     reporter.metrics(metrics)
     return StageResult(metrics=metrics, artifacts=[metrics_path, Path(paths.latents) / MANIFEST_NAME])
 

@@ -2,7 +2,8 @@
 
 reads:  paths.ingested (real train and val images), paths.latents (the captions' cached embeddings),
         paths.text2img; params seed, device, text_encoder, evaluate
-writes: paths.eval/metrics.json             every number below (a DVC metric, committed with dvc.lock)
+writes: paths.eval/metrics.json             every number below (committed with dvc.lock; `dvc metrics show` it)
+        paths.metrics/headline/evaluate.json   the DVC metric: headline adherence, Frechet ratio, copy rate
         paths.eval/plots/adherence.csv      one row per sampler: steps and its adherence (a DVC plot)
         paths.eval/plots/quality_per_compute.csv  adherence of every sampler at every step count (a DVC plot)
         paths.eval/plots/<sampler>-<steps>.png   generated images over the real val images of the same prompts,
@@ -32,8 +33,7 @@ in `samplers` with seed `evaluate.seed + i`.
     beside that of real images sharing a caption (or, on data whose captions do not repeat, of real val
     images of different captions: an upper bound); near 0 means the noise is ignored;
     `eval/plots/diversity.png` shows them.
-  Inception FID through torchmetrics when its weights are on this machine; otherwise the reason it was
-  skipped is recorded.
+  Inception FID through torchmetrics when its weights are on this machine; otherwise the log says why not.
 - The VAE's reconstruction PSNR / SSIM on the val images.
 
 `headline` holds the first sampler's numbers; `headline.prompt_adherence` is what picks the registry's
@@ -98,6 +98,7 @@ from stages.reporting import (
     flatten,
     stage_main,
     write_csv,
+    write_headline,
     write_json,
 )
 
@@ -231,6 +232,7 @@ def run(params: Params, reporter: Reporter) -> StageResult:
     }
 
     metrics["samplers"], rows, grids, drawn = {}, [], {}, {}
+    fid_skipped = None  # why Inception FID could not be measured: said in the log, kept out of the metrics
     for run_spec in section.samplers:
         key = f"{run_spec.sampler}-{run_spec.steps}"
         began = time.perf_counter()
@@ -255,7 +257,7 @@ def run(params: Params, reporter: Reporter) -> StageResult:
         if fid is not None:
             result["inception_fid"] = fid
         else:
-            metrics["inception_fid_skipped"] = skipped
+            fid_skipped = skipped
         if classifier is not None:
             result["adherence"] = adherence(classifier.read(generated.to(device)), scenes)
         else:
@@ -275,8 +277,8 @@ def run(params: Params, reporter: Reporter) -> StageResult:
         grids[key] = comparison_grid(generated, val.images, prompts, section.grid_images, val.sizes)
         reporter.info(f"{STAGE}: {key}: {_summary(result)}")
         reporter.metrics(flatten(result, f"{key}."))
-    if skipped_reason := metrics.get("inception_fid_skipped"):
-        reporter.info(f"{STAGE}: {skipped_reason}")
+    if fid_skipped is not None:
+        reporter.info(f"{STAGE}: {fid_skipped}")
 
     if classifier is not None and section.negative_color is not None:
         metrics["negative_prompt"] = negative_prompt_effect(pipeline, classifier, prompts, scenes, section, reporter)
@@ -332,6 +334,10 @@ def run(params: Params, reporter: Reporter) -> StageResult:
         # Declared as a plot, so written even when the sweep is off (params null): a header, no rows.
         write_csv(tmp / QUALITY_PER_COMPUTE_CSV, compute_rows, tuple(compute_rows[0]) if compute_rows else ("steps",))
     write_json(metrics_path, metrics)
+    headline = metrics["headline"]
+    write_headline(paths.metrics, STAGE, {
+        "adherence": headline["prompt_adherence"], "fd_ratio": headline["frechet_ratio_to_floor"],
+    } | ({"copies": headline["copy_rate_unseen"]} if "copy_rate_unseen" in headline else {}))
     numbers = {k: v for k, v in flatten(metrics).items() if isinstance(v, (int, float))}
     return StageResult(metrics=numbers, artifacts=[metrics_path, out / "plots"])
 

@@ -6,7 +6,8 @@ reads:  finetune_lora.concept (images + captions of the concept, a source as ing
         device, text_encoder, finetune_lora
 writes: paths.lora                          the adapter only: adapter_model.safetensors + adapter_config.json
         paths.lora_checkpoints              resumable training state (not versioned)
-        paths.metrics/finetune_lora.json    adherence before and after, training numbers (a DVC metric)
+        paths.metrics/finetune_lora.json    adherence before and after, training numbers
+        paths.metrics/headline/finetune_lora.json   the DVC metric: concept adherence with the LoRA
         paths.plots/finetune_lora/loss.csv  step, loss, lr (a DVC plot)
         paths.plots/finetune_lora/concept.png   concept prompts: the base model (top), with the LoRA (middle),
                                              real concept images (bottom), each column captioned
@@ -54,7 +55,16 @@ from ldm.training.denoising import fixed_draw_loss
 from ldm.training.lora import LoraTrainingConfig, finetune_lora
 from stages.evaluation import RealImages, fit_attribute_classifier, generate
 from stages.params import Params, resolve_device
-from stages.reporting import Reporter, StageResult, flatten, stage_main, training_progress, write_csv, write_json
+from stages.reporting import (
+    Reporter,
+    StageResult,
+    flatten,
+    stage_main,
+    training_progress,
+    write_csv,
+    write_headline,
+    write_json,
+)
 from stages.sources import SourceError, read_source
 
 STAGE = "finetune_lora"
@@ -181,6 +191,9 @@ def run(params: Params, reporter: Reporter) -> StageResult:
 def write_outputs(params: Params, metrics: dict, history: list[dict], grid, model_dir: Path | None) -> StageResult:
     """The metrics, the loss curve and the picture: every declared output, whatever the stage found to do."""
     metrics_path = write_json(Path(params.paths.metrics) / f"{STAGE}.json", metrics)
+    # No adherence without shapes data nor without a concept: the headline is then empty, not a made-up number.
+    adherence = metrics.get("headline", {}).get("concept_adherence_after")
+    write_headline(params.paths.metrics, STAGE, {} if adherence is None else {"adherence": adherence})
     plots = Path(params.paths.plots) / STAGE
     plots.mkdir(parents=True, exist_ok=True)
     write_csv(plots / "loss.csv", history, LOSS_COLUMNS)

@@ -3,7 +3,7 @@
 reads:  ingest.source ("shapes", or a path); params seed, image_size, text_encoder, ingest, and the block counts
         of train_vae.model and train_unet.model (what aspect-ratio bucket sides are multiples of)
 writes: paths.ingested/ (part-*.parquet in the format of ldm.data.ingested, and rejects.jsonl),
-        paths.metrics/ingest.json
+        paths.metrics/ingest.json (every count), paths.metrics/headline/ingest.json (the DVC metric: rows)
 
 Every input (a metadata row, an image of a captions folder, a Parquet row, a generated image) is either
 accepted, giving one row per caption, or rejected with a reason in rejects.jsonl: accepted + rejected =
@@ -31,7 +31,7 @@ from ldm.data.buckets import png_size
 from ldm.data.ingested import REJECTS_NAME, ShardWriter
 from ldm.models.text_encoder import resolve_folder
 from stages.params import Params
-from stages.reporting import Reporter, StageResult, stage_main, write_json
+from stages.reporting import Reporter, StageResult, stage_main, write_headline, write_json
 from stages.sources import LAYOUTS, REASONS, Rejected, SourceError, read_source
 
 STAGE = "ingest"
@@ -75,6 +75,8 @@ def run(params: Params, reporter: Reporter) -> StageResult:
         **({f"bucket_{w}x{h}": counts.sizes[w, h] for w, h in buckets} if buckets else {}),
     }
     metrics_path = write_json(Path(params.paths.metrics) / METRICS_NAME, metrics)
+    # Rows alone: the table of every stage's headline must fit 120 columns; the rejects are in METRICS_NAME.
+    write_headline(params.paths.metrics, STAGE, {"rows": counts.accepted})
     reporter.info(
         f"{STAGE}: {metrics['inputs']} inputs: {counts.accepted} accepted, {counts.rejected} rejected "
         f"({dict(counts.reasons.most_common()) or 'none'}); {metrics['train_rows']} train and {metrics['val_rows']} "

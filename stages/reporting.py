@@ -56,8 +56,13 @@ def progress_line(task: str, done: int, total: int, seconds: float, advanced: in
         return line
     rate = advanced / seconds
     if done >= total:
-        return f"{line}, {rate:.3g}/s, done in {_duration(seconds)}"
-    return f"{line}, {rate:.3g}/s, {_duration((total - done) / rate)} left"
+        return f"{line}, {_rate(rate)}/s, done in {_duration(seconds)}"
+    return f"{line}, {_rate(rate)}/s, {_duration((total - done) / rate)} left"
+
+
+def _rate(per_second: float) -> str:
+    """Three significant digits, never in exponent notation: 0.0412, 4.12, 412, 3,125."""
+    return f"{per_second:,.0f}" if per_second >= 100 else f"{per_second:.3g}"
 
 
 def _duration(seconds: float) -> str:
@@ -218,6 +223,18 @@ def flatten(values: dict, prefix: str = "") -> dict:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+HEADLINE_FOLDER = "headline"
+
+
+def write_headline(metrics_dir: str | os.PathLike, stage: str, values: dict[str, float]) -> Path:
+    """The stage's headline, `metrics_dir/headline/<stage>.json`: the few numbers a reader compares across
+    commits, which dvc.yaml declares as the pipeline's DVC metrics. Their keys, shared where the meaning is
+    (`rows`, `adherence`), and floats at 4 significant digits keep `dvc metrics show` within 120 columns; the
+    stage's full numbers stay in its own file."""
+    rounded = {k: v if isinstance(v, int) else float(f"{v:.4g}") for k, v in values.items()}
+    return write_json(Path(metrics_dir) / HEADLINE_FOLDER / f"{stage}.json", rounded)
 
 
 def write_json(path: str | os.PathLike, values: dict) -> Path:

@@ -8,6 +8,7 @@ writes: paths.controlnet/                        config.json + model.safetensors
             control.json                         how the control maps were made (kind, Canny thresholds) and
                                                  the control_scale to sample with
         paths.metrics/train_controlnet.json      training numbers and the position evaluation below
+        paths.metrics/headline/train_controlnet.json   the DVC metric: edge F1 with control
         paths.plots/train_controlnet/loss.csv    step, loss, lr (a DVC plot)
         paths.plots/train_controlnet/control.png the first 8 evaluation cases, captioned: edge maps, then the
                                                  prompts drawn without control, then with it (on shapes data
@@ -76,6 +77,7 @@ from stages.reporting import (
     stage_main,
     training_progress,
     write_csv,
+    write_headline,
     write_json,
 )
 
@@ -182,6 +184,7 @@ def run(params: Params, reporter: Reporter) -> StageResult:
     grid = position_grid or edge_grid
 
     metrics_path = write_json(Path(paths.metrics) / f"{STAGE}.json", metrics)
+    write_headline(paths.metrics, STAGE, {"edge_f1": metrics["edge_agreement"]["with_control"]["f1"]})
     plots = Path(paths.plots) / STAGE
     # The whole folder is replaced, so a control.png of an earlier run never outlives a skipped evaluation.
     with atomic_directory(plots) as tmp:

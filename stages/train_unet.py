@@ -5,6 +5,7 @@ reads:  paths.latents (the cache: latents and caption embeddings), paths.vae (on
 writes: paths.text2img/                     the complete text-to-image model (`Text2Image.from_pretrained`):
             vae/  unet/ (EMA weights, what sampling uses)  unet_raw/ (the raw weights)  pipeline.json
         paths.metrics/train_unet.json       train_loss_final, val_loss, samples_per_second, train_seconds, ...
+        paths.metrics/headline/train_unet.json   the DVC metric: val_loss
         paths.plots/train_unet/loss.csv     step, loss, lr (a DVC plot)
         paths.plots/train_unet/val_loss.csv step, val_loss: the EMA model's loss on the val split at fixed
                                             timesteps and noise, every validate_every steps (a DVC plot)
@@ -38,7 +39,7 @@ from ldm.training.checkpoint import atomic_directory
 from ldm.training.distributed import DataParallel, data_parallel
 from ldm.training.unet import UNetTrainingConfig, Validation, data_lanes, train_unet
 from stages.params import Params, ParamsError, TrainUNetParams, resolve_device
-from stages.reporting import Reporter, StageResult, stage_main, training_progress, write_csv, write_json
+from stages.reporting import Reporter, StageResult, stage_main, training_progress, write_csv, write_headline, write_json
 
 STAGE = "train_unet"
 LOSS_COLUMNS = ("step", "loss", "lr")
@@ -151,6 +152,7 @@ def _run(params: Params, reporter: Reporter, ranks: DataParallel, device: torch.
         pipeline.save_pretrained(tmp)
         unet.cpu().save_pretrained(tmp / RAW_UNET_FOLDER)
     write_json(Path(paths.metrics) / f"{STAGE}.json", metrics)
+    write_headline(paths.metrics, STAGE, {"val_loss": metrics["val_loss"]})
     plots = Path(paths.plots) / STAGE
     plots.mkdir(parents=True, exist_ok=True)
     loss_csv, val_loss_csv, grid_png = plots / "loss.csv", plots / "val_loss.csv", plots / "validation.png"

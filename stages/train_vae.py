@@ -3,6 +3,7 @@
 reads:  paths.ingested (train and val splits); params seed, image_size, device, train_vae
 writes: paths.vae/                          config.json + model.safetensors (with shift_factor, scaling_factor)
         paths.metrics/train_vae.json        val_psnr, val_ssim, train_loss_final, latent_mean, latent_std, ...
+        paths.metrics/headline/train_vae.json    the DVC metric: val_psnr
         paths.plots/train_vae/loss.csv      step, loss, recon, kl, lr (a DVC plot)
         paths.plots/train_vae/reconstructions.png   val originals over their reconstructions
         paths.vae_checkpoints/              resumable checkpoints: an interrupted run continues from the
@@ -34,6 +35,7 @@ from stages.reporting import (
     stage_main,
     training_progress,
     write_csv,
+    write_headline,
     write_json,
 )
 
@@ -84,6 +86,7 @@ def _run(params: Params, reporter: Reporter, ranks: DataParallel, device: torch.
     with atomic_directory(model_dir) as tmp:
         vae.save_pretrained(tmp)
     write_json(Path(paths.metrics) / f"{STAGE}.json", metrics)
+    write_headline(paths.metrics, STAGE, {"val_psnr": metrics["val_psnr"]})
     plots = Path(paths.plots) / STAGE
     plots.mkdir(parents=True, exist_ok=True)
     loss_csv, grid_png = plots / "loss.csv", plots / "reconstructions.png"

@@ -82,6 +82,8 @@ def test_every_stage_succeeds_and_dvc_finds_every_declared_output(own_data):
     assert plots.returncode == 0, plots.stderr[-2000:]
     metrics = dvc("metrics", "show", "--json")
     assert metrics.returncode == 0 and "error" not in metrics.stdout.lower(), metrics.stdout[-2000:]
+    table = dvc("metrics", "show").stdout.splitlines()  # the headlines, legible in a terminal on any data
+    assert len(table) == 1 + 7 and max(map(len, table)) <= 120, "\n".join(table)
 
 
 def test_the_lora_branch_says_it_had_nothing_to_learn_and_registers_nothing(own_data):

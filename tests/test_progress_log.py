@@ -39,6 +39,8 @@ def test_the_line_formats_rates_and_durations_plainly():
     assert progress_line("evaluate dpmpp_2m-20", 0, 600, 0.0, 0) == "evaluate dpmpp_2m-20: 0/600 (0%)"
     assert progress_line("train_unet", 210, 700, 30.0, 210) == "train_unet: 210/700 (30%), 7/s, 1m 10s left"
     assert progress_line("train_unet", 100, 100_000, 60.0, 100) == "train_unet: 100/100000 (0%), 1.67/s, 16h 39m left"
+    # Fast tasks (images encoded per second) read as plain numbers, not "3.12e+03/s".
+    assert progress_line("cache_latents", 6250, 24000, 2.0, 6250) == "cache_latents: 6250/24000 (26%), 3,125/s, 6s left"
 
 
 def test_a_stage_run_in_a_pipe_logs_progress_lines_without_bar_frames(tmp_path):

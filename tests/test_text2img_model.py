@@ -82,7 +82,12 @@ def test_registered_version_carries_lineage_and_no_pickle(store):
     assert store["version"] == "1"
     client = MlflowClient(store["uri"])
     version = client.get_model_version("ldm-text2img", "1")
-    assert version.run_id == store["run_id"] and version.source.endswith("/text2img")
+    assert version.run_id == store["run_id"] and version.source == f"models:/{version.model_id}"
+    # The run page's "Logged models": the run's output, named as its artifact path, linked back to the version.
+    [output] = client.get_run(store["run_id"]).outputs.model_outputs
+    logged = client.get_logged_model(output.model_id)
+    assert (logged.model_id, logged.name, logged.source_run_id) == (version.model_id, "text2img", store["run_id"])
+    assert json.loads(logged.tags["mlflow.modelVersions"]) == [{"name": "ldm-text2img", "version": "1"}]
     assert {k: version.tags[k] for k in ("git_commit", "dvc_stage", "dvc_dep.data/latents")} == {
         k: LINEAGE[k] for k in ("git_commit", "dvc_stage", "dvc_dep.data/latents")}
     local = Path(mlflow.artifacts.download_artifacts("models:/ldm-text2img/1", dst_path=str(store["root"] / "dl")))
