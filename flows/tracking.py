@@ -300,7 +300,7 @@ class StageRun:
     def register_model(self, model_dir: Path, name: str, artifact_path: str = "model") -> str | None:
         """Log the model folder as one of the run's logged models (MLflow 3's LoggedModel, named
         `artifact_path`: the run page lists it under "Logged models", and `runs:/<run>/<artifact_path>` still
-        reads it) and add it to the registry as a new version of `name` from `models:/<model id>`, carrying the
+        reads it) and add it to the registry as a new version of `name` linked to it, carrying the
         run's lineage tags (git commit, stage, dependency hashes, the stage's params as JSON): with them,
         `git checkout <commit>` + `dvc repro <stage>` rebuilds it; returns the version, or None when the
         registration waits in `unsent` (a copy of the folder waits with it)."""
@@ -311,9 +311,10 @@ class StageRun:
         def log_and_register(source: Path) -> None:
             if "model_id" not in created:
                 experiment_id = self.client.get_run(self.run_id).info.experiment_id
-                created["model_id"] = self.client.create_logged_model(
+                logged = self.client.create_logged_model(
                     experiment_id, name=artifact_path, source_run_id=self.run_id, tags=tags
-                ).model_id
+                )
+                created.update(model_id=logged.model_id, location=logged.artifact_location)
             model_id = created["model_id"]
             self.client.log_model_artifacts(model_id, str(source))
             self.client.finalize_logged_model(model_id, LoggedModelStatus.READY)
@@ -323,8 +324,10 @@ class StageRun:
             except MlflowException as e:
                 if e.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise
+            # The source is where the artifacts lie: a `models:/<id>` source would be resolved by the registry
+            # against the default tracking URI, which need not be this client's.
             version = self.client.create_model_version(
-                name, f"models:/{model_id}", run_id=self.run_id, tags=tags, model_id=model_id
+                name, created["location"], run_id=self.run_id, tags=tags, model_id=model_id
             )
             # The logged model's page links to its registered versions by this tag, as mlflow.register_model sets it.
             self.client.set_logged_model_tags(model_id, {

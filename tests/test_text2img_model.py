@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 import torch
 from mlflow import MlflowClient
+from mlflow.entities import LoggedModelStatus
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
@@ -82,11 +83,12 @@ def test_registered_version_carries_lineage_and_no_pickle(store):
     assert store["version"] == "1"
     client = MlflowClient(store["uri"])
     version = client.get_model_version("ldm-text2img", "1")
-    assert version.run_id == store["run_id"] and version.source == f"models:/{version.model_id}"
+    assert version.run_id == store["run_id"]
     # The run page's "Logged models": the run's output, named as its artifact path, linked back to the version.
     [output] = client.get_run(store["run_id"]).outputs.model_outputs
     logged = client.get_logged_model(output.model_id)
-    assert (logged.model_id, logged.name, logged.source_run_id) == (version.model_id, "text2img", store["run_id"])
+    assert (logged.name, logged.source_run_id, logged.status) == ("text2img", store["run_id"], LoggedModelStatus.READY)
+    assert version.source == logged.artifact_location
     assert json.loads(logged.tags["mlflow.modelVersions"]) == [{"name": "ldm-text2img", "version": "1"}]
     assert {k: version.tags[k] for k in ("git_commit", "dvc_stage", "dvc_dep.data/latents")} == {
         k: LINEAGE[k] for k in ("git_commit", "dvc_stage", "dvc_dep.data/latents")}
