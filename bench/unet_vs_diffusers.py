@@ -61,6 +61,16 @@ def report(medians: dict[str, float], diffs: dict[str, float]) -> None:
             print(f"    {name:16s} {median * 1e3:9.1f} ms   ratio {ratio:5.2f}x   rel. diff {diffs[name]:.1e}")
 
 
+def compare_loops(ours: torch.nn.Module, run_ours: Callable, run_theirs: Callable, repeats: int) -> None:
+    """Our loop eager and compiled against diffusers': each result's difference from theirs, and the medians."""
+    fast = compiled(ours, run_ours)
+    fns = {"ldm eager": lambda: run_ours(ours), "ldm compiled": lambda: run_ours(fast)}
+    expected = run_theirs()
+    diffs = {name: relative_diff(fn(), expected) for name, fn in fns.items()}
+    fns["diffusers"] = run_theirs
+    report(interleaved_medians(fns, repeats), diffs)
+
+
 def guided(unet_call: Callable, context: torch.Tensor, guidance: float) -> Callable:
     """A sampler's model(x, t): the UNet on [uncond; cond] `context` rows, combined with classifier-free guidance."""
 
@@ -117,12 +127,7 @@ def bench_sampling_loop(preset_name: str, prompts: int, steps: int, repeats: int
             latents = scheduler.step(out, t, latents).prev_sample
         return latents
 
-    fast = compiled(ours, run_ours)
-    fns = {"ldm eager": lambda: run_ours(ours), "ldm compiled": lambda: run_ours(fast)}
-    expected = run_theirs()
-    diffs = {name: relative_diff(fn(), expected) for name, fn in fns.items()}
-    fns["diffusers"] = run_theirs
-    report(interleaved_medians(fns, repeats), diffs)
+    compare_loops(ours, run_ours, run_theirs, repeats)
 
 
 @torch.inference_mode()
@@ -150,12 +155,7 @@ def bench_flow_loop(preset_name: str, prompts: int, steps: int, repeats: int, gu
             latents = scheduler.step(theirs_model(latents, t), t, latents).prev_sample
         return latents
 
-    fast = compiled(ours, run_ours)
-    fns = {"ldm eager": lambda: run_ours(ours), "ldm compiled": lambda: run_ours(fast)}
-    expected = run_theirs()
-    diffs = {name: relative_diff(fn(), expected) for name, fn in fns.items()}
-    fns["diffusers"] = run_theirs
-    report(interleaved_medians(fns, repeats), diffs)
+    compare_loops(ours, run_ours, run_theirs, repeats)
 
 
 def main() -> None:

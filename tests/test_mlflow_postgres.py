@@ -120,6 +120,9 @@ def test_a_stage_tracks_into_an_mlflow_server_backed_by_postgresql(postgres, tmp
             ).scalars().all()
             [(version_run_id, source)] = db.execute(text(
                 "SELECT run_id, source FROM model_versions WHERE name = 'ldm-vae' AND version = 1")).all()
+            [(model_id, model_name, location)] = db.execute(text(
+                "SELECT model_id, name, artifact_location FROM logged_models WHERE source_run_id = :run"),
+                {"run": run_id}).all()
     finally:
         engine.dispose()
 
@@ -129,12 +132,15 @@ def test_a_stage_tracks_into_an_mlflow_server_backed_by_postgresql(postgres, tmp
     assert params["train_vae.max_steps"] == str(ci["train_vae"]["max_steps"])
     assert final_metrics == json.loads((workspace / "metrics" / "train_vae.json").read_text())
     assert loss_steps[-1] == ci["train_vae"]["max_steps"]  # the per-step curve, not only the final values
-    assert version_run_id == run_id and source.endswith(f"/{run_id}/artifacts/model")
+    # The VAE is the run's logged model, and the registered version is made from its artifacts.
+    assert version_run_id == run_id and model_name == "model" and source == location
+    assert location == f"mlflow-artifacts:/{experiment_id}/models/{model_id}/artifacts"
 
-    # Proxied artifacts: the server wrote them under its destination, by experiment and run.
+    # Proxied artifacts: the server wrote them under its destination, by experiment, then run or logged model.
     run_artifacts = artifacts / str(experiment_id) / run_id / "artifacts"
     vae = workspace / "models" / "vae" / "model.safetensors"
-    assert (run_artifacts / "model" / "model.safetensors").read_bytes() == vae.read_bytes()
+    model_artifacts = artifacts / str(experiment_id) / "models" / model_id / "artifacts"
+    assert (model_artifacts / "model.safetensors").read_bytes() == vae.read_bytes()
     assert (run_artifacts / "loss.csv").is_file()
     # Nothing was tracked locally beside the server.
     assert not [name for name in ("mlflow.db", "mlruns", "mlartifacts") if (workspace / name).exists()]

@@ -14,7 +14,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import mlflow
 import pytest
 import ruamel.yaml
 import yaml
@@ -144,11 +143,10 @@ def test_runs_tags_metrics_and_registry_in_mlflow(pipeline):
     assert runs["ingest"].data.metrics["accepted"] > 0
     versions = client.search_model_versions("name='ldm-vae'")
     assert [v.run_id for v in versions] == [train.info.run_id]
-    # The VAE is the run's logged model, read through the run as MLflow 3 resolves runs:/<run>/<model name>.
+    # The VAE is the run's logged model (the run page's "Logged models"), holding the saved folder.
     [output] = client.get_run(train.info.run_id).outputs.model_outputs
     assert client.get_logged_model(output.model_id).name == "model"
-    listed = mlflow.artifacts.list_artifacts(f"runs:/{train.info.run_id}/model", tracking_uri=client.tracking_uri)
-    assert "config.json" in {Path(a.path).name for a in listed}
+    assert "config.json" in {Path(a.path).name for a in client.list_logged_model_artifacts(output.model_id)}
     unet_run = runs["train_unet"]
     assert [v.run_id for v in client.search_model_versions("name='ldm-unet'")] == [unet_run.info.run_id]
     for stage, model in (("finetune_lora", "ldm-lora"), ("train_controlnet", "ldm-controlnet")):
