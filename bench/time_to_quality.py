@@ -51,12 +51,12 @@ from ldm.data.order import EpochOrder
 from ldm.data.shapes import Scene
 from ldm.diffusion.pipeline import Text2Image
 from ldm.evaluation.attributes import AttributeClassifier, adherence
-from ldm.evaluation.evaluator import ContrastiveEvaluatorConfig, frechet_distance, train_contrastive_evaluator
+from ldm.evaluation.evaluator import frechet_distance
 from ldm.models.text_encoder import TextEmbedding, TextEncoder
 from ldm.models.unet import UNet
 from ldm.training.checkpoint import checkpoint_folder
 from ldm.training.unet import train_unet
-from stages.evaluate import caption_table, open_text_table
+from stages.evaluate import fit_evaluator, open_text_table
 from stages.evaluation import RealImages, fit_attribute_classifier, generate
 from stages.params import Params, load_params
 from stages.reporting import ConsoleReporter
@@ -132,12 +132,8 @@ class FrechetJudge(Judge):
         section = params.evaluate
         train = RealImages(params.paths.ingested, "train", section.max_train_images, params.seed, params.image_size)
         val = RealImages(params.paths.ingested, "val", prompts, section.seed, params.image_size)
-        text = open_text_table(params.paths.latents, params)
-        train_text, train_ids = caption_table(text, train.captions)
-        self.evaluator = train_contrastive_evaluator(
-            train.images, train_text, train_ids,
-            ContrastiveEvaluatorConfig(image_size=params.image_size, text_dim=train_text.hidden_states.shape[-1]),
-            steps=section.evaluator_steps, seed=params.seed, device=torch.device("cpu"), log=print,
+        self.evaluator = fit_evaluator(
+            params, train, open_text_table(params.paths.latents, params), torch.device("cpu"), print
         )
         self.prompts, self.seed, self.batch_size = val.captions, section.seed, section.batch_size
         self.reference = train.images[: len(val)]  # as the evaluate stage sets the floor

@@ -78,6 +78,7 @@ from ldm.evaluation.distribution import (
     seed_spread,
 )
 from ldm.evaluation.evaluator import (
+    ContrastiveEvaluator,
     ContrastiveEvaluatorConfig,
     frechet_distance,
     image_embeddings,
@@ -122,6 +123,19 @@ def caption_table(text: TextTable, captions: list[str]) -> tuple[TextEmbedding, 
     table = text.lookup(text.index_of([text_key(c) for c in distinct]))
     row = {caption: i for i, caption in enumerate(distinct)}
     return table, torch.tensor([row[c] for c in captions])
+
+
+def fit_evaluator(
+    params: Params, train: RealImages, text: TextTable, device: torch.device, log: Callable[[str], object]
+) -> ContrastiveEvaluator:
+    """The contrastive evaluator of every feature-space measure, trained on the real train images against their
+    captions' cached embeddings (`text`)."""
+    train_text, train_ids = caption_table(text, train.captions)
+    return train_contrastive_evaluator(
+        train.images, train_text, train_ids,
+        ContrastiveEvaluatorConfig(image_size=params.image_size, text_dim=train_text.hidden_states.shape[-1]),
+        steps=params.evaluate.evaluator_steps, seed=params.seed, device=device, log=log,
+    )
 
 
 def comparison_grid(generated: torch.Tensor, real: torch.Tensor, prompts: list[str], count: int,
@@ -199,12 +213,7 @@ def run(params: Params, reporter: Reporter) -> StageResult:
 
     began = time.perf_counter()
     text = open_text_table(paths.latents, params)
-    train_text, train_ids = caption_table(text, train.captions)
-    evaluator = train_contrastive_evaluator(
-        train.images, train_text, train_ids,
-        ContrastiveEvaluatorConfig(image_size=image_size, text_dim=pipeline.text_encoder.hidden_size),
-        steps=section.evaluator_steps, seed=params.seed, device=device, log=reporter.info,
-    )
+    evaluator = fit_evaluator(params, train, text, device, reporter.info)
     prompt_text, prompt_ids = caption_table(text, prompts)
     metrics["real"] = {
         "image_text_score": image_text_score(evaluator, val.images, prompt_text, prompt_ids),

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
+from flows.tracking import pipeline_stages
 
 REPO = Path(__file__).resolve().parents[1]
 DVC = str(Path(sys.executable).parent / "dvc")
@@ -19,29 +19,22 @@ def dvc(*args: str) -> str:
     return subprocess.run([DVC, *args], cwd=REPO, check=True, capture_output=True, text=True).stdout
 
 
-def declared(kind: str) -> dict[str, list[str]]:
-    """The paths each stage of dvc.yaml declares under `kind` (metrics, outs), with `${paths.*}` filled in."""
-    paths = yaml.safe_load((REPO / "params.yaml").read_text())["paths"]
-    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    filled = {}
-    for name, stage in stages.items():
-        entries = [next(iter(e)) if isinstance(e, dict) else e for e in stage.get(kind, [])]
-        filled[name] = [e.replace("${paths.metrics}", paths["metrics"]).replace("${paths.eval}", paths["eval"])
-                        for e in entries]
-    return filled
+STAGES_WITH_NUMBERS = (
+    "ingest", "train_vae", "cache_latents", "train_unet", "evaluate", "finetune_lora", "train_controlnet"
+)
 
 
 def test_each_stage_with_numbers_declares_one_headline_of_numbers_and_keeps_its_detail_as_an_output():
-    metrics, outs = declared("metrics"), declared("outs")
-    assert {s: m for s, m in metrics.items() if m} == {
-        s: [f"metrics/headline/{s}.json"] for s in
-        ("ingest", "train_vae", "cache_latents", "train_unet", "evaluate", "finetune_lora", "train_controlnet")
-    }
-    for stage, (headline,) in ((s, m) for s, m in metrics.items() if m):
-        values = json.loads((REPO / headline).read_text())
+    # As DVC resolves dvc.yaml: the declared metrics, and each stage's outputs (outs, metrics and plots).
+    [workspace] = json.loads(dvc("metrics", "show", "--json")).values()
+    stages = pipeline_stages(REPO)
+    assert sorted(workspace["data"]) == sorted(f"metrics/headline/{s}.json" for s in STAGES_WITH_NUMBERS)
+    for stage in STAGES_WITH_NUMBERS:
+        headline = f"metrics/headline/{stage}.json"
+        values = workspace["data"][headline]["data"]
         assert all(isinstance(v, (int, float)) for v in values.values()), (headline, values)  # no prose
         detail = "eval/metrics.json" if stage == "evaluate" else f"metrics/{stage}.json"
-        assert detail in outs[stage]
+        assert {headline, detail} <= set(stages[stage].outs)
 
 
 def test_metrics_show_and_diff_fit_120_columns():
